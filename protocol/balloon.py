@@ -1,0 +1,205 @@
+"""The virtio-balloon device model (virtio 1.2 section 5.5), without I/O.
+
+What the balloon offers, what its 16-byte config space holds, which queue does what
+once features are negotiated, and what a free page report means: a list of
+guest-physical blocks, each ``4096 << order`` bytes and naturally aligned, that the
+guest promises not to touch until we hand the report back.
+
+Queue numbering (measured on Debian 6.1 and 6.12 guests, DESIGN.md section 2): queues are
+numbered densely over the negotiated features: inflate 0, deflate 1, then stats (if
+STATS_VQ), free page hint (if FREE_PAGE_HINT), reporting (if REPORTING). The spec text
+gives fixed numbers (reporting = 4), which no Linux guest uses.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum, IntFlag
+
+from .codes import VirtioFeature
+from .errors import PayloadError, ReportError
+from .memory import Location
+from .virtqueue import Chain
+
+__all__ = [
+    "CONFIG_SIZE",
+    "DEFAULT_FEATURES",
+    "GUEST_PAGE_SIZE",
+    "MAX_REPORT_ORDER",
+    "BalloonConfig",
+    "BalloonDevice",
+    "BalloonFeature",
+    "QueueRole",
+    "ReportedRange",
+    "queue_layout",
+    "report_ranges",
+]
+
+#: Size of struct virtio_balloon_config (virtio 1.2 5.5.4); QEMU's config_size must match.
+CONFIG_SIZE = 16
+#: VIRTIO_BALLOON_PFN_SHIFT: the balloon counts in 4 KiB pages whatever the guest uses.
+GUEST_PAGE_SIZE = 4096
+#: Largest report block we accept: 4096 << 19 = 2 GiB, above any guest's MAX_PAGE_ORDER.
+#: It also bounds the ``order`` metric label.
+MAX_REPORT_ORDER = 19
+
+_CONFIG = struct.Struct("<IIII")
+
+
+class BalloonFeature(IntFlag):
+    """Feature bits of the balloon device (virtio 1.2 5.5.3)."""
+
+    MUST_TELL_HOST = 1 << 0  #: VIRTIO_BALLOON_F_MUST_TELL_HOST
+    STATS_VQ = 1 << 1  #: VIRTIO_BALLOON_F_STATS_VQ
+    DEFLATE_ON_OOM = 1 << 2  #: VIRTIO_BALLOON_F_DEFLATE_ON_OOM
+    FREE_PAGE_HINT = 1 << 3  #: VIRTIO_BALLOON_F_FREE_PAGE_HINT
+    PAGE_POISON = 1 << 4  #: VIRTIO_BALLOON_F_PAGE_POISON
+    REPORTING = 1 << 5  #: VIRTIO_BALLOON_F_REPORTING
+
+
+#: What we offer by default: free page reporting; the stats queue (its buffer is held);
+#: page poison, so guests that poison or zero freed pages keep reporting (DESIGN.md 2).
+#: VERSION_1 and PROTOCOL_FEATURES are required by QEMU's generic device (measured).
+DEFAULT_FEATURES = (
+    VirtioFeature.VERSION_1
+    | VirtioFeature.PROTOCOL_FEATURES
+    | BalloonFeature.STATS_VQ
+    | BalloonFeature.PAGE_POISON
+    | BalloonFeature.REPORTING
+)
+
+
+class QueueRole(Enum):
+    """What a balloon virtqueue is for."""
+
+    INFLATE = "inflate"
+    DEFLATE = "deflate"
+    STATS = "stats"
+    FREE_PAGE_HINT = "free_page_hint"
+    REPORTING = "reporting"
+
+
+def queue_layout(features: int) -> tuple[QueueRole, ...]:
+    """The role of each queue index for the negotiated ``features`` (dense numbering)."""
+    roles = [QueueRole.INFLATE, QueueRole.DEFLATE]
+    for bit, role in (
+        (BalloonFeature.STATS_VQ, QueueRole.STATS),
+        (BalloonFeature.FREE_PAGE_HINT, QueueRole.FREE_PAGE_HINT),
+        (BalloonFeature.REPORTING, QueueRole.REPORTING),
+    ):
+        if features & bit:
+            roles.append(role)
+    return tuple(roles)
+
+
+@dataclass(slots=True)
+class BalloonConfig:
+    """struct virtio_balloon_config (virtio 1.2 5.5.4), little-endian."""
+
+    num_pages: int = 0
+    actual: int = 0
+    free_page_hint_cmd_id: int = 0
+    poison_val: int = 0
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BalloonConfig:
+        return cls(*_CONFIG.unpack(data))
+
+    def to_bytes(self) -> bytes:
+        return _CONFIG.pack(
+            self.num_pages, self.actual, self.free_page_hint_cmd_id, self.poison_val
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedRange:
+    """One reported free block; ``location`` is None if it is not inside guest RAM."""
+
+    gpa: int
+    length: int
+    order: int
+    location: Location | None
+
+
+def report_ranges(chain: Chain) -> tuple[ReportedRange, ...]:
+    """The blocks of a free page report, or ``ReportError`` if any entry is malformed.
+
+    Linux (mm/page_reporting.c) reports device-writable entries of ``PAGE_SIZE <<
+    order`` bytes at naturally aligned addresses. Anything else is not a report we
+    understand, so none of it may be discarded.
+    """
+    out = []
+    for i, d in enumerate(chain.descriptors):
+        if not d.writable:
+            raise ReportError(
+                f"report entry {i} is device-readable; reports are device-writable buffers",
+                reason="report_not_writable",
+                entry=i,
+            )
+        length = d.length
+        if length < GUEST_PAGE_SIZE or length & (length - 1):
+            raise ReportError(
+                f"report entry {i} is {length} bytes, not 4096 << order",
+                reason="report_bad_length",
+                entry=i,
+                length=length,
+            )
+        order = length.bit_length() - 1 - 12
+        if order > MAX_REPORT_ORDER:
+            raise ReportError(
+                f"report entry {i} is order {order}; the largest accepted is {MAX_REPORT_ORDER}",
+                reason="report_bad_length",
+                entry=i,
+                length=length,
+            )
+        if d.addr % length:
+            raise ReportError(
+                f"report entry {i} at {d.addr:#x} is not aligned to its length {length:#x}",
+                reason="report_unaligned",
+                entry=i,
+                addr=d.addr,
+                length=length,
+            )
+        out.append(ReportedRange(d.addr, length, order, d.location))
+    return tuple(out)
+
+
+class BalloonDevice:
+    """The device side of the balloon: offered features and config space."""
+
+    def __init__(self, features: int = DEFAULT_FEATURES) -> None:
+        self.features = int(features)
+        self.config = BalloonConfig()
+
+    @property
+    def poison_val(self) -> int:
+        return self.config.poison_val
+
+    @property
+    def discard_allowed(self) -> bool:
+        """QEMU's rule: a guest that poisons freed pages expects the pattern back."""
+        return self.config.poison_val == 0
+
+    def _check_access(self, offset: int, size: int) -> None:
+        if offset + size > CONFIG_SIZE:
+            raise PayloadError(
+                f"config access at offset {offset} of {size} bytes goes past the "
+                f"{CONFIG_SIZE}-byte balloon config (set config_size=16 on the QEMU device)",
+                reason="bad_config_access",
+                offset=offset,
+                size=size,
+            )
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        self._check_access(offset, size)
+        return self.config.to_bytes()[offset : offset + size]
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Apply a driver write. Only ``actual`` and ``poison_val`` are the driver's."""
+        self._check_access(offset, len(data))
+        merged = bytearray(self.config.to_bytes())
+        merged[offset : offset + len(data)] = data
+        written = BalloonConfig.from_bytes(bytes(merged))
+        self.config.actual = written.actual
+        self.config.poison_val = written.poison_val

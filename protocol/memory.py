@@ -1,0 +1,182 @@
+"""The guest's memory as the backend sees it: regions, address translation, access.
+
+Two address spaces reach us: *guest physical* addresses (in descriptors the guest
+writes) and QEMU *user* addresses (in SET_VRING_ADDR). Each region maps a slice of
+both onto a slice of its fd starting at ``mmap_offset``. Theory of operation: every
+address the guest or QEMU gives us is checked here, as a *range*, before anything
+reads, writes or discards it; a range must lie wholly inside one region, so no
+arithmetic downstream can step past the end of a mapping or into another file.
+
+``GuestMemory`` does no I/O itself: reads and writes go through ``MemoryAccess``
+objects, one per region, which the daemon implements over mmap and tests implement
+over a bytearray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Protocol
+
+from .codes import MAX_REGIONS
+from .errors import AddressError, LocalProtocolError, MemoryTableError
+from .payloads import MemoryRegion
+
+__all__ = ["U64_LIMIT", "GuestMemory", "Location", "MemoryAccess", "validate_regions"]
+
+#: Addresses and sizes are u64; an end beyond this wrapped around.
+U64_LIMIT = 1 << 64
+_GPA = "guest physical"
+_UVA = "user"
+
+
+class MemoryAccess(Protocol):
+    """Byte access to one region, by offset from the region's start."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a checked range lies: region index, offset in the region, offset in its fd."""
+
+    region: int
+    offset: int
+    file_offset: int
+
+
+def _overlaps(spans: list[tuple[int, int]]) -> tuple[int, int] | None:
+    spans = sorted(spans)
+    for (start_a, end_a), (start_b, end_b) in pairwise(spans):
+        if start_b < end_a:
+            return (start_a, end_b)
+    return None
+
+
+def validate_regions(
+    regions: Sequence[MemoryRegion], *, limit: int = MAX_REGIONS
+) -> tuple[MemoryRegion, ...]:
+    """Check a memory table: 1..limit regions, none empty, none wrapping, none overlapping."""
+    if not 1 <= len(regions) <= limit:
+        raise MemoryTableError(
+            f"memory table has {len(regions)} regions; 1 to {limit} are allowed",
+            reason="bad_region_count",
+            nregions=len(regions),
+            limit=limit,
+        )
+    for i, r in enumerate(regions):
+        if r.memory_size == 0:
+            raise MemoryTableError(f"memory region {i} has size 0", reason="empty_region", region=i)
+        for name, start in (
+            ("guest_phys_addr", r.guest_phys_addr),
+            ("userspace_addr", r.userspace_addr),
+            ("mmap_offset", r.mmap_offset),
+        ):
+            if start + r.memory_size > U64_LIMIT:
+                raise MemoryTableError(
+                    f"memory region {i}: {name} {start:#x} + size {r.memory_size:#x} "
+                    "overflows 64 bits",
+                    reason="region_overflow",
+                    region=i,
+                    field=name,
+                    start=start,
+                    size=r.memory_size,
+                )
+    for name, spans in (
+        (_GPA, [(r.guest_phys_addr, r.guest_phys_addr + r.memory_size) for r in regions]),
+        (_UVA, [(r.userspace_addr, r.userspace_addr + r.memory_size) for r in regions]),
+    ):
+        clash = _overlaps(spans)
+        if clash is not None:
+            raise MemoryTableError(
+                f"memory regions overlap in {name} address space around "
+                f"{clash[0]:#x}-{clash[1]:#x}",
+                reason="region_overlap",
+                space=name,
+                start=clash[0],
+                end=clash[1],
+            )
+    return tuple(regions)
+
+
+class GuestMemory:
+    """A validated memory table plus, optionally, access to each region's bytes."""
+
+    def __init__(
+        self,
+        regions: Sequence[MemoryRegion],
+        backings: Sequence[MemoryAccess] = (),
+        *,
+        limit: int = MAX_REGIONS,
+    ) -> None:
+        self.regions = validate_regions(regions, limit=limit)
+        if backings and len(backings) != len(self.regions):
+            raise LocalProtocolError(f"{len(backings)} backings for {len(self.regions)} regions")
+        self._backings = tuple(backings)
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.memory_size for r in self.regions)
+
+    def _find(self, addr: int, length: int, space: str) -> Location | None:
+        end = addr + length
+        for i, r in enumerate(self.regions):
+            start = r.guest_phys_addr if space == _GPA else r.userspace_addr
+            if start <= addr and end <= start + r.memory_size:
+                offset = addr - start
+                return Location(i, offset, r.mmap_offset + offset)
+        return None
+
+    def _locate(self, addr: int, length: int, space: str) -> Location:
+        if length <= 0:
+            raise AddressError(f"empty {space} range at {addr:#x}", reason="empty_range", addr=addr)
+        loc = self._find(addr, length, space)
+        if loc is None:
+            raise AddressError(
+                f"{space} range {addr:#x}+{length:#x} does not lie wholly inside one memory region",
+                reason="outside_memory",
+                space=space,
+                addr=addr,
+                length=length,
+            )
+        return loc
+
+    def find_gpa(self, gpa: int, length: int) -> Location | None:
+        """Where a non-empty guest-physical range lies, or None if not inside one region."""
+        return self._find(gpa, length, _GPA) if length > 0 else None
+
+    def find_uva(self, uva: int, length: int) -> Location | None:
+        """Where a non-empty QEMU user-address range lies, or None if not inside one region."""
+        return self._find(uva, length, _UVA) if length > 0 else None
+
+    def locate_gpa(self, gpa: int, length: int) -> Location:
+        """Where a guest-physical range lies; ``AddressError`` unless inside one region."""
+        return self._locate(gpa, length, _GPA)
+
+    def locate_uva(self, uva: int, length: int) -> Location:
+        """Where a QEMU user-address range lies; ``AddressError`` unless inside one region."""
+        return self._locate(uva, length, _UVA)
+
+    def _backing(self, loc: Location) -> MemoryAccess:
+        if not self._backings:
+            raise LocalProtocolError("this GuestMemory has no access to region bytes")
+        return self._backings[loc.region]
+
+    def read_gpa(self, gpa: int, length: int) -> bytes:
+        loc = self.locate_gpa(gpa, length)
+        return self._backing(loc).read(loc.offset, length)
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        loc = self.locate_gpa(gpa, len(data))
+        self._backing(loc).write(loc.offset, data)
+
+    def read_uva(self, uva: int, length: int) -> bytes:
+        loc = self.locate_uva(uva, length)
+        return self._backing(loc).read(loc.offset, length)
+
+    def write_uva(self, uva: int, data: bytes) -> None:
+        loc = self.locate_uva(uva, len(data))
+        self._backing(loc).write(loc.offset, data)
