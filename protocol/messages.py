@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 _HEADER = struct.Struct("=III")
-_KNOWN_FLAGS = HeaderFlag.VERSION_MASK | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY
+# int(): the complement of an IntFlag stays inside its members and would hide bits.
+_KNOWN_FLAGS = int(HeaderFlag.VERSION_MASK | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY)
 
 
 @dataclass(frozen=True, slots=True)

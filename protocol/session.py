@@ -317,7 +317,7 @@ class Session:
                     reason="memory_in_use",
                     index=v.index,
                 )
-            v.queue.attach(memory)
+            v.queue.check_layout(memory)
 
     # -- negotiation --------------------------------------------------------------
     def _get_features(self, msg: Message) -> Outcome:
@@ -522,7 +522,7 @@ class Session:
             indirect=bool(self.features & VirtioFeature.RING_INDIRECT_DESC),
             event_idx=bool(self.features & VirtioFeature.RING_EVENT_IDX),
         )
-        queue.attach(self.memory)
+        queue.check_layout(self.memory)
         vring.queue = queue
         vring.state = QueueState.STARTED
         role = self.layout[vring.index] if vring.index < len(self.layout) else None

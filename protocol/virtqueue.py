@@ -46,7 +46,8 @@ class DescFlag(IntFlag):
     INDIRECT = 4  #: VIRTQ_DESC_F_INDIRECT: the buffer is a table of descriptors
 
 
-_ALL_FLAGS = DescFlag.NEXT | DescFlag.WRITE | DescFlag.INDIRECT
+# int(): the complement of an IntFlag stays inside its members and would hide bits.
+_ALL_FLAGS = int(DescFlag.NEXT | DescFlag.WRITE | DescFlag.INDIRECT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +134,8 @@ class SplitQueue:
             ("used ring", self.used_addr, 4 + 8 * self.size + extra),
         )
 
-    def attach(self, mem: GuestMemory) -> None:
-        """Check the rings lie in guest RAM and pick up the used index the ring holds."""
+    def check_layout(self, mem: GuestMemory) -> None:
+        """``QueueError`` unless all three ring areas lie inside guest memory regions."""
         for name, addr, length in self.ring_extents():
             if mem.find_uva(addr, length) is None:
                 raise QueueError(
@@ -145,6 +146,9 @@ class SplitQueue:
                     addr=addr,
                     length=length,
                 )
+
+    def load_used_index(self, mem: GuestMemory) -> None:
+        """Resume from the used index the ring holds (0 on a fresh ring)."""
         self.used_idx = _U16.unpack(mem.read_uva(self.used_addr + 2, 2))[0]
 
     # -- avail side -------------------------------------------------------------
