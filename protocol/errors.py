@@ -52,6 +52,8 @@ class VhostUserError(Exception):
         #: File descriptors that arrived with the failed message. The caller owns them
         #: and must close them: the protocol package never holds an fd it did not hand out.
         self.fds: tuple[int, ...] = ()
+        #: Whether the rejected message asked for a reply (REPLY_ACK), when known.
+        self.need_reply = False
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -288,6 +288,7 @@ class MessageDecoder:
             return decode_payload(header, body, fds)
         except VhostUserError as err:
             err.fds = fds
+            err.need_reply = header.need_reply
             # The payload was consumed whole, so the stream is still in step.
             self._broken = None if err.recoverable else err
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from conftest import CAPTURE_NAMES, Record, load_capture
+from golden import CAPTURE_NAMES, Record, load_capture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from conftest import load_capture
+from golden import load_capture
 
 from vhost_user_balloon.protocol import (
     U64,

@@ -1,12 +1,10 @@
-"""Shared fixtures: the QEMU 11.1.3 captures and helpers to replay them."""
+"""The QEMU 11.1.3 captures as golden vectors: load them and replay them."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 CAPTURES = Path(__file__).parent / "captures"
 
@@ -33,8 +31,3 @@ def load_capture(name: str) -> list[Record]:
 
 
 CAPTURE_NAMES = sorted(p.name for p in CAPTURES.glob("*.jsonl"))
-
-
-@pytest.fixture(params=CAPTURE_NAMES)
-def capture(request: pytest.FixtureRequest) -> list[Record]:
-    return load_capture(request.param)

@@ -1,0 +1,31 @@
+"""cffi build script (out-of-line API mode) for the few syscalls the stdlib lacks.
+
+The C compiler checks each signature and fills in each constant from the system
+headers, so nothing here is a guessed number. Built by setuptools through
+``cffi_modules`` in setup.py.
+"""
+
+from __future__ import annotations
+
+from cffi import FFI
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    """
+    typedef int... off_t;
+    int fallocate(int fd, int mode, off_t offset, off_t len);
+    #define FALLOC_FL_KEEP_SIZE ...
+    #define FALLOC_FL_PUNCH_HOLE ...
+    """
+)
+ffibuilder.set_source(
+    "vhost_user_balloon.daemon._syscalls",
+    """
+    #define _GNU_SOURCE
+    #include <fcntl.h>
+    #include <linux/falloc.h>
+    """,
+)
+
+if __name__ == "__main__":  # pragma: no cover - manual builds
+    ffibuilder.compile(verbose=True)

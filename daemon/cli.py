@@ -1,0 +1,139 @@
+"""The ``vhost-user-balloon`` command: parse, check, serve until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+import trio
+
+from vhost_user_balloon import __version__
+
+from .config import DEFAULT_METRICS_LISTEN, ConfigError, Settings, load_settings
+from .logconfig import configure_logging
+from .server import Daemon, StartupError
+
+__all__ = ["build_parser", "main"]
+
+DESCRIPTION = """\
+Serve the virtio-balloon device to QEMU over vhost-user. Guests report their free
+memory through the free page reporting virtqueue; the daemon gives it back to the
+host (fallocate PUNCH_HOLE on the guest RAM file) and exports per-VM, per-order
+counters for Prometheus. One daemon serves many VMs, one socket each.
+"""
+
+EPILOG = """\
+attach a VM (QEMU >= 10.2; guest RAM must be a shared memfd or hugetlbfs file):
+  qemu-system-x86_64 ... \\
+    -object memory-backend-memfd,id=mem,size=2G,share=on \\
+    -machine q35,memory-backend=mem \\
+    -chardev socket,id=vb,path=/run/vhost-user-balloon/web1.sock \\
+    -device vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=5,config_size=16
+
+config_size=16 is required: without it the guest inflates the balloon over all its
+memory, and the daemon refuses the connection.
+
+signals: SIGTERM and SIGINT finish the reports in hand, close the sockets and
+remove the socket files. exit status: 0 after a clean stop, 1 if the daemon cannot
+start (the message says why), 2 for bad options.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vhost-user-balloon", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument(
+        "--vm", action="append", default=[], metavar="NAME=SOCKET_PATH",
+        help="serve a VM: NAME is its metric label, SOCKET_PATH the unix socket the "
+        "daemon listens on and QEMU's -chardev socket connects to (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--config", type=Path, metavar="FILE",
+        help="TOML file with [[vm]] tables (name, socket, discard) and the keys "
+        "metrics_listen, log_format, log_level, socket_mode, discard; "
+        "command-line options override it",
+    )  # fmt: skip
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT",
+        help=f"where to serve /metrics for Prometheus (default {DEFAULT_METRICS_LISTEN}; "
+        "'none' to disable; [::1]:PORT for IPv6)",
+    )  # fmt: skip
+    p.add_argument(
+        "--log-format", choices=("auto", "json", "console"),
+        help="log lines as JSON or for people (default auto: JSON unless stdout is a "
+        "terminal)",
+    )  # fmt: skip
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe level logged (default info; debug logs every report)",
+    )
+    p.add_argument(
+        "--socket-mode", metavar="OCTAL",
+        help="permissions of the VM sockets (default 0600: only the daemon's user; QEMU "
+        "must run as that user or be given access)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-discard", action="store_true",
+        help="complete and count reports but never free guest memory (for VFIO or other "
+        "pinned guest memory, where discarding breaks DMA)",
+    )  # fmt: skip
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        vm_args=args.vm,
+        config_file=args.config,
+        metrics_listen=args.metrics_listen,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        socket_mode=args.socket_mode,
+        no_discard=args.no_discard,
+    )
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    daemon = Daemon(
+        settings.vms, metrics_listen=settings.metrics_listen, socket_mode=settings.socket_mode
+    )
+    log = structlog.get_logger()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            async for signum in signals:
+                log.info("shutdown_requested", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as err:
+        parser.error(str(err))
+    configure_logging(settings.log_format, settings.log_level)  # type: ignore[arg-type]
+    try:
+        trio.run(run, settings)
+    except BaseExceptionGroup as group:
+        startup, rest = group.split(StartupError)
+        if startup is None or rest is not None:
+            raise
+        for problem in startup.exceptions:
+            print(f"vhost-user-balloon: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

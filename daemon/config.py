@@ -1,0 +1,185 @@
+"""The daemon's settings, from the command line and an optional TOML file, checked.
+
+Every problem is found before anything starts and reported as ``ConfigError`` with
+a message that names the option or the file key and what to write instead.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "DEFAULT_METRICS_LISTEN",
+    "MAX_VMS",
+    "ConfigError",
+    "Settings",
+    "VmSpec",
+    "load_settings",
+    "parse_listen",
+    "parse_vm",
+]
+
+DEFAULT_METRICS_LISTEN: Final = "127.0.0.1:9584"
+#: VMs one daemon serves: each holds a socket, guest RAM mappings and eventfds; past
+#: this, run a second daemon rather than one that is hard to reason about.
+MAX_VMS: Final = 256
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LOG_FORMATS = ("auto", "json", "console")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A setting the daemon cannot start with; the message says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """One VM to serve: its name (a metric label) and the socket QEMU connects to."""
+
+    name: str
+    socket: Path
+    discard: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    vms: tuple[VmSpec, ...]
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9584)
+    log_format: str = "auto"
+    log_level: str = "info"
+    socket_mode: int = 0o600
+
+
+def parse_vm(text: str, *, discard: bool = True) -> VmSpec:
+    """``NAME=SOCKET_PATH`` -> ``VmSpec``."""
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise ConfigError(f"--vm {text!r}: expected NAME=SOCKET_PATH, e.g. web1=/run/vub/web1.sock")
+    return _vm(name, path, discard, f"--vm {text!r}")
+
+
+def _vm(name: str, path: str, discard: bool, where: str) -> VmSpec:
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where}: VM name {name!r} must be 1-64 letters, digits, '_', '.' or '-' "
+            "(it becomes the vm label of every metric)"
+        )
+    socket = Path(path)
+    if not socket.is_absolute():
+        socket = Path.cwd() / socket
+    if len(bytes(socket)) > 107:
+        raise ConfigError(
+            f"{where}: socket path {str(socket)!r} is longer than the 107 bytes "
+            "a unix socket address can hold"
+        )
+    if not socket.parent.is_dir():
+        raise ConfigError(
+            f"{where}: directory {str(socket.parent)!r} does not exist; create it "
+            "first (the daemon does not create directories)"
+        )
+    return VmSpec(name, socket, discard)
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[::1]:9584`` for IPv6) or ``none`` -> address or None."""
+    if text.lower() in ("none", "off", ""):
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            f"--metrics-listen {text!r}: expected HOST:PORT such as "
+            f"{DEFAULT_METRICS_LISTEN} or [::1]:9584, or 'none'"
+        )
+    return host, int(port)
+
+
+def _mode(value: object, where: str) -> int:
+    try:
+        mode = int(str(value), 8)
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not an octal file mode such as 0600") from None
+    if mode & ~0o777:
+        raise ConfigError(f"{where}: {value!r} is not a permission mode (0000 to 0777)")
+    return mode
+
+
+def _choice(value: object, allowed: Sequence[str], where: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+    return str(value)
+
+
+def load_settings(
+    *,
+    vm_args: Sequence[str] = (),
+    config_file: Path | None = None,
+    metrics_listen: str | None = None,
+    log_format: str | None = None,
+    log_level: str | None = None,
+    socket_mode: str | None = None,
+    no_discard: bool = False,
+) -> Settings:
+    """Merge the TOML file (if any) and the command line; the command line wins."""
+    data: dict[str, object] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except OSError as err:
+            raise ConfigError(f"--config {str(config_file)!r}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"--config {str(config_file)!r}: not valid TOML: {err}") from None
+    known = {"vm", "metrics_listen", "log_format", "log_level", "socket_mode", "discard"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{config_file}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    discard_default = bool(data.get("discard", True)) and not no_discard
+    vms: list[VmSpec] = []
+    file_vms = data.get("vm", [])
+    if not isinstance(file_vms, list):
+        raise ConfigError(f"{config_file}: 'vm' must be an array of tables ([[vm]])")
+    for i, entry in enumerate(file_vms):
+        where = f"{config_file}: vm[{i}]"
+        if not isinstance(entry, dict) or not {"name", "socket"} <= set(entry):
+            raise ConfigError(f'{where}: needs name = "..." and socket = "/path"')
+        extra = sorted(set(entry) - {"name", "socket", "discard"})
+        if extra:
+            raise ConfigError(f"{where}: unknown keys {', '.join(extra)}")
+        discard = bool(entry.get("discard", True)) and discard_default
+        vms.append(_vm(str(entry["name"]), str(entry["socket"]), discard, where))
+    vms.extend(parse_vm(text, discard=discard_default) for text in vm_args)
+    if not vms:
+        raise ConfigError(
+            "no VM to serve: give --vm NAME=SOCKET_PATH (repeatable) or a "
+            "--config file with [[vm]] entries"
+        )
+    if len(vms) > MAX_VMS:
+        raise ConfigError(f"{len(vms)} VMs configured; one daemon serves at most {MAX_VMS}")
+    for attr in ("name", "socket"):
+        seen: set[object] = set()
+        for vm in vms:
+            value = getattr(vm, attr)
+            if value in seen:
+                raise ConfigError(f"two VMs share the {attr} {str(value)!r}; each needs its own")
+            seen.add(value)
+    listen = (
+        metrics_listen
+        if metrics_listen is not None
+        else data.get("metrics_listen", DEFAULT_METRICS_LISTEN)
+    )
+    return Settings(
+        vms=tuple(vms),
+        metrics_listen=parse_listen(str(listen)),
+        log_format=_choice(
+            log_format or data.get("log_format", "auto"), _LOG_FORMATS, "log format"
+        ),
+        log_level=_choice(log_level or data.get("log_level", "info"), _LOG_LEVELS, "log level"),
+        socket_mode=_mode(socket_mode or data.get("socket_mode", "0600"), "socket mode"),
+    )

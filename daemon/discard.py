@@ -1,0 +1,95 @@
+"""From reported guest ranges to freed host memory: plan, then punch holes.
+
+Theory of operation. A report names guest-physical blocks; the walker has already
+located each one wholly inside a region (or marked it outside RAM). Planning turns
+each block into a hole to punch in the region's fd at ``mmap_offset + (gpa -
+guest_phys_addr)``, clamped to the region and shrunk to whole pages of the file
+(4 KiB for a memfd, 2 MiB for hugetlbfs). Whatever is not punched is counted under
+one reason: ``outside_ram``, ``inhibited`` (the operator said no: VFIO, pinned
+memory), ``poison`` (the guest wants its poison pattern back), ``unaligned`` or
+``error`` (fallocate failed). Executing the plan makes blocking syscalls, so it runs
+in a worker thread; cffi releases the GIL, and the event loop stays free for other
+VMs and for the vCPUs waiting on GET_CONFIG.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from vhost_user_balloon.protocol import ReportedRange
+
+from .guestram import VmMemory
+from .syscalls import punch_hole
+
+__all__ = ["SKIP_REASONS", "DiscardPlan", "DiscardResult", "Punch", "execute", "plan_discards"]
+
+#: Every reason a reported byte may not be given back (the ``reason`` metric label).
+SKIP_REASONS = ("poison", "inhibited", "unaligned", "outside_ram", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Punch:
+    """One ``fallocate(PUNCH_HOLE)`` to make."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class DiscardPlan:
+    punches: list[Punch] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class DiscardResult:
+    discarded: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    errors: list[OSError] = field(default_factory=list)
+
+
+def plan_discards(
+    ranges: Iterable[ReportedRange], memory: VmMemory, *, poisoned: bool, inhibited: bool
+) -> DiscardPlan:
+    plan = DiscardPlan()
+    for r in ranges:
+        if r.location is None:
+            plan.skipped["outside_ram"] += r.length
+            continue
+        if inhibited:
+            plan.skipped["inhibited"] += r.length
+            continue
+        if poisoned:
+            plan.skipped["poison"] += r.length
+            continue
+        m = memory.backing(r.location.region)
+        start = r.location.file_offset
+        end = min(start + r.length, m.region.mmap_offset + m.region.memory_size)
+        page = m.page_size
+        first = -(-start // page) * page
+        last = end // page * page
+        punched = max(last - first, 0)
+        if punched:
+            plan.punches.append(Punch(m.fd, first, punched))
+        if r.length - punched:
+            plan.skipped["unaligned"] += r.length - punched
+    return plan
+
+
+def execute(
+    plan: DiscardPlan, punch: Callable[[int, int, int], None] = punch_hole
+) -> DiscardResult:
+    """Make the plan's punches (blocking: call from a worker thread)."""
+    result = DiscardResult(skipped=Counter(plan.skipped))
+    for p in plan.punches:
+        try:
+            punch(p.fd, p.offset, p.length)
+        except OSError as err:
+            result.skipped["error"] += p.length
+            result.errors.append(err)
+        else:
+            result.discarded += p.length
+    return result

@@ -1,0 +1,166 @@
+"""Guest RAM as this process holds it: one shared mapping and one fd per region.
+
+Theory of operation: QEMU hands us one fd per RAM region (a memfd or a hugetlbfs
+file) with SET_MEM_TABLE. We map ``memory_size`` bytes of it from ``mmap_offset``,
+MAP_SHARED, so we see the guest's rings as the guest writes them. Before mapping we
+check that the file really holds the whole range: touching a mapping past the end of
+its file raises SIGBUS, which would kill every VM this daemon serves.
+
+The fd stays open beside the mapping: discards are ``fallocate`` calls on it, and
+``resident_bytes`` reads its allocated blocks, which is how much host memory the
+guest's RAM really takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from vhost_user_balloon.protocol import GuestMemory, MemoryRegion, MemoryTableError
+
+__all__ = ["MappedRegion", "VmMemory", "close_fds"]
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close fds we own, ignoring ones already gone (teardown must not stop halfway)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@dataclass(eq=False)
+class MappedRegion:
+    """One region mapped from its fd; implements ``protocol.MemoryAccess``."""
+
+    region: MemoryRegion
+    fd: int
+    page_size: int
+    file_id: tuple[int, int]
+    _map: mmap.mmap
+
+    @classmethod
+    def open(cls, region: MemoryRegion, fd: int) -> MappedRegion:
+        """Map ``region`` from ``fd``. On failure the fd is left to the caller."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MemoryTableError(
+                f"memory region fd is not a regular file (mode {st.st_mode:#o}); guest RAM "
+                "must be fd-backed and shared: memory-backend-memfd,share=on",
+                reason="region_not_a_file",
+            )
+        end = region.mmap_offset + region.memory_size
+        if st.st_size < end:
+            raise MemoryTableError(
+                f"memory region {region.guest_phys_addr:#x}+{region.memory_size:#x} needs "
+                f"{end:#x} bytes of its file, which holds only {st.st_size:#x}",
+                reason="region_beyond_file",
+                file_size=st.st_size,
+                needed=end,
+            )
+        page = max(st.st_blksize, mmap.PAGESIZE)
+        if region.mmap_offset % page:
+            raise MemoryTableError(
+                f"memory region mmap_offset {region.mmap_offset:#x} is not a multiple of "
+                f"the file's page size {page:#x}",
+                reason="region_misaligned",
+            )
+        try:
+            mapping = mmap.mmap(
+                fd,
+                region.memory_size,
+                flags=mmap.MAP_SHARED,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=region.mmap_offset,
+            )
+        except OSError as err:
+            raise MemoryTableError(
+                f"cannot map memory region {region.guest_phys_addr:#x}+"
+                f"{region.memory_size:#x}: {err.strerror}",
+                reason="region_map_failed",
+            ) from err
+        return cls(region, fd, page, (st.st_dev, st.st_ino), mapping)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._map[offset : offset + length]
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._map[offset : offset + len(data)] = data
+
+    def close(self) -> None:
+        self._map.close()
+        close_fds([self.fd])
+
+
+class VmMemory:
+    """All regions of one VM: the checked ``GuestMemory`` plus the mappings behind it."""
+
+    def __init__(self) -> None:
+        self.regions: list[MappedRegion] = []
+        #: ``regions`` in the order of ``memory.regions``.
+        self.by_index: list[MappedRegion] = []
+        self.memory: GuestMemory | None = None
+
+    def replace(self, memory: GuestMemory, fds: Sequence[int]) -> None:
+        """Map a whole new table; on failure nothing changes and ``fds`` stay the caller's."""
+        mapped: list[MappedRegion] = []
+        try:
+            for region, fd in zip(memory.regions, fds, strict=True):
+                mapped.append(MappedRegion.open(region, fd))
+        except BaseException:
+            for m in mapped:
+                m._map.close()
+            raise
+        self.close()
+        self.regions = mapped
+        self._rebuild(memory)
+
+    def add(self, region: MemoryRegion, fd: int, memory: GuestMemory) -> None:
+        mapped = MappedRegion.open(region, fd)
+        self.regions.append(mapped)
+        self._rebuild(memory)
+
+    def remove(self, region: MemoryRegion, memory: GuestMemory | None) -> None:
+        for m in [m for m in self.regions if m.region == region]:
+            m.close()
+            self.regions.remove(m)
+        self._rebuild(memory)
+
+    def _rebuild(self, memory: GuestMemory | None) -> None:
+        if memory is None:
+            self.memory, self.by_index = None, []
+            return
+        by_region = {m.region: m for m in self.regions}
+        self.by_index = [by_region[r] for r in memory.regions]
+        self.memory = GuestMemory(memory.regions, self.by_index, limit=len(memory.regions))
+
+    def backing(self, index: int) -> MappedRegion:
+        """The mapping behind region ``index`` of ``memory`` (as a ``Location`` names it)."""
+        return self.by_index[index]
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(m.region.memory_size for m in self.regions)
+
+    def resident_bytes(self) -> int:
+        """Host memory the guest RAM files hold now (each file counted once)."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for m in self.regions:
+            if m.file_id in seen:
+                continue
+            seen.add(m.file_id)
+            try:
+                total += os.fstat(m.fd).st_blocks * 512
+            except OSError:
+                continue
+        return total
+
+    def close(self) -> None:
+        for m in self.regions:
+            m.close()
+        self.regions = []
+        self._rebuild(None)

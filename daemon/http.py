@@ -1,0 +1,81 @@
+"""A small HTTP endpoint on trio for ``GET /metrics`` (Prometheus text format).
+
+It speaks just enough HTTP/1.x for a scraper or ``curl``: one request per
+connection, bounded in size and time, so a slow or hostile client cannot hold
+anything for long. No threads: the collector's fstat calls are cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import structlog
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+__all__ = ["MAX_REQUEST_BYTES", "REQUEST_TIMEOUT_S", "open_metrics_listeners", "serve_metrics"]
+
+log = structlog.get_logger()
+
+#: A scrape request is a few hundred bytes; anything past this is not one.
+MAX_REQUEST_BYTES: Final = 8192
+#: How long a client may take to send its request.
+REQUEST_TIMEOUT_S: Final = 5.0
+
+_INDEX = (
+    b"<html><head><title>vhost-user-balloon</title></head><body>"
+    b"<h1>vhost-user-balloon</h1><p><a href='/metrics'>Metrics</a></p></body></html>\n"
+)
+
+
+def _response(status: str, content_type: str, body: bytes, head_only: bool) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return head if head_only else head + body
+
+
+async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+    try:
+        data = b""
+        with trio.move_on_after(REQUEST_TIMEOUT_S):
+            while b"\r\n\r\n" not in data and len(data) < MAX_REQUEST_BYTES:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+        parts = data.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+            reply = _response("400 Bad Request", "text/plain", b"bad request\n", False)
+        else:
+            head_only = parts[0] == b"HEAD"
+            path = parts[1].split(b"?", 1)[0]
+            if path == b"/metrics":
+                reply = _response(
+                    "200 OK", CONTENT_TYPE_LATEST, generate_latest(registry), head_only
+                )
+            elif path == b"/":
+                reply = _response("200 OK", "text/html", _INDEX, head_only)
+            else:
+                reply = _response("404 Not Found", "text/plain", b"not found\n", head_only)
+        with trio.move_on_after(REQUEST_TIMEOUT_S):
+            await stream.send_all(reply)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass  # the client went away; nothing to do
+    finally:
+        await stream.aclose()
+
+
+async def open_metrics_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind the metrics address (port 0 picks a free one); ``OSError`` if it cannot."""
+    return await trio.open_tcp_listeners(port, host=host)
+
+
+async def serve_metrics(listeners: list[trio.SocketListener], registry: CollectorRegistry) -> None:
+    """Answer scrapes on ``listeners`` forever."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _handle(stream, registry)
+
+    await trio.serve_listeners(handler, listeners)

@@ -1,0 +1,115 @@
+"""Prometheus metrics: the names in DESIGN.md section 4 are a contract; keep them.
+
+One registry (injected, so tests get their own), one prefix, base units, ``_total``
+on counters, and labels from bounded sets only: ``vm`` (from the configuration),
+``order`` (0 to MAX_REPORT_ORDER), ``reason`` (fixed slugs). Guest RAM sizes are read
+at scrape time by a custom collector, so what Prometheus sees is what the host holds
+at that moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from vhost_user_balloon import __version__
+
+__all__ = ["PREFIX", "Metrics", "VmMemoryStats"]
+
+PREFIX = "vhost_user_balloon"
+
+
+@dataclass(frozen=True, slots=True)
+class VmMemoryStats:
+    ram_bytes: int
+    resident_bytes: int
+
+
+class _GuestRamCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Mapping[str, VmMemoryStats]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ram = GaugeMetricFamily(
+            f"{PREFIX}_guest_ram_bytes",
+            "Guest RAM mapped from the frontend, in bytes (0 while no guest is attached).",
+            labels=["vm"],
+        )
+        resident = GaugeMetricFamily(
+            f"{PREFIX}_guest_ram_resident_bytes",
+            "Host memory the guest RAM files hold now (their allocated blocks), in bytes.",
+            labels=["vm"],
+        )
+        for vm, stats in sorted(self._snapshot().items()):
+            ram.add_metric([vm], stats.ram_bytes)
+            resident.add_metric([vm], stats.resident_bytes)
+        yield ram
+        yield resident
+
+
+class Metrics:
+    """Every metric the daemon exports, registered in one ``CollectorRegistry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, ns = self.registry, PREFIX
+        self.reported_blocks = Counter(
+            "reported_blocks", "Free page report entries received, by page order.",
+            ["vm", "order"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.reported_bytes = Counter(
+            "reported_bytes", "Bytes reported free by the guest, by page order.",
+            ["vm", "order"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.discarded_bytes = Counter(
+            "discarded_bytes", "Reported bytes given back to the host (holes punched).",
+            ["vm"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.discard_skipped_bytes = Counter(
+            "discard_skipped_bytes",
+            "Reported bytes not given back, by reason: poison, inhibited, unaligned, "
+            "outside_ram, error.",
+            ["vm", "reason"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.reports = Counter(
+            "reports", "Free page reports (descriptor chains) completed.",
+            ["vm"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.report_entries = Histogram(
+            "report_entries", "Entries per free page report.", ["vm"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), namespace=ns, registry=r,
+        )  # fmt: skip
+        self.report_service_seconds = Histogram(
+            "report_service_seconds",
+            "Time from seeing a report's kick to writing its used entry, in seconds.",
+            ["vm"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.connected = Gauge(
+            "connected", "1 while a frontend (QEMU) is connected for this VM.",
+            ["vm"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.protocol_errors = Counter(
+            "protocol_errors",
+            "Protocol errors by reason; most close that VM's connection.",
+            ["vm", "reason"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.build_info = Gauge(
+            "build_info", "Always 1; the version label says which build is running.",
+            ["version"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.build_info.labels(version=__version__).set(1)
+
+    def add_vm(self, vm: str) -> None:
+        """Make a VM's series exist at 0 before anything happens, so rates start right."""
+        self.connected.labels(vm=vm).set(0)
+        self.reports.labels(vm=vm)
+        self.discarded_bytes.labels(vm=vm)
+
+    def watch_memory(self, snapshot: Callable[[], Mapping[str, VmMemoryStats]]) -> None:
+        self.registry.register(_GuestRamCollector(snapshot))

@@ -1,0 +1,201 @@
+"""Serving one virtqueue: wait for kicks, take chains, do the work, hand them back.
+
+Theory of operation. A ``QueueRunner`` task sleeps on its kick eventfd (epoll via
+trio, no polling). On a kick it takes the connection's ring lock and services the
+ring: pop each available chain, do the device's work for it, push it to the used
+ring, and signal the call eventfd if the guest wants an interrupt.
+
+The lock is what keeps GET_VRING_BASE honest: the connection takes the same lock
+before handing any message that changes memory or queues to the session, so a
+chain is never half done when the session stops a ring or QEMU unmaps memory.
+Each chain's work is shielded from cancellation: the guest waits for every report
+without a timeout, with up to 128 MiB isolated, so once taken a chain is always
+completed, even on shutdown, even when a discard fails.
+
+If the guest breaks the ring rules, the queue stops for good: the error is logged
+and counted, the vring error eventfd is signalled, and the other queues and VMs
+carry on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import Counter
+from typing import Protocol
+
+import structlog
+import trio
+
+from vhost_user_balloon.protocol import (
+    BalloonDevice,
+    Chain,
+    FdKind,
+    GuestMemory,
+    QueueRole,
+    RemoteProtocolError,
+    ReportError,
+    SplitQueue,
+    report_ranges,
+)
+
+from .discard import DiscardResult, execute, plan_discards
+from .guestram import VmMemory
+from .metrics import Metrics
+
+__all__ = ["QueueHost", "QueueRunner"]
+
+log = structlog.get_logger()
+
+
+class QueueHost(Protocol):
+    """What a runner needs from its connection."""
+
+    vm: str
+    discard: bool
+    metrics: Metrics
+    memory: VmMemory
+    device: BalloonDevice
+    ring_lock: trio.Lock
+    discard_limiter: trio.CapacityLimiter
+
+    def vring_fd(self, index: int, kind: FdKind) -> int | None: ...
+
+
+class QueueRunner:
+    """One started queue of one VM."""
+
+    def __init__(self, host: QueueHost, index: int, role: QueueRole, queue: SplitQueue) -> None:
+        self.host = host
+        self.index = index
+        self.role = role
+        self.queue = queue
+        self.enabled = False
+        self.broken = False
+        #: The stats buffer the guest posted; held until stats are wanted (DESIGN.md 6).
+        self.held: Chain | None = None
+        self.cancel_scope = trio.CancelScope()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.cancel_scope:
+            task_status.started()
+            while not self.broken:
+                fd = self.host.vring_fd(self.index, FdKind.KICK)
+                if fd is None:
+                    return
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except trio.ClosedResourceError:
+                    continue  # the kick fd was replaced; wait on the new one
+                seen = time.perf_counter()
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)  # a racing wakeup may have taken it; the ring tells
+                async with self.host.ring_lock:
+                    await self.service(seen)
+
+    async def service(self, seen: float | None = None) -> None:
+        """Serve every available chain. The caller holds ``ring_lock``."""
+        mem = self.host.memory.memory
+        if not self.enabled or self.broken or mem is None:
+            return
+        seen = time.perf_counter() if seen is None else seen
+        while True:
+            try:
+                chain = self.queue.pop(mem)
+            except RemoteProtocolError as err:
+                self._fail(err)
+                return
+            if chain is None:
+                return
+            with trio.CancelScope(shield=True):
+                await self._serve_chain(chain, mem, seen)
+
+    async def _serve_chain(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
+        if self.role is QueueRole.REPORTING:
+            await self._report(chain, mem, seen)
+        elif self.role is QueueRole.STATS:
+            # Keep the guest's stats buffer: returning it asks for fresh stats at once,
+            # which would make the guest spin. Give back an older one if a new one comes.
+            older, self.held = self.held, chain
+            if older is not None:
+                self._complete(older, mem)
+        else:
+            # Inflate, deflate, free page hints: the target stays 0, so there is nothing
+            # to do but hand the buffer back.
+            self._complete(chain, mem)
+
+    async def _report(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
+        host, vm = self.host, self.host.vm
+        try:
+            ranges = report_ranges(chain)
+        except ReportError as err:
+            log.warning(
+                "report_rejected", queue=self.index, reason=err.reason, error=str(err), **err.values
+            )
+            host.metrics.protocol_errors.labels(vm=vm, reason=err.reason).inc()
+            self._complete(chain, mem)
+            return
+        plan = plan_discards(
+            ranges,
+            host.memory,
+            poisoned=not host.device.discard_allowed,
+            inhibited=not host.discard,
+        )
+        if plan.punches:
+            result = await trio.to_thread.run_sync(execute, plan, limiter=host.discard_limiter)
+        else:
+            result = DiscardResult(skipped=Counter(plan.skipped))
+        self._complete(chain, mem)
+        service = time.perf_counter() - seen
+        m = host.metrics
+        for r in ranges:
+            m.reported_blocks.labels(vm=vm, order=str(r.order)).inc()
+            m.reported_bytes.labels(vm=vm, order=str(r.order)).inc(r.length)
+        m.discarded_bytes.labels(vm=vm).inc(result.discarded)
+        for reason, n in result.skipped.items():
+            m.discard_skipped_bytes.labels(vm=vm, reason=reason).inc(n)
+        m.reports.labels(vm=vm).inc()
+        m.report_entries.labels(vm=vm).observe(len(ranges))
+        m.report_service_seconds.labels(vm=vm).observe(service)
+        if result.errors:
+            log.warning(
+                "discard_failed",
+                queue=self.index,
+                error=str(result.errors[0]),
+                failures=len(result.errors),
+            )
+        log.debug(
+            "report_served", queue=self.index, entries=len(ranges),
+            reported_bytes=sum(r.length for r in ranges), discarded_bytes=result.discarded,
+            skipped=dict(result.skipped), service_ms=round(service * 1000, 3),
+        )  # fmt: skip
+
+    def _complete(self, chain: Chain, mem: GuestMemory) -> None:
+        self.queue.push(mem, chain.head, 0)
+        if self.queue.should_notify(mem):
+            self._signal(FdKind.CALL)
+
+    def _signal(self, kind: FdKind) -> None:
+        fd = self.host.vring_fd(self.index, kind)
+        if fd is None:
+            return
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as err:
+            log.warning(
+                "eventfd_write_failed", queue=self.index, fd_kind=kind.value, error=str(err)
+            )
+
+    def _fail(self, err: RemoteProtocolError) -> None:
+        self.broken = True
+        log.error(
+            "queue_failed",
+            queue=self.index,
+            role=self.role.value,
+            reason=err.reason,
+            error=str(err),
+            **err.values,
+        )
+        self.host.metrics.protocol_errors.labels(vm=self.host.vm, reason=err.reason).inc()
+        self._signal(FdKind.ERR)

@@ -1,0 +1,190 @@
+"""The daemon: one listening socket per VM, one connection per VM at a time.
+
+Sockets are created before anything else starts, so a bad path fails at start-up
+with a clear message rather than when QEMU first tries to connect. A stale socket
+file left by a crashed daemon is replaced; one that a live process still listens on
+is not. On shutdown (cancellation: SIGTERM/SIGINT in the CLI) every connection
+finishes the report it has in hand, and the socket files this process created are
+removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from typing import Final
+
+import structlog
+import trio
+
+from .config import VmSpec
+from .connection import VmConnection
+from .http import open_metrics_listeners, serve_metrics
+from .metrics import Metrics, VmMemoryStats
+
+__all__ = ["DISCARD_THREADS", "Daemon", "StartupError"]
+
+log = structlog.get_logger()
+
+#: Worker threads punching holes at once, across all VMs: the work is bound by memory
+#: bandwidth, so more threads than cores would only queue inside the kernel.
+DISCARD_THREADS: Final = max(2, os.cpu_count() or 2)
+#: Pending connections per VM socket; QEMU connects once, anything else is refused.
+_BACKLOG: Final = 4
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class _Listener:
+    def __init__(self, vm: VmSpec, sock: socket.socket) -> None:
+        self.vm = vm
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        st = os.stat(vm.socket)
+        self.identity = (st.st_dev, st.st_ino)
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            st = os.stat(self.vm.socket)
+            if (st.st_dev, st.st_ino) == self.identity:
+                os.unlink(self.vm.socket)
+
+
+def _bind(vm: VmSpec, mode: int) -> socket.socket:
+    path = str(vm.socket)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StartupError(
+                f"VM {vm.name}: {path} exists and is not a socket; "
+                "move it away or choose another path"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # left behind by a daemon that died
+        except OSError as err:
+            raise StartupError(f"VM {vm.name}: cannot check {path}: {err.strerror}") from None
+        else:
+            raise StartupError(
+                f"VM {vm.name}: {path} is in use by a running process; "
+                "is another vhost-user-balloon serving this VM?"
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)  # never visible with wider permissions than 0600
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(_BACKLOG)
+    except OSError as err:
+        sock.close()
+        raise StartupError(f"VM {vm.name}: cannot listen on {path}: {err.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+class Daemon:
+    """Serves every configured VM until cancelled."""
+
+    def __init__(
+        self,
+        vms: Sequence[VmSpec],
+        *,
+        metrics: Metrics | None = None,
+        metrics_listen: tuple[str, int] | None = None,
+        socket_mode: int = 0o600,
+    ) -> None:
+        self.vms = tuple(vms)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics_listen = metrics_listen
+        self.metrics_address: tuple[str, int] | None = None
+        self.socket_mode = socket_mode
+        self.connections: dict[str, VmConnection] = {}
+        self.discard_limiter = trio.CapacityLimiter(DISCARD_THREADS)
+        for vm in self.vms:
+            self.metrics.add_vm(vm.name)
+        self.metrics.watch_memory(self.memory_snapshot)
+
+    def memory_snapshot(self) -> dict[str, VmMemoryStats]:
+        out = {}
+        for vm in self.vms:
+            conn = self.connections.get(vm.name)
+            if conn is None:
+                out[vm.name] = VmMemoryStats(0, 0)
+            else:
+                out[vm.name] = VmMemoryStats(conn.memory.ram_bytes, conn.memory.resident_bytes())
+        return out
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners: list[_Listener] = []
+        try:
+            for vm in self.vms:
+                listeners.append(_Listener(vm, _bind(vm, self.socket_mode)))
+            http: list[trio.SocketListener] = []
+            if self.metrics_listen is not None:
+                host, port = self.metrics_listen
+                try:
+                    http = await open_metrics_listeners(host, port)
+                except OSError as err:
+                    raise StartupError(
+                        f"cannot serve metrics on {host}:{port}: "
+                        f"{err.strerror}; choose another --metrics-listen"
+                    ) from None
+                bound = http[0].socket.getsockname()
+                self.metrics_address = (bound[0], bound[1])
+            async with trio.open_nursery() as nursery:
+                if http:
+                    nursery.start_soon(serve_metrics, http, self.metrics.registry)
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, nursery)
+                log.info(
+                    "daemon_ready",
+                    vms=[vm.name for vm in self.vms],
+                    sockets=[str(vm.socket) for vm in self.vms],
+                    metrics=(
+                        f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
+                        if self.metrics_address
+                        else None
+                    ),
+                )
+                task_status.started()
+        finally:
+            for listener in listeners:
+                listener.close()
+            log.info("daemon_stopped")
+
+    async def _accept_loop(self, listener: _Listener, nursery: trio.Nursery) -> None:
+        vm = listener.vm
+        while True:
+            sock, _ = await listener.sock.accept()
+            if vm.name in self.connections:
+                log.warning(
+                    "connection_refused",
+                    vm=vm.name,
+                    reason="a frontend is already connected for this VM",
+                )
+                sock.close()
+                continue
+            conn = VmConnection(
+                vm.name,
+                sock,
+                self.metrics,
+                discard=vm.discard,
+                discard_limiter=self.discard_limiter,
+            )
+            self.connections[vm.name] = conn
+            nursery.start_soon(self._serve, conn)
+
+    async def _serve(self, conn: VmConnection) -> None:
+        try:
+            await conn.serve()
+        finally:
+            del self.connections[conn.vm]

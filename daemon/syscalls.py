@@ -1,0 +1,29 @@
+"""Thin, checked wrappers over the cffi syscalls: raise ``OSError`` with context."""
+
+from __future__ import annotations
+
+import os
+
+from ._syscalls import ffi, lib  # type: ignore[import-not-found]
+
+__all__ = ["FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE", "punch_hole"]
+
+FALLOC_FL_KEEP_SIZE: int = lib.FALLOC_FL_KEEP_SIZE
+FALLOC_FL_PUNCH_HOLE: int = lib.FALLOC_FL_PUNCH_HOLE
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free ``length`` bytes at ``offset`` of ``fd``; the file keeps its size.
+
+    This is what gives shared guest RAM back to the host: on a memfd or hugetlbfs
+    file the pages are released and later reads see zeros. (MADV_DONTNEED on a
+    MAP_SHARED mapping frees nothing: DESIGN.md section 2.) cffi releases the GIL
+    around the call, so it may run in a worker thread.
+    """
+    if lib.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ffi.errno
+        raise OSError(
+            err,
+            f"fallocate(PUNCH_HOLE) of {length:#x} bytes at {offset:#x} on fd {fd}: "
+            f"{os.strerror(err)}",
+        )
