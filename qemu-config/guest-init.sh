@@ -1,0 +1,66 @@
+#!/bin/busybox sh
+# /init of the test and demo guest: load the balloon driver, run a memory workload,
+# print markers and /proc/meminfo to the serial console, power off.
+#
+# Kernel command line knobs (all optional):
+#   vub.order=N     write N to page_reporting_order (report smaller blocks)
+#   vub.mib=N       MiB to allocate and free per round (default 1024)
+#   vub.rounds=N    rounds of allocate/free (default 1)
+#   vub.settle=S    seconds to wait after each free for reports (default 40)
+#   vub.hold=S      seconds to hold the allocation (default 2)
+#   vub.idle=S      seconds to idle after boot before the first round (default 3)
+# Markers start with "VUB:" so the runner can follow along.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+
+order= mib=1024 rounds=1 settle=40 hold=2 idle=3
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vub.order=*) order=${arg#vub.order=} ;;
+        vub.mib=*) mib=${arg#vub.mib=} ;;
+        vub.rounds=*) rounds=${arg#vub.rounds=} ;;
+        vub.settle=*) settle=${arg#vub.settle=} ;;
+        vub.hold=*) hold=${arg#vub.hold=} ;;
+        vub.idle=*) idle=${arg#vub.idle=} ;;
+    esac
+done
+
+meminfo() {
+    echo "VUB: meminfo $1 $(awk '/^(MemTotal|MemFree|MemAvailable):/ {printf "%s%s ", $1, $2}' /proc/meminfo)"
+}
+
+for m in $(cat /modules.list); do
+    insmod "/modules/$m.ko" || echo "VUB: insmod $m failed"
+done
+echo "VUB: booted kernel=$(uname -r)"
+features=$(cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/features 2>/dev/null)
+echo "VUB: balloon features=${features:-none}"
+if [ -n "$order" ]; then
+    echo "$order" > /sys/module/page_reporting/parameters/page_reporting_order \
+        && echo "VUB: page_reporting_order=$(cat /sys/module/page_reporting/parameters/page_reporting_order)"
+fi
+meminfo boot
+mkdir -p /work
+mount -t tmpfs -o size=95% tmpfs /work
+sleep "$idle"
+meminfo idle
+echo "VUB: ready"
+i=1
+while [ "$i" -le "$rounds" ]; do
+    echo "VUB: alloc round=$i mib=$mib"
+    dd if=/dev/zero of=/work/fill bs=1M count="$mib" 2>/dev/null
+    meminfo allocated
+    echo "VUB: allocated round=$i"
+    sleep "$hold"
+    rm -f /work/fill
+    echo "VUB: freed round=$i"
+    sleep "$settle"
+    meminfo settled
+    echo "VUB: settled round=$i"
+    i=$((i + 1))
+done
+echo "VUB: done"
+sync
+poweroff -f

@@ -1,0 +1,476 @@
+#!/usr/bin/env python3
+"""Run a real Linux guest under QEMU with vhost-user-balloon attached, and measure.
+
+Used by the end-to-end tests and by the demo. It starts the daemon (or, for the
+reference runs, QEMU's built-in virtio-balloon), starts QEMU with the attach options
+from qemu-config/*.args and a guest kernel and initramfs from qemu-config/provision,
+follows the guest's serial console, samples host memory twice a second (the guest
+RAM memfd's allocated blocks, read through /proc/QEMU_PID/fd, and QEMU's RssShmem),
+scrapes the daemon's /metrics, and always cleans up: QEMU, the daemon and the run
+folder, on every exit path, with a hard timeout.
+
+    python qemu-config/guestrun.py demo [--kernel 6.1] [--mib 1024] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MiB = 1 << 20
+DEFAULT_CACHE = Path(os.environ.get("VUB_CACHE", Path.home() / ".cache" / "vhost-user-balloon"))
+
+
+class SetupError(RuntimeError):
+    """The environment is not provisioned; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where QEMU and the guest images are (written by qemu-config/provision)."""
+
+    qemu_root: Path
+    qemu_binary: str
+    qemu_version: str
+    kernels: dict[str, dict[str, str]]
+
+    @classmethod
+    def load(cls, cache: Path = DEFAULT_CACHE) -> Env:
+        path = cache / "env.json"
+        if not path.exists():
+            raise SetupError(f"{path} is missing: run qemu-config/provision (as root) first")
+        d = json.loads(path.read_text())
+        return cls(Path(d["qemu_root"]), d["qemu_binary"], d["qemu_version"], d["kernels"])
+
+    def inside(self, host_path: Path | str) -> str:
+        """A host path as QEMU sees it (QEMU may run in a chroot)."""
+        rel = os.path.relpath(host_path, self.qemu_root)
+        if rel.startswith(".."):
+            raise ValueError(f"{host_path} is outside QEMU's root {self.qemu_root}")
+        return "/" + rel if rel != "." else "/"
+
+    def command(self, args: list[str]) -> list[str]:
+        if self.qemu_root == Path("/"):
+            return [self.qemu_binary, *args]
+        return ["chroot", str(self.qemu_root), self.qemu_binary, *args]
+
+    def run_dir(self) -> Path:
+        """A fresh folder both the host and QEMU can reach (parallel runs are safe)."""
+        base = self.qemu_root / "tmp"
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="vub-run-", dir=base))
+
+
+def attach_args(name: str, **values: str) -> list[str]:
+    """The QEMU options in qemu-config/NAME.args, placeholders filled."""
+    out = []
+    for raw in (HERE / f"{name}.args").read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            out += line.format(**values).split(" ", 1)
+    return out
+
+
+@dataclass
+class GuestSpec:
+    kernel: str = "6.1"
+    mem_mib: int = 2048
+    workload_mib: int = 1024
+    rounds: int = 1
+    order: int | None = None
+    settle_s: int = 30
+    idle_s: int = 3
+    balloon: str = "daemon"  # "daemon" or "builtin"
+    #: (old, new) replacements in the attach options, e.g. ("config_size=16", "config_size=0")
+    edits: tuple[tuple[str, str], ...] = ()
+    daemon_args: tuple[str, ...] = ()
+    timeout_s: float = 300.0
+    accel: str = "tcg"
+
+
+@dataclass
+class Sample:
+    t: float
+    memfd_bytes: int
+    rss_shmem_bytes: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class GuestRun:
+    spec: GuestSpec
+    started: float = field(default_factory=time.monotonic)
+    samples: list[Sample] = field(default_factory=list)
+    console: list[tuple[float, str]] = field(default_factory=list)
+    markers: dict[str, float] = field(default_factory=dict)
+    daemon_log: list[dict[str, object]] = field(default_factory=list)
+    qemu_stderr: list[str] = field(default_factory=list)
+    qemu_returncode: int | None = None
+    daemon_returncode: int | None = None
+    timed_out: bool = False
+    metrics_url: str | None = None
+    #: /proc/QEMU_PID/fd/N of the guest RAM memfd, while QEMU runs
+    memfd_path: str | None = None
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def marker(self, name: str) -> float:
+        if name not in self.markers:
+            raise AssertionError(
+                f"the guest never printed 'VUB: {name}'; console:\n"
+                + "\n".join(line for _, line in self.console[-40:])
+            )
+        return self.markers[name]
+
+    def memfd_at(self, t: float) -> int:
+        """Guest RAM memfd allocation at the last sample taken at or before ``t``."""
+        before = [s for s in self.samples if s.t <= t]
+        if not before:
+            raise AssertionError(f"no memory sample before t={t:.1f}s")
+        return before[-1].memfd_bytes
+
+    def floor(self) -> int:
+        """Host memory the guest held just before its first workload round."""
+        return self.memfd_at(self.marker("alloc round=1"))
+
+    def peak(self) -> int:
+        return max(s.memfd_bytes for s in self.samples)
+
+    def final(self) -> int:
+        return self.samples[-1].memfd_bytes
+
+    def reclaim_seconds(self, round_: int = 1, slack: int = 64 * MiB) -> float | None:
+        """From the guest's free to host memory back within ``slack`` of the floor."""
+        freed = self.marker(f"freed round={round_}")
+        floor = self.floor()
+        for s in self.samples:
+            if s.t >= freed and s.memfd_bytes <= floor + slack:
+                return s.t - freed
+        return None
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Last scraped value of a daemon metric (summed over labels not given)."""
+        for s in reversed(self.samples):
+            if s.metrics:
+                return sum(v for k, v in s.metrics.items() if _matches(k, name, labels))
+        return 0.0
+
+    def metric_labels(self, name: str, label: str) -> dict[str, float]:
+        for s in reversed(self.samples):
+            if s.metrics:
+                out: dict[str, float] = {}
+                for k, v in s.metrics.items():
+                    metric, labels = _split(k)
+                    if metric == name and label in labels:
+                        out[labels[label]] = out.get(labels[label], 0.0) + v
+                return out
+        return {}
+
+    def daemon_events(self, event: str) -> list[dict[str, object]]:
+        return [r for r in self.daemon_log if r.get("event") == event]
+
+
+def _split(key: str) -> tuple[str, dict[str, str]]:
+    if "{" not in key:
+        return key, {}
+    name, rest = key.split("{", 1)
+    labels = {}
+    for part in rest.rstrip("}").split(","):
+        if part:
+            k, v = part.split("=", 1)
+            labels[k] = v.strip('"')
+    return name, labels
+
+
+def _matches(key: str, name: str, labels: dict[str, str]) -> bool:
+    metric, have = _split(key)
+    return metric == name and all(have.get(k) == v for k, v in labels.items())
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def _qemu_memfd(pid: int) -> str | None:
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("/memfd:"):
+                return f"/proc/{pid}/fd/{fd}"
+    except OSError:
+        return None
+    return None
+
+
+def _rss_shmem(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _pump(stream: object, sink: Callable[[str], None]) -> threading.Thread:
+    def run() -> None:
+        for raw in stream:  # type: ignore[attr-defined]
+            line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+            sink(line.rstrip("\r\n"))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int, grace: float) -> int | None:
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def _start_daemon(run: GuestRun, sock: Path) -> subprocess.Popen[bytes]:
+    """Start the daemon for one VM; wait until it listens and serves /metrics."""
+    ready = threading.Event()
+
+    def on_line(line: str) -> None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = {"event": "unparsed", "line": line}
+        run.daemon_log.append(record)
+        if record.get("event") == "daemon_ready":
+            run.metrics_url = str(record.get("metrics"))
+            ready.set()
+
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "vhost_user_balloon.daemon.cli", "--vm", f"guest={sock}",
+         "--metrics-listen", "127.0.0.1:0", "--log-format", "json", *run.spec.daemon_args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    _pump(daemon.stdout, on_line)
+    if not ready.wait(20):
+        _stop(daemon, signal.SIGKILL, 1)
+        raise SetupError("the daemon did not start: " + json.dumps(run.daemon_log[-5:]))
+    return daemon
+
+
+def _qemu_args(spec: GuestSpec, env: Env, attach: list[str]) -> list[str]:
+    for old, new in spec.edits:
+        edited = [a.replace(old, new) for a in attach]
+        if edited == attach:
+            raise ValueError(f"edit {old!r} matches no attach option")
+        attach = edited
+    images = env.kernels[spec.kernel]
+    append = (
+        f"console=ttyS0 panic=-1 quiet vub.mib={spec.workload_mib} "
+        f"vub.rounds={spec.rounds} vub.settle={spec.settle_s} vub.idle={spec.idle_s}"
+    )
+    if spec.order is not None:
+        append += f" vub.order={spec.order}"
+    return [
+        "-accel", spec.accel, "-m", f"{spec.mem_mib}M", "-smp", "1", "-nodefaults",
+        "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none",
+        "-no-reboot", *attach,
+        "-kernel", env.inside(images["kernel"]), "-initrd", env.inside(images["initrd"]),
+        "-append", append,
+    ]  # fmt: skip
+
+
+def _follow_console(run: GuestRun, qemu: subprocess.Popen[bytes]) -> None:
+    def on_line(line: str) -> None:
+        t = run.now()
+        run.console.append((t, line))
+        idx = line.find("VUB: ")
+        if idx >= 0:
+            text = line[idx + 5 :].strip()
+            for key in (text, text.split(" mib=")[0]):
+                run.markers.setdefault(key, t)
+
+    _pump(qemu.stdout, on_line)
+    _pump(qemu.stderr, run.qemu_stderr.append)
+
+
+def _take_sample(run: GuestRun, pid: int) -> Sample:
+    run.memfd_path = run.memfd_path or _qemu_memfd(pid)
+    metrics: dict[str, float] = {}
+    if run.metrics_url:
+        try:
+            with urllib.request.urlopen(run.metrics_url, timeout=2) as r:
+                metrics = parse_metrics(r.read().decode())
+        except OSError:
+            pass
+    try:
+        allocated = os.stat(run.memfd_path).st_blocks * 512 if run.memfd_path else 0
+    except OSError:
+        allocated = 0
+    return Sample(run.now(), allocated, _rss_shmem(pid), metrics)
+
+
+def run_guest(
+    spec: GuestSpec,
+    env: Env | None = None,
+    *,
+    on_sample: Callable[[GuestRun, Sample], None] | None = None,
+    stop_when: Callable[[GuestRun], bool] | None = None,
+) -> GuestRun:
+    """Boot the guest, run its workload, measure; QEMU and daemon are always stopped."""
+    env = env or Env.load()
+    if spec.kernel not in env.kernels:
+        raise SetupError(
+            f"no guest kernel {spec.kernel} provisioned "
+            f"(have {', '.join(env.kernels)}); run qemu-config/provision"
+        )
+    run = GuestRun(spec)
+    workdir = env.run_dir()
+    daemon: subprocess.Popen[bytes] | None = None
+    qemu: subprocess.Popen[bytes] | None = None
+    try:
+        mem = f"{spec.mem_mib}M"
+        if spec.balloon == "daemon":
+            sock = workdir / "vm.sock"
+            daemon = _start_daemon(run, sock)
+            attach = attach_args("vhost-user-balloon", socket=env.inside(sock), mem=mem)
+        else:
+            attach = attach_args("builtin-balloon", mem=mem)
+        qemu = subprocess.Popen(
+            env.command(_qemu_args(spec, env, attach)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _follow_console(run, qemu)
+        deadline = time.monotonic() + spec.timeout_s
+        while qemu.poll() is None:
+            if time.monotonic() > deadline:
+                run.timed_out = True
+                break
+            sample = _take_sample(run, qemu.pid)
+            if run.memfd_path:
+                run.samples.append(sample)
+                if on_sample:
+                    on_sample(run, sample)
+            if stop_when and stop_when(run):
+                break
+            time.sleep(0.5)
+    finally:
+        run.qemu_returncode = _stop(qemu, signal.SIGTERM, 5)
+        run.daemon_returncode = _stop(daemon, signal.SIGTERM, 15)
+        time.sleep(0.1)  # let the pumps drain
+        shutil.rmtree(workdir, ignore_errors=True)
+    return run
+
+
+# -- the demo ---------------------------------------------------------------------------
+def _mib(n: float) -> str:
+    return f"{n / MiB:7.0f} MiB"
+
+
+def demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="guestrun.py demo",
+        description="A real guest frees memory; watch the host get "
+        "it back through vhost-user-balloon.",
+    )
+    p.add_argument("--kernel", default="6.1", help="guest kernel: 6.1 or 6.12 (default 6.1)")
+    p.add_argument("--mib", type=int, default=1024, help="MiB the guest allocates and frees")
+    p.add_argument("--rounds", type=int, default=2, help="allocate/free rounds (default 2)")
+    p.add_argument("--settle", type=int, default=25, help="seconds after each free")
+    args = p.parse_args(argv)
+    spec = GuestSpec(
+        kernel=args.kernel, workload_mib=args.mib, rounds=args.rounds, settle_s=args.settle
+    )
+    env = Env.load()
+    print(
+        f"{env.qemu_version}; guest kernel {spec.kernel}, {spec.mem_mib} MiB RAM, TCG; "
+        f"workload: {spec.rounds} x allocate and free {spec.workload_mib} MiB\n"
+    )
+    print("   time  guest phase           host RAM held   reported (by order)       given back")
+    last = [0.0]
+
+    def show(run: GuestRun, s: Sample) -> None:
+        if s.t - last[0] < 1.0:
+            return
+        last[0] = s.t
+        phases = {
+            k: t
+            for k, t in run.markers.items()
+            if not k.startswith(("meminfo", "balloon")) and " mib=" not in k
+        }
+        phase = max(phases.items(), key=lambda kv: kv[1])[0] if phases else "booting"
+        orders = run.metric_labels("vhost_user_balloon_reported_bytes_total", "order")
+        by_order = " ".join(
+            f"o{o}:{v / MiB:.0f}M" for o, v in sorted(orders.items(), key=lambda kv: int(kv[0]))
+        )
+        given = run.metric("vhost_user_balloon_discarded_bytes_total")
+        print(
+            f"{s.t:6.1f}s  {phase[:20]:20}  {_mib(s.memfd_bytes)}    {by_order[:24]:24}  "
+            f"{_mib(given)}",
+            flush=True,
+        )
+
+    run = run_guest(spec, env, on_sample=show)
+    print()
+    if "done" not in run.markers:
+        print("the guest did not finish; last console lines:")
+        for _, line in run.console[-15:]:
+            print("   ", line)
+        return 1
+    print(
+        f"host RAM held by the guest: before the workload {_mib(run.floor())}, "
+        f"peak {_mib(run.peak())}, at the end {_mib(run.final())}"
+    )
+    for r in range(1, spec.rounds + 1):
+        secs = run.reclaim_seconds(r)
+        print(
+            f"round {r}: memory back on the host (within 64 MiB) "
+            + (f"{secs:.1f} s after the guest freed it" if secs is not None else "never")
+        )
+    print("\nper-order counters from /metrics:")
+    for o, v in sorted(
+        run.metric_labels("vhost_user_balloon_reported_blocks_total", "order").items(),
+        key=lambda kv: int(kv[0]),
+    ):
+        print(f"  order {o:>2} ({4 << int(o)} KiB blocks): {v:8.0f} blocks reported")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "demo":
+        try:
+            sys.exit(demo(sys.argv[2:]))
+        except SetupError as err:
+            print(f"guestrun: {err}", file=sys.stderr)
+            sys.exit(1)
+    print(__doc__)
+    sys.exit(2)
