@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 
 import pytest
 import trio
@@ -11,6 +12,7 @@ from daemon_helpers import StartDaemon, sample, wait_disconnected
 from fakes import F_NEXT, F_WRITE
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
+from vhost_user_balloon.daemon import discard, queues
 from vhost_user_balloon.protocol import U64, Config, Request
 
 pytestmark = pytest.mark.trio
@@ -269,3 +271,37 @@ async def test_no_fd_leaks_over_many_connections(
         guest.close()
         await wait_disconnected(daemon, "cycle")
     assert open_fds() == baseline
+
+
+async def test_get_config_is_answered_while_a_discard_is_in_progress(
+    start_daemon: StartDaemon,
+    guests: list[GuestMemfd],
+    frontends: list[FakeFrontend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A real punch of a few MiB is over before the test could ask anything, so the
+    # discard is held in its worker thread until the test has its GET_CONFIG answer. If
+    # GET_CONFIG waited for the discard, this would deadlock and fail_after would fire.
+    entered, release = threading.Event(), threading.Event()
+    real_execute = queues.execute
+
+    def held_execute(plan: discard.DiscardPlan) -> discard.DiscardResult:
+        entered.set()
+        release.wait(10)
+        return real_execute(plan)
+
+    monkeypatch.setattr(queues, "execute", held_execute)
+    daemon = await start_daemon("vcpu", "other")
+    g1, g2 = GuestMemfd(32 * MiB), GuestMemfd(32 * MiB)
+    guests += [g1, g2]
+    fe = await attach(str(daemon.vms[0].socket), g1, frontends)
+    other = await attach(str(daemon.vms[1].socket), g2, frontends)
+    fe.rings[3].add_chain([(4 * MiB, 2 * MiB, True)])
+    fe.kick(3)
+    assert await trio.to_thread.run_sync(entered.wait, 5)
+    with trio.fail_after(2):
+        assert await fe.get_config() == bytes(16)  # this VM's vCPU is not held up
+        assert await other.get_config() == bytes(16)  # nor is any other VM
+    assert not release.is_set()
+    release.set()
+    await fe.wait_call(3)
