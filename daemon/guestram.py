@@ -6,6 +6,12 @@ MAP_SHARED, so we see the guest's rings as the guest writes them. Before mapping
 check that the file really holds the whole range: touching a mapping past the end of
 its file raises SIGBUS, which would kill every VM this daemon serves.
 
+A frontend could shrink the file after that check. QEMU seals its memfds against
+shrinking (memory-backend-memfd, seal=on by default), and then we read and write
+through the mapping. A file without that seal is read and written with
+pread/pwrite instead, which fail cleanly past the end of the file; hugetlbfs files
+do not support write(), so an unsealed one is mapped anyway, with a warning.
+
 The fd stays open beside the mapping: discards are ``fallocate`` calls on it, and
 ``resident_bytes`` reads its allocated blocks, which is how much host memory the
 guest's RAM really takes.
@@ -14,15 +20,28 @@ guest's RAM really takes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import structlog
+
 from vhost_user_balloon.protocol import GuestMemory, MemoryRegion, MemoryTableError
 
 __all__ = ["MappedRegion", "VmMemory", "close_fds"]
+
+log = structlog.get_logger()
+
+
+def _seals(fd: int) -> int:
+    """The file's seals (0 for files that cannot be sealed)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return 0
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -41,6 +60,8 @@ class MappedRegion:
     page_size: int
     file_id: tuple[int, int]
     _map: mmap.mmap
+    #: read and write with pread/pwrite (the file may shrink under us) instead of the map
+    use_syscalls: bool = False
 
     @classmethod
     def open(cls, region: MemoryRegion, fd: int) -> MappedRegion:
@@ -82,13 +103,40 @@ class MappedRegion:
                 f"{region.memory_size:#x}: {err.strerror}",
                 reason="region_map_failed",
             ) from err
-        return cls(region, fd, page, (st.st_dev, st.st_ino), mapping)
+        shrink_sealed = bool(_seals(fd) & fcntl.F_SEAL_SHRINK)
+        use_syscalls = not shrink_sealed and page == mmap.PAGESIZE
+        if not shrink_sealed and not use_syscalls:
+            log.warning("region_unsealed", gpa=region.guest_phys_addr, page_size=page,
+                        message="guest RAM file is not sealed against shrinking and cannot "
+                        "be written with pwrite; a frontend that truncates it could crash "
+                        "the daemon (use a sealed memfd)")
+        return cls(region, fd, page, (st.st_dev, st.st_ino), mapping, use_syscalls)
 
     def read(self, offset: int, length: int) -> bytes:
-        return self._map[offset : offset + length]
+        if not self.use_syscalls:
+            return self._map[offset : offset + length]
+        data = os.pread(self.fd, length, self.region.mmap_offset + offset)
+        if len(data) != length:
+            raise self._truncated(offset, length)
+        return data
 
     def write(self, offset: int, data: bytes) -> None:
-        self._map[offset : offset + len(data)] = data
+        if not self.use_syscalls:
+            self._map[offset : offset + len(data)] = data
+            return
+        try:
+            written = os.pwrite(self.fd, data, self.region.mmap_offset + offset)
+        except OSError as err:
+            raise self._truncated(offset, len(data)) from err
+        if written != len(data):
+            raise self._truncated(offset, len(data))
+
+    def _truncated(self, offset: int, length: int) -> MemoryTableError:
+        return MemoryTableError(
+            f"guest RAM file no longer holds region {self.region.guest_phys_addr:#x} "
+            f"offset {offset:#x}+{length:#x}: the frontend shrank it",
+            reason="region_truncated",
+        )
 
     def close(self) -> None:
         self._map.close()

@@ -151,7 +151,10 @@ class GuestRun:
         return max(s.memfd_bytes for s in self.samples)
 
     def final(self) -> int:
-        return self.samples[-1].memfd_bytes
+        """The level at the end of the workload: the guest's poweroff (QEMU may release
+        its RAM as it exits) does not count."""
+        end = self.markers.get("done", float("inf"))
+        return self.memfd_at(end) if end != float("inf") else self.samples[-1].memfd_bytes
 
     def reclaim_seconds(self, round_: int = 1, slack: int = 64 * MiB) -> float | None:
         """From the guest's free to host memory back within ``slack`` of the floor."""

@@ -10,6 +10,7 @@ It exists for speed and fault injection; the real QEMU is in tests/e2e.
 from __future__ import annotations
 
 import array
+import fcntl
 import mmap
 import os
 import socket
@@ -63,9 +64,12 @@ class MmapSlice:
 class GuestMemfd:
     """Guest RAM: one memfd mapped here; regions are slices of it at given gpas."""
 
-    def __init__(self, size: int, layout: Sequence[tuple[int, int, int]] | None = None) -> None:
-        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    def __init__(self, size: int, layout: Sequence[tuple[int, int, int]] | None = None, *,
+                 sealed: bool = True) -> None:
+        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        if sealed:  # as QEMU's memory-backend-memfd does by default
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
         #: (gpa, size, file offset) of each region; default: one region of all of it
         self.layout = list(layout or [(0, size, 0)])

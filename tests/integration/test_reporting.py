@@ -305,3 +305,26 @@ async def test_get_config_is_answered_while_a_discard_is_in_progress(
     assert not release.is_set()
     release.set()
     await fe.wait_call(3)
+
+
+async def test_an_unsealed_guest_ram_file_shrunk_under_us_does_not_crash_the_daemon(
+    start_daemon: StartDaemon, guests: list[GuestMemfd], frontends: list[FakeFrontend]
+) -> None:
+    # A mapping past the end of its file raises SIGBUS, which would kill every VM the
+    # daemon serves. An unsealed file is therefore accessed with pread/pwrite.
+    daemon = await start_daemon("shrinker", "bystander")
+    bad, good = GuestMemfd(32 * MiB, sealed=False), GuestMemfd(32 * MiB)
+    guests += [bad, good]
+    fe = await attach(str(daemon.vms[0].socket), bad, frontends)
+    ok = await attach(str(daemon.vms[1].socket), good, frontends)
+    bad.populate(4 * MiB, 2 * MiB)
+    before = bad.allocated()
+    await fe.report(3, [(4 * MiB, 2 * MiB)])  # works while the file is whole
+    assert before - bad.allocated() == 2 * MiB
+    fe.rings[3].add_chain([(6 * MiB, 2 * MiB, True)])
+    os.ftruncate(bad.fd, 0)  # the rings are gone from under the daemon
+    fe.kick(3)
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(fe.fds[3].err)
+    assert sample(daemon, "protocol_errors_total", vm="shrinker", reason="region_truncated") == 1
+    await ok.report(3, [(4 * MiB, 2 * MiB)])
