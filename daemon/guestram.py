@@ -106,10 +106,14 @@ class MappedRegion:
         shrink_sealed = bool(_seals(fd) & fcntl.F_SEAL_SHRINK)
         use_syscalls = not shrink_sealed and page == mmap.PAGESIZE
         if not shrink_sealed and not use_syscalls:
-            log.warning("region_unsealed", gpa=region.guest_phys_addr, page_size=page,
-                        message="guest RAM file is not sealed against shrinking and cannot "
-                        "be written with pwrite; a frontend that truncates it could crash "
-                        "the daemon (use a sealed memfd)")
+            log.warning(
+                "region_unsealed",
+                gpa=region.guest_phys_addr,
+                page_size=page,
+                message="guest RAM file is not sealed against shrinking and cannot "
+                "be written with pwrite; a frontend that truncates it could crash "
+                "the daemon (use a sealed memfd)",
+            )
         return cls(region, fd, page, (st.st_dev, st.st_ino), mapping, use_syscalls)
 
     def read(self, offset: int, length: int) -> bytes:

@@ -64,8 +64,13 @@ class MmapSlice:
 class GuestMemfd:
     """Guest RAM: one memfd mapped here; regions are slices of it at given gpas."""
 
-    def __init__(self, size: int, layout: Sequence[tuple[int, int, int]] | None = None, *,
-                 sealed: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        layout: Sequence[tuple[int, int, int]] | None = None,
+        *,
+        sealed: bool = True,
+    ) -> None:
         self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
         if sealed:  # as QEMU's memory-backend-memfd does by default
