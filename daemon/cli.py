@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", type=Path, metavar="FILE",
         help="TOML file with [[vm]] tables (name, socket, discard) and the keys "
-        "metrics_listen, log_format, log_level, socket_mode, discard; "
+        "metrics_listen, log_format, log_level, socket_mode, socket_group, allow_users, "
+        "allow_groups, discard; "
         "command-line options override it",
     )  # fmt: skip
     p.add_argument(
@@ -80,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         "must run as that user or be given access)",
     )  # fmt: skip
     p.add_argument(
+        "--socket-group", metavar="GROUP",
+        help="group of the VM sockets, e.g. kvm or libvirt-qemu (with --socket-mode 0660)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-user", action="append", default=[], metavar="USER",
+        help="accept connections only from processes of this user (name or uid; "
+        "repeatable; checked with SO_PEERCRED). Without --allow-user/--allow-group, "
+        "the socket permissions decide",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-group", action="append", default=[], metavar="GROUP",
+        help="accept connections from processes of this primary group (name or gid; "
+        "repeatable)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-discard", action="store_true",
         help="complete and count reports but never free guest memory (for VFIO or other "
         "pinned guest memory, where discarding breaks DMA)",
@@ -96,15 +112,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_format=args.log_format,
         log_level=args.log_level,
         socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+        allow_users=args.allow_user,
+        allow_groups=args.allow_group,
         no_discard=args.no_discard,
     )
 
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT."""
-    daemon = Daemon(
-        settings.vms, metrics_listen=settings.metrics_listen, socket_mode=settings.socket_mode
-    )
+    daemon = Daemon(settings.vms, metrics_listen=settings.metrics_listen, access=settings.access)
     log = structlog.get_logger()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:

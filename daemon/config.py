@@ -6,6 +6,8 @@ a message that names the option or the file key and what to write instead.
 
 from __future__ import annotations
 
+import grp
+import pwd
 import re
 import tomllib
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from typing import Final
 __all__ = [
     "DEFAULT_METRICS_LISTEN",
     "MAX_VMS",
+    "Access",
     "ConfigError",
     "Settings",
     "VmSpec",
@@ -47,12 +50,30 @@ class VmSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Access:
+    """Who may use the VM sockets."""
+
+    #: permissions of the socket files
+    socket_mode: int = 0o600
+    #: group given to the socket files (QEMU's group, e.g. kvm or libvirt-qemu)
+    socket_gid: int | None = None
+    #: if any is set, a peer must have one of these uids or gids (SO_PEERCRED)
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+
+    def allows(self, uid: int, gid: int) -> bool:
+        if not (self.allow_uids or self.allow_gids):
+            return True
+        return uid in self.allow_uids or gid in self.allow_gids
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     vms: tuple[VmSpec, ...]
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9584)
     log_format: str = "auto"
     log_level: str = "info"
-    socket_mode: int = 0o600
+    access: Access = Access()
 
 
 def parse_vm(text: str, *, discard: bool = True) -> VmSpec:
@@ -109,6 +130,26 @@ def _mode(value: object, where: str) -> int:
     return mode
 
 
+def _group(value: object, where: str) -> int:
+    text = str(value)
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ConfigError(f"{where}: no group named {text!r} on this system") from None
+
+
+def _user(value: object, where: str) -> int:
+    text = str(value)
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise ConfigError(f"{where}: no user named {text!r} on this system") from None
+
+
 def _choice(value: object, allowed: Sequence[str], where: str) -> str:
     if value not in allowed:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
@@ -123,6 +164,9 @@ def load_settings(
     log_format: str | None = None,
     log_level: str | None = None,
     socket_mode: str | None = None,
+    socket_group: str | None = None,
+    allow_users: Sequence[str] = (),
+    allow_groups: Sequence[str] = (),
     no_discard: bool = False,
 ) -> Settings:
     """Merge the TOML file (if any) and the command line; the command line wins."""
@@ -134,7 +178,17 @@ def load_settings(
             raise ConfigError(f"--config {str(config_file)!r}: {err.strerror}") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"--config {str(config_file)!r}: not valid TOML: {err}") from None
-    known = {"vm", "metrics_listen", "log_format", "log_level", "socket_mode", "discard"}
+    known = {
+        "vm",
+        "metrics_listen",
+        "log_format",
+        "log_level",
+        "socket_mode",
+        "discard",
+        "socket_group",
+        "allow_users",
+        "allow_groups",
+    }
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
@@ -181,5 +235,25 @@ def load_settings(
             log_format or data.get("log_format", "auto"), _LOG_FORMATS, "log format"
         ),
         log_level=_choice(log_level or data.get("log_level", "info"), _LOG_LEVELS, "log level"),
-        socket_mode=_mode(socket_mode or data.get("socket_mode", "0600"), "socket mode"),
+        access=Access(
+            socket_mode=_mode(socket_mode or data.get("socket_mode", "0600"), "socket mode"),
+            socket_gid=(
+                None
+                if (g := socket_group or data.get("socket_group")) is None
+                else _group(g, "socket group")
+            ),
+            allow_uids=frozenset(
+                _user(u, "allowed user") for u in [*_list(data, "allow_users"), *allow_users]
+            ),
+            allow_gids=frozenset(
+                _group(g, "allowed group") for g in [*_list(data, "allow_groups"), *allow_groups]
+            ),
+        ),
     )
+
+
+def _list(data: dict[str, object], key: str) -> list[object]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f'{key} must be a list, e.g. {key} = ["kvm"]')
+    return value

@@ -67,6 +67,10 @@ LOCK_FREE_REQUESTS: Final = frozenset(
 #: Room for more fds than any message may carry: the kernel silently closes fds that
 #: do not fit, and we want to see (and refuse) a message that sent too many.
 _ANCBUF: Final = socket.CMSG_SPACE(253 * 4)
+#: Seconds a started message may take to arrive whole. QEMU writes each message with
+#: one sendmsg, so a peer that stops halfway is stuck or hostile. (An idle peer between
+#: messages is normal and waits forever: a running VM may not talk for days.)
+MESSAGE_TIMEOUT_S = 10.0
 
 
 class VmConnection:
@@ -166,9 +170,19 @@ class VmConnection:
                 continue
             if msg is not None:
                 return msg
-            data, ancdata, flags, _ = await self.sock.recvmsg(
-                self.decoder.bytes_wanted(), _ANCBUF, socket.MSG_CMSG_CLOEXEC
+            deadline = (
+                trio.current_time() + MESSAGE_TIMEOUT_S if self.decoder.in_message else float("inf")
             )
+            with trio.move_on_at(deadline) as waiting:
+                data, ancdata, flags, _ = await self.sock.recvmsg(
+                    self.decoder.bytes_wanted(), _ANCBUF, socket.MSG_CMSG_CLOEXEC
+                )
+            if waiting.cancelled_caught:
+                raise HeaderError(
+                    f"the frontend sent part of a message and nothing more for "
+                    f"{MESSAGE_TIMEOUT_S:g} s",
+                    reason="message_timeout",
+                )
             fds = _take_fds(ancdata)
             if flags & socket.MSG_CTRUNC:
                 close_fds(fds)

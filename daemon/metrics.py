@@ -99,6 +99,12 @@ class Metrics:
             "Protocol errors by reason; most close that VM's connection.",
             ["vm", "reason"], namespace=ns, registry=r,
         )  # fmt: skip
+        self.connections_refused = Counter(
+            "connections_refused",
+            "Frontend connections refused: vm_busy (one is already connected), "
+            "peer_not_allowed (its uid/gid is not in the allow list).",
+            ["vm", "reason"], namespace=ns, registry=r,
+        )  # fmt: skip
         self.build_info = Gauge(
             "build_info", "Always 1; the version label says which build is running.",
             ["version"], namespace=ns, registry=r,

@@ -14,13 +14,14 @@ import contextlib
 import os
 import socket
 import stat
+import struct
 from collections.abc import Sequence
 from typing import Final
 
 import structlog
 import trio
 
-from .config import VmSpec
+from .config import Access, VmSpec
 from .connection import VmConnection
 from .http import open_metrics_listeners, serve_metrics
 from .metrics import Metrics, VmMemoryStats
@@ -34,6 +35,8 @@ log = structlog.get_logger()
 DISCARD_THREADS: Final = max(2, os.cpu_count() or 2)
 #: Pending connections per VM socket; QEMU connects once, anything else is refused.
 _BACKLOG: Final = 4
+#: struct ucred: pid, uid, gid (socket(7) SO_PEERCRED)
+_PEERCRED: Final = struct.Struct("=iII")
 
 
 class StartupError(Exception):
@@ -55,7 +58,21 @@ class _Listener:
                 os.unlink(self.vm.socket)
 
 
-def _bind(vm: VmSpec, mode: int) -> socket.socket:
+def _check_directory(vm: VmSpec) -> None:
+    """Refuse a directory where another user could swap our socket for theirs (QEMU
+    would then hand guest memory to whoever listens there)."""
+    st = os.stat(vm.socket.parent)
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise StartupError(
+            f"VM {vm.name}: directory {vm.socket.parent} is writable by other users "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}) without the sticky bit, so anyone "
+            "there could replace the socket; use a directory only the daemon can write, "
+            "such as /run/vhost-user-balloon (0755)"
+        )
+
+
+def _bind(vm: VmSpec, access: Access) -> socket.socket:
+    _check_directory(vm)
     path = str(vm.socket)
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -81,7 +98,9 @@ def _bind(vm: VmSpec, mode: int) -> socket.socket:
     old_umask = os.umask(0o177)  # never visible with wider permissions than 0600
     try:
         sock.bind(path)
-        os.chmod(path, mode)
+        if access.socket_gid is not None:
+            os.chown(path, -1, access.socket_gid)
+        os.chmod(path, access.socket_mode)
         sock.listen(_BACKLOG)
     except OSError as err:
         sock.close()
@@ -100,13 +119,13 @@ class Daemon:
         *,
         metrics: Metrics | None = None,
         metrics_listen: tuple[str, int] | None = None,
-        socket_mode: int = 0o600,
+        access: Access | None = None,
     ) -> None:
         self.vms = tuple(vms)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics_listen = metrics_listen
         self.metrics_address: tuple[str, int] | None = None
-        self.socket_mode = socket_mode
+        self.access = access if access is not None else Access()
         self.connections: dict[str, VmConnection] = {}
         self.discard_limiter = trio.CapacityLimiter(DISCARD_THREADS)
         for vm in self.vms:
@@ -127,7 +146,7 @@ class Daemon:
         listeners: list[_Listener] = []
         try:
             for vm in self.vms:
-                listeners.append(_Listener(vm, _bind(vm, self.socket_mode)))
+                listeners.append(_Listener(vm, _bind(vm, self.access)))
             http: list[trio.SocketListener] = []
             if self.metrics_listen is not None:
                 host, port = self.metrics_listen
