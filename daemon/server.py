@@ -184,12 +184,24 @@ class Daemon:
         vm = listener.vm
         while True:
             sock, _ = await listener.sock.accept()
-            if vm.name in self.connections:
+            pid, uid, gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+            refusal = None
+            if not self.access.allows(uid, gid):
+                refusal = "peer_not_allowed"
+            elif vm.name in self.connections:
+                refusal = "vm_busy"
+            if refusal is not None:
                 log.warning(
                     "connection_refused",
                     vm=vm.name,
-                    reason="a frontend is already connected for this VM",
+                    reason=refusal,
+                    peer_pid=pid,
+                    peer_uid=uid,
+                    peer_gid=gid,
                 )
+                self.metrics.connections_refused.labels(vm=vm.name, reason=refusal).inc()
                 sock.close()
                 continue
             conn = VmConnection(

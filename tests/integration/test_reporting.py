@@ -244,6 +244,7 @@ async def test_a_second_frontend_for_a_busy_vm_is_refused(
     with pytest.raises((EOFError, OSError)):
         await second.request(Request.GET_FEATURES, expect_reply=True)
     assert "solo" in daemon.connections
+    assert sample(daemon, "connections_refused_total", vm="solo", reason="vm_busy") == 1
 
 
 def open_fds() -> set[str]:
