@@ -130,24 +130,15 @@ def _mode(value: object, where: str) -> int:
     return mode
 
 
-def _group(value: object, where: str) -> int:
+def _id(value: object, where: str, kind: str) -> int:
+    """A user or group, by number or by name."""
     text = str(value)
     if text.isdigit():
         return int(text)
     try:
-        return grp.getgrnam(text).gr_gid
+        return grp.getgrnam(text).gr_gid if kind == "group" else pwd.getpwnam(text).pw_uid
     except KeyError:
-        raise ConfigError(f"{where}: no group named {text!r} on this system") from None
-
-
-def _user(value: object, where: str) -> int:
-    text = str(value)
-    if text.isdigit():
-        return int(text)
-    try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise ConfigError(f"{where}: no user named {text!r} on this system") from None
+        raise ConfigError(f"{where}: no {kind} named {text!r} on this system") from None
 
 
 def _choice(value: object, allowed: Sequence[str], where: str) -> str:
@@ -240,13 +231,14 @@ def load_settings(
             socket_gid=(
                 None
                 if (g := socket_group or data.get("socket_group")) is None
-                else _group(g, "socket group")
+                else _id(g, "socket group", "group")
             ),
             allow_uids=frozenset(
-                _user(u, "allowed user") for u in [*_list(data, "allow_users"), *allow_users]
+                _id(u, "allowed user", "user") for u in [*_list(data, "allow_users"), *allow_users]
             ),
             allow_gids=frozenset(
-                _group(g, "allowed group") for g in [*_list(data, "allow_groups"), *allow_groups]
+                _id(g, "allowed group", "group")
+                for g in [*_list(data, "allow_groups"), *allow_groups]
             ),
         ),
     )

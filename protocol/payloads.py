@@ -43,9 +43,10 @@ _TABLE_HEAD = struct.Struct("=II")
 _CONFIG_HEAD = struct.Struct("=III")
 _LOG = struct.Struct("=QQ")
 # struct vhost_user_inflight is {u64, u64, u16, u16}; as a C struct it is padded to 24.
-_INFLIGHT = struct.Struct("=QQHH4x")
+# The padding is kept, so that what we decode re-encodes to the same bytes.
+_INFLIGHT = struct.Struct("=QQHHI")
 # struct vhost_iotlb_msg {u64 iova, size, uaddr; u8 perm, type;} is padded to 32.
-_IOTLB = struct.Struct("=QQQBB6x")
+_IOTLB = struct.Struct("=QQQBB6s")
 
 #: vhost-user.rst "Vring descriptor index for ring addressing": bits 0-7 index, bit 8 no fd.
 _VRING_IDX_MASK = 0xFF
@@ -312,6 +313,7 @@ class Inflight(Payload):
     mmap_offset: int
     num_queues: int
     queue_size: int
+    padding: int = 0
     SIZE: ClassVar[int | None] = 24
 
     @classmethod
@@ -320,7 +322,9 @@ class Inflight(Payload):
         return cls(*_INFLIGHT.unpack(data))
 
     def to_bytes(self) -> bytes:
-        return _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
+        return _INFLIGHT.pack(
+            self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size, self.padding
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +336,7 @@ class IotlbMsg(Payload):
     uaddr: int
     perm: int
     type: int
+    padding: bytes = bytes(6)
     SIZE: ClassVar[int | None] = 32
 
     @classmethod
@@ -340,7 +345,7 @@ class IotlbMsg(Payload):
         return cls(*_IOTLB.unpack(data))
 
     def to_bytes(self) -> bytes:
-        return _IOTLB.pack(self.iova, self.size, self.uaddr, self.perm, self.type)
+        return _IOTLB.pack(self.iova, self.size, self.uaddr, self.perm, self.type, self.padding)
 
 
 @dataclass(frozen=True, slots=True)

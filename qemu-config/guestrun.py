@@ -216,6 +216,22 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def allocated_between(fd: int, start: int, end: int) -> int:
+    """Bytes of data (not holes) in [start, end) of a file, by SEEK_DATA/SEEK_HOLE."""
+    total, pos = 0, start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        total += hole - data
+        pos = hole
+    return total
+
+
 def _qemu_memfd(pid: int) -> str | None:
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):

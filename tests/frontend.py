@@ -70,8 +70,10 @@ class GuestMemfd:
         layout: Sequence[tuple[int, int, int]] | None = None,
         *,
         sealed: bool = True,
+        hugetlb: bool = False,
     ) -> None:
-        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB if hugetlb else 0)
+        self.fd = os.memfd_create("guest-ram", flags)
         os.ftruncate(self.fd, size)
         if sealed:  # as QEMU's memory-backend-memfd does by default
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)

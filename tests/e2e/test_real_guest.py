@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-from guestrun import Env, GuestRun, GuestSpec, MiB, Sample, run_guest
+from guestrun import Env, GuestRun, GuestSpec, MiB, Sample, allocated_between, run_guest
 
 SLACK = 64 * MiB
 
@@ -102,22 +102,6 @@ def test_4_gib_guest_gives_back_from_the_second_region(env: Env) -> None:
     )
     assert peak_high - before >= 512 * MiB  # the workload reached region 1
     assert high[-1][1] <= before + SLACK  # and it came back from there
-
-
-def allocated_between(fd: int, start: int, end: int) -> int:
-    """Bytes of data (not holes) in [start, end) of a file, by SEEK_DATA/SEEK_HOLE."""
-    total, pos = 0, start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        if data >= end:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        total += hole - data
-        pos = hole
-    return total
 
 
 def test_matches_qemus_builtin_balloon(env: Env) -> None:

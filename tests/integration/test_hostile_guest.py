@@ -6,7 +6,6 @@ ring stops that queue and signals its error eventfd."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import pytest
@@ -14,27 +13,13 @@ import trio
 from daemon_helpers import StartDaemon, sample
 from fakes import F_INDIRECT, F_NEXT, F_WRITE, DriverRing
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
+from guestrun import allocated_between
 
 GiB = 1 << 30
 # File layout of the guest RAM memfd: canary | region 0 | canary | region 1 | canary
 LAYOUT = [(0, 18 * MiB, 4 * MiB), (GiB, 16 * MiB, 26 * MiB)]
 CANARIES = [(0, 4 * MiB), (22 * MiB, 4 * MiB), (42 * MiB, 4 * MiB)]
 FILE_SIZE = 46 * MiB
-
-
-def allocated_between(fd: int, start: int, end: int) -> int:
-    total, pos = 0, start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        if data >= end:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        total += hole - data
-        pos = hole
-    return total
 
 
 def chain(blocks: list[tuple[int, int]], flags: int = F_WRITE) -> Callable[[DriverRing], None]:

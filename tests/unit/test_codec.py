@@ -6,7 +6,7 @@ import struct
 
 import pytest
 from golden import CAPTURE_NAMES, Record, load_capture
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from vhost_user_balloon.protocol import (
@@ -142,7 +142,9 @@ PAYLOADS = [
     Config(4, 4, 0, b"\x01\x02\x03\x04"),
     LogArea(4096, 0),
     Inflight(8192, 0, 2, 64),
+    Inflight(8192, 0, 2, 64, padding=0x0100_0000),  # found by scripts/fuzz: padding kept
     IotlbMsg(0x1000, 0x2000, 0x3000, 3, 2),
+    IotlbMsg(0x1000, 0x2000, 0x3000, 3, 2, padding=b"\x01" * 6),
     DeviceStateTransfer(0, 0),
     SharedObject(bytes(range(16))),
     Raw(b"\x00\x01"),
@@ -293,7 +295,7 @@ def test_every_request_has_a_rule() -> None:
 
 
 # -- anything at all ----------------------------------------------------------------
-@settings(max_examples=400, deadline=None)
+@pytest.mark.fuzz
 @given(
     chunks=st.lists(st.binary(max_size=64), max_size=12),
     nfds=st.lists(st.integers(0, 10), max_size=12),
@@ -326,7 +328,7 @@ def test_arbitrary_bytes_give_messages_or_typed_errors(
     assert fds_out == fds_in  # every fd comes back out exactly once
 
 
-@settings(max_examples=300, deadline=None)
+@pytest.mark.fuzz
 @given(
     request=st.sampled_from(sorted(Request)),
     flags=st.sampled_from([1, 9]),

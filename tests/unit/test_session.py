@@ -6,8 +6,11 @@ import struct
 
 import pytest
 from golden import load_capture
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vhost_user_balloon.protocol import (
+    REQUEST_RULES,
     U64,
     BalloonFeature,
     Config,
@@ -37,6 +40,7 @@ from vhost_user_balloon.protocol import (
     StateError,
     StopQueue,
     UnsupportedRequestError,
+    VhostUserError,
     VirtioFeature,
     VringAddr,
     VringFile,
@@ -373,3 +377,63 @@ def test_reset_owner_drops_everything() -> None:
 def test_layout_follows_features() -> None:
     s = active(features=int(VirtioFeature.VERSION_1 | BalloonFeature.REPORTING))
     assert s.queue_roles == {0: QueueRole.INFLATE, 1: QueueRole.DEFLATE, 2: QueueRole.REPORTING}
+
+
+# -- anything at all ----------------------------------------------------------------------
+SESSION_REQUESTS = sorted(REQUEST_RULES)
+
+
+@pytest.mark.fuzz
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(SESSION_REQUESTS),
+            st.booleans(),
+            st.one_of(
+                st.binary(max_size=80),
+                st.builds(
+                    lambda i, n: struct.pack("=II", i, n),
+                    st.integers(0, 20),
+                    st.sampled_from([0, 1, 2, 3, 64, 256, 1 << 15, 1 << 16]),
+                ),
+                st.builds(lambda v: struct.pack("=Q", v), st.integers(0, (1 << 64) - 1)),
+            ),
+            st.integers(0, 3),
+        ),
+        max_size=40,
+    ),
+    prefix=st.booleans(),
+)
+def test_any_message_sequence_gives_effects_or_typed_errors(
+    steps: list[tuple[Request, bool, bytes, int]], prefix: bool
+) -> None:
+    """After any sequence of messages, in any state, the session either accepts a message
+    or raises a typed error; it never raises anything else, and every fd it keeps
+    came with the message that handed it over."""
+    session = Session(protocol_features=0x208 | ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    if prefix:  # start from a real handshake with memory, so deeper states are reached
+        for name in ("SET_PROTOCOL_FEATURES", "SET_OWNER", "SET_FEATURES", "SET_MEM_TABLE"):
+            r = next(
+                r for r in load_capture("qemu-11.1.3-reporting-stats-6.1.jsonl") if r.name == name
+            )
+            dec = MessageDecoder()
+            dec.feed(r.raw, tuple(range(500, 500 + r.nfds)))
+            m = dec.next_message()
+            assert m is not None
+            session.handle(m)
+    fd = 1000
+    for request, need_reply, body, nfds in steps:
+        dec = MessageDecoder()
+        flags = 1 | (8 if need_reply else 0)
+        fds = tuple(range(fd, fd + nfds))
+        fd += nfds
+        dec.feed(struct.pack("=III", request, flags, len(body)) + body, fds)
+        try:
+            m = dec.next_message()
+            assert m is not None
+            out = session.handle(m)
+        except VhostUserError:
+            continue
+        assert out.kept_fds() <= set(fds)
+        if m.need_reply or request in (Request.GET_FEATURES, Request.GET_VRING_BASE):
+            assert out.reply is not None

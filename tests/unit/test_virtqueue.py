@@ -6,7 +6,7 @@ import struct
 
 import pytest
 from fakes import F_INDIRECT, F_NEXT, F_WRITE, DriverRing, GuestRam, RamRegion
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from vhost_user_balloon.protocol import (
@@ -259,7 +259,7 @@ descriptor = st.tuples(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@pytest.mark.fuzz
 @given(
     size=st.sampled_from([1, 2, 8, 32]),
     table=st.lists(descriptor, min_size=32, max_size=32),
