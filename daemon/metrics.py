@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -18,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from vhost_user_balloon import __version__
 
-__all__ = ["PREFIX", "Metrics", "VmMemoryStats"]
+__all__ = ["PREFIX", "Metrics", "VmMemoryStats", "VmMetrics"]
 
 PREFIX = "vhost_user_balloon"
 
@@ -111,6 +112,10 @@ class Metrics:
         )  # fmt: skip
         self.build_info.labels(version=__version__).set(1)
 
+    def for_vm(self, vm: str) -> VmMetrics:
+        """The metrics of one VM with their label children bound once (the hot path)."""
+        return VmMetrics(self, vm)
+
     def add_vm(self, vm: str) -> None:
         """Make a VM's series exist at 0 before anything happens, so rates start right."""
         self.connected.labels(vm=vm).set(0)
@@ -119,3 +124,51 @@ class Metrics:
 
     def watch_memory(self, snapshot: Callable[[], Mapping[str, VmMemoryStats]]) -> None:
         self.registry.register(_GuestRamCollector(snapshot))
+
+
+class VmMetrics:
+    """One VM's report counters, label children looked up once and cached.
+
+    prometheus_client's ``labels()`` costs a few microseconds a call; a report of 32
+    entries would make 64 of them. Here a report costs one ``inc`` per order present.
+    """
+
+    def __init__(self, metrics: Metrics, vm: str) -> None:
+        self._m, self.vm = metrics, vm
+        self._orders: dict[int, tuple[Any, Any]] = {}
+        self._skipped: dict[str, Any] = {}
+        self.discarded = metrics.discarded_bytes.labels(vm=vm)
+        self.reports = metrics.reports.labels(vm=vm)
+        self.entries = metrics.report_entries.labels(vm=vm)
+        self.service = metrics.report_service_seconds.labels(vm=vm)
+
+    def record_report(
+        self,
+        by_order: Mapping[int, tuple[int, int]],
+        discarded: int,
+        skipped: Mapping[str, int],
+        service_seconds: float,
+    ) -> None:
+        """``by_order``: order -> (blocks, bytes) of one report."""
+        entries = 0
+        for order, (blocks, nbytes) in by_order.items():
+            children = self._orders.get(order)
+            if children is None:
+                children = self._orders[order] = (
+                    self._m.reported_blocks.labels(vm=self.vm, order=str(order)),
+                    self._m.reported_bytes.labels(vm=self.vm, order=str(order)),
+                )
+            children[0].inc(blocks)
+            children[1].inc(nbytes)
+            entries += blocks
+        self.discarded.inc(discarded)
+        for reason, n in skipped.items():
+            child = self._skipped.get(reason)
+            if child is None:
+                child = self._skipped[reason] = self._m.discard_skipped_bytes.labels(
+                    vm=self.vm, reason=reason
+                )
+            child.inc(n)
+        self.reports.inc()
+        self.entries.observe(entries)
+        self.service.observe(service_seconds)

@@ -76,6 +76,7 @@ class QueueRunner:
         #: The stats buffer the guest posted; held until stats are wanted (DESIGN.md 6).
         self.held: Chain | None = None
         self.cancel_scope = trio.CancelScope()
+        self.vm_metrics = host.metrics.for_vm(host.vm)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self.cancel_scope:
@@ -148,16 +149,11 @@ class QueueRunner:
             result = DiscardResult(skipped=Counter(plan.skipped))
         self._complete(chain, mem)
         service = time.perf_counter() - seen
-        m = host.metrics
+        by_order: dict[int, tuple[int, int]] = {}
         for r in ranges:
-            m.reported_blocks.labels(vm=vm, order=str(r.order)).inc()
-            m.reported_bytes.labels(vm=vm, order=str(r.order)).inc(r.length)
-        m.discarded_bytes.labels(vm=vm).inc(result.discarded)
-        for reason, n in result.skipped.items():
-            m.discard_skipped_bytes.labels(vm=vm, reason=reason).inc(n)
-        m.reports.labels(vm=vm).inc()
-        m.report_entries.labels(vm=vm).observe(len(ranges))
-        m.report_service_seconds.labels(vm=vm).observe(service)
+            blocks, nbytes = by_order.get(r.order, (0, 0))
+            by_order[r.order] = (blocks + 1, nbytes + r.length)
+        self.vm_metrics.record_report(by_order, result.discarded, result.skipped, service)
         if result.errors:
             log.warning(
                 "discard_failed",
@@ -166,9 +162,9 @@ class QueueRunner:
                 failures=len(result.errors),
             )
         log.debug(
-            "report_served", queue=self.index, entries=len(ranges),
-            reported_bytes=sum(r.length for r in ranges), discarded_bytes=result.discarded,
-            skipped=dict(result.skipped), service_ms=round(service * 1000, 3),
+            "report_served", queue=self.index, entries=len(ranges), orders=by_order,
+            discarded_bytes=result.discarded, skipped=result.skipped,
+            service_ms=round(service * 1000, 3),
         )  # fmt: skip
 
     def _complete(self, chain: Chain, mem: GuestMemory) -> None:

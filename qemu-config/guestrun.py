@@ -156,6 +156,21 @@ class GuestRun:
         end = self.markers.get("done", float("inf"))
         return self.memfd_at(end) if end != float("inf") else self.samples[-1].memfd_bytes
 
+    def guest_used(self, phase: str = "settled") -> int:
+        """Memory the guest itself was using (MemTotal - MemFree) at its last meminfo line
+        of ``phase``: what no balloon can give back."""
+        for _, line in reversed(self.console):
+            if f"VUB: meminfo {phase} " in line:
+                fields = dict(f.split(":") for f in line.split()[3:])
+                return (int(fields["MemTotal"]) - int(fields["MemFree"])) * 1024
+        raise AssertionError(f"no 'meminfo {phase}' line on the console")
+
+    def held_beyond_use(self) -> int:
+        """Host memory the guest RAM holds at the end beyond what the guest uses: the
+        part a balloon is responsible for. Two boots of the same guest differ by tens of
+        MiB in what the guest keeps for itself; this difference does not."""
+        return self.final() - self.guest_used()
+
     def reclaim_seconds(self, round_: int = 1, slack: int = 64 * MiB) -> float | None:
         """From the guest's free to host memory back within ``slack`` of the floor."""
         freed = self.marker(f"freed round={round_}")

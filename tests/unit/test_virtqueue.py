@@ -308,3 +308,16 @@ def test_any_ring_content_yields_chains_inside_ram_or_typed_errors(
         except ReportError:
             pass
         q.push(mem, chain.head, 0)
+
+
+def test_large_rings_are_walked_descriptor_by_descriptor() -> None:
+    # Tables past 64 KiB are not snapshotted whole; the rules are the same.
+    _, drv, q, mem = setup(size=8192, ram_size=8 * MiB)
+    head = drv.add_chain([(4 * MiB, 4096, True), (5 * MiB, 8192, True)])
+    chain = q.pop(mem)
+    assert chain is not None and chain.head == head and chain.total_length == 12288
+    drv.write_desc(2, 4 * MiB, 4096, F_NEXT, 2)
+    drv.publish(2)
+    with pytest.raises(DescriptorError) as err:
+        q.pop(mem)
+    assert err.value.reason == "chain_loop"
