@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -16,6 +17,7 @@ from vhost_user_balloon import __version__
 from .config import DEFAULT_METRICS_LISTEN, ConfigError, Settings, load_settings
 from .logconfig import configure_logging
 from .server import Daemon, StartupError
+from .systemd import Notifier, listen_fds
 
 __all__ = ["build_parser", "main"]
 
@@ -104,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace, activated: Mapping[str, int]) -> Settings:
     return load_settings(
+        activated={name: _socket_path(fd) for name, fd in activated.items()},
         vm_args=args.vm,
         config_file=args.config,
         metrics_listen=args.metrics_listen,
@@ -119,9 +122,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-async def run(settings: Settings) -> None:
+def _socket_path(fd: int) -> str:
+    with socket.socket(fileno=fd) as sock:
+        try:
+            return str(sock.getsockname())
+        finally:
+            sock.detach()
+
+
+async def run(settings: Settings, activated: Mapping[str, int]) -> None:
     """Serve until SIGTERM or SIGINT."""
-    daemon = Daemon(settings.vms, metrics_listen=settings.metrics_listen, access=settings.access)
+    daemon = Daemon(
+        settings.vms,
+        metrics_listen=settings.metrics_listen,
+        access=settings.access,
+        inherited=activated,
+        notifier=Notifier(),
+    )
     log = structlog.get_logger()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -135,13 +152,14 @@ async def run(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    activated = listen_fds()
     try:
-        settings = settings_from_args(args)
+        settings = settings_from_args(args, activated)
     except ConfigError as err:
         parser.error(str(err))
     configure_logging(settings.log_format, settings.log_level)  # type: ignore[arg-type]
     try:
-        trio.run(run, settings)
+        trio.run(run, settings, activated)
     except BaseExceptionGroup as group:
         startup, rest = group.split(StartupError)
         if startup is None or rest is not None:

@@ -10,7 +10,7 @@ import grp
 import pwd
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -159,6 +159,7 @@ def load_settings(
     allow_users: Sequence[str] = (),
     allow_groups: Sequence[str] = (),
     no_discard: bool = False,
+    activated: Mapping[str, str] | None = None,
 ) -> Settings:
     """Merge the TOML file (if any) and the command line; the command line wins."""
     data: dict[str, object] = {}
@@ -200,10 +201,16 @@ def load_settings(
         discard = bool(entry.get("discard", True)) and discard_default
         vms.append(_vm(str(entry["name"]), str(entry["socket"]), discard, where))
     vms.extend(parse_vm(text, discard=discard_default) for text in vm_args)
+    # Socket activation: a socket systemd passed under a name nobody configured is a VM
+    # of that name (FileDescriptorName= in the .socket unit).
+    named = {vm.name for vm in vms}
+    for name, path in (activated or {}).items():
+        if name not in named:
+            vms.append(VmSpec(name, Path(path), discard_default))
     if not vms:
         raise ConfigError(
-            "no VM to serve: give --vm NAME=SOCKET_PATH (repeatable) or a "
-            "--config file with [[vm]] entries"
+            "no VM to serve: give --vm NAME=SOCKET_PATH (repeatable), a --config file "
+            "with [[vm]] entries, or sockets through systemd socket activation"
         )
     if len(vms) > MAX_VMS:
         raise ConfigError(f"{len(vms)} VMs configured; one daemon serves at most {MAX_VMS}")

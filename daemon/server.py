@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import structlog
@@ -25,6 +25,7 @@ from .config import Access, VmSpec
 from .connection import VmConnection
 from .http import open_metrics_listeners, serve_metrics
 from .metrics import Metrics, VmMemoryStats
+from .systemd import Notifier
 
 __all__ = ["DISCARD_THREADS", "Daemon", "StartupError"]
 
@@ -44,14 +45,18 @@ class StartupError(Exception):
 
 
 class _Listener:
-    def __init__(self, vm: VmSpec, sock: socket.socket) -> None:
+    def __init__(self, vm: VmSpec, sock: socket.socket, *, owned: bool = True) -> None:
         self.vm = vm
         self.sock = trio.socket.from_stdlib_socket(sock)
+        #: False for a socket systemd passed us: its file is systemd's to remove
+        self.owned = owned
         st = os.stat(vm.socket)
         self.identity = (st.st_dev, st.st_ino)
 
     def close(self) -> None:
         self.sock.close()
+        if not self.owned:
+            return
         with contextlib.suppress(OSError):
             st = os.stat(self.vm.socket)
             if (st.st_dev, st.st_ino) == self.identity:
@@ -69,6 +74,23 @@ def _check_directory(vm: VmSpec) -> None:
             "there could replace the socket; use a directory only the daemon can write, "
             "such as /run/vhost-user-balloon (0755)"
         )
+
+
+def _adopt(vm: VmSpec, fd: int) -> socket.socket:
+    """A listening socket systemd passed us for this VM (socket activation)."""
+    sock = socket.socket(fileno=fd)
+    if (
+        sock.family != socket.AF_UNIX
+        or sock.type != socket.SOCK_STREAM
+        or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    ):
+        sock.detach()
+        raise StartupError(
+            f"VM {vm.name}: the socket systemd passed (fd {fd}) is not a "
+            "listening unix stream socket; use ListenStream=/path in the "
+            ".socket unit"
+        )
+    return sock
 
 
 def _bind(vm: VmSpec, access: Access) -> socket.socket:
@@ -120,12 +142,17 @@ class Daemon:
         metrics: Metrics | None = None,
         metrics_listen: tuple[str, int] | None = None,
         access: Access | None = None,
+        inherited: Mapping[str, int] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.vms = tuple(vms)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics_listen = metrics_listen
         self.metrics_address: tuple[str, int] | None = None
         self.access = access if access is not None else Access()
+        #: listening sockets passed by systemd, by VM name (socket activation)
+        self.inherited = dict(inherited or {})
+        self.notifier = notifier if notifier is not None else Notifier({})
         self.connections: dict[str, VmConnection] = {}
         self.discard_limiter = trio.CapacityLimiter(DISCARD_THREADS)
         for vm in self.vms:
@@ -146,7 +173,11 @@ class Daemon:
         listeners: list[_Listener] = []
         try:
             for vm in self.vms:
-                listeners.append(_Listener(vm, _bind(vm, self.access)))
+                fd = self.inherited.get(vm.name)
+                if fd is not None:
+                    listeners.append(_Listener(vm, _adopt(vm, fd), owned=False))
+                else:
+                    listeners.append(_Listener(vm, _bind(vm, self.access)))
             http: list[trio.SocketListener] = []
             if self.metrics_listen is not None:
                 host, port = self.metrics_listen
@@ -162,6 +193,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 if http:
                     nursery.start_soon(serve_metrics, http, self.metrics.registry)
+                nursery.start_soon(self.notifier.watchdog)
                 for listener in listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 log.info(
@@ -174,11 +206,16 @@ class Daemon:
                         else None
                     ),
                 )
+                self.notifier.ready(self._status())
                 task_status.started()
         finally:
+            self.notifier.stopping()
             for listener in listeners:
                 listener.close()
             log.info("daemon_stopped")
+
+    def _status(self) -> str:
+        return f"{len(self.connections)} of {len(self.vms)} VMs attached"
 
     async def _accept_loop(self, listener: _Listener, nursery: trio.Nursery) -> None:
         vm = listener.vm
@@ -215,7 +252,9 @@ class Daemon:
             nursery.start_soon(self._serve, conn)
 
     async def _serve(self, conn: VmConnection) -> None:
+        self.notifier.status(self._status())
         try:
             await conn.serve()
         finally:
             del self.connections[conn.vm]
+            self.notifier.status(self._status())

@@ -1,0 +1,97 @@
+"""The two systemd protocols the daemon speaks, implemented directly (no library).
+
+* ``sd_notify`` (sd_notify(3)): datagrams to ``$NOTIFY_SOCKET``: ``READY=1`` once every
+  VM socket listens, ``STATUS=`` lines as VMs come and go, ``WATCHDOG=1`` at half the
+  ``$WATCHDOG_USEC`` interval, ``STOPPING=1`` on shutdown.
+* Socket activation (sd_listen_fds(3)): listening sockets passed as fds 3, 4, ... with
+  ``$LISTEN_FDS``, ``$LISTEN_PID`` and ``$LISTEN_FDNAMES``; each name is a VM's name.
+
+Outside systemd the environment variables are absent and all of this does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import MutableMapping
+
+import structlog
+import trio
+
+__all__ = ["SD_LISTEN_FDS_START", "Notifier", "listen_fds"]
+
+log = structlog.get_logger()
+
+#: The first fd systemd passes (sd_listen_fds(3)).
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds(environ: MutableMapping[str, str] | None = None) -> dict[str, int]:
+    """The listening sockets systemd passed us, by name; the variables are then removed
+    so that no child process adopts them as well."""
+    env = os.environ if environ is None else environ
+    try:
+        if int(env.get("LISTEN_PID", "0")) != os.getpid():
+            return {}
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return {}
+    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    fds = {}
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        name = names[i] if i < len(names) and names[i] else f"fd{fd}"
+        os.set_inheritable(fd, False)
+        fds[name] = fd
+    return fds
+
+
+class Notifier:
+    """Sends sd_notify messages if systemd asked for them (``$NOTIFY_SOCKET``)."""
+
+    def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        path = env.get("NOTIFY_SOCKET", "")
+        self.address: str | None = None
+        if path.startswith("@"):
+            self.address = "\0" + path[1:]  # abstract namespace
+        elif path.startswith("/"):
+            self.address = path
+        self.watchdog_seconds: float | None = None
+        usec = env.get("WATCHDOG_USEC")
+        pid = env.get("WATCHDOG_PID")
+        if usec and usec.isdigit() and (pid is None or pid == str(os.getpid())):
+            self.watchdog_seconds = int(usec) / 1e6
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, *lines: str) -> None:
+        if self.address is None:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.sendto("\n".join(lines).encode(), self.address)
+        except OSError as err:
+            log.warning("sd_notify_failed", error=str(err))
+
+    def ready(self, status: str) -> None:
+        self.notify("READY=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self.notify(f"STATUS={status}")
+
+    def stopping(self) -> None:
+        self.notify("STOPPING=1", "STATUS=stopping")
+
+    async def watchdog(self) -> None:
+        """Ping the watchdog at half its interval, for as long as the event loop runs:
+        a daemon whose loop is stuck stops pinging and systemd restarts it."""
+        if self.watchdog_seconds is None:
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await trio.sleep(self.watchdog_seconds / 2)
