@@ -14,6 +14,7 @@ import trio
 
 from vhost_user_balloon import __version__
 
+from . import status
 from .config import DEFAULT_METRICS_LISTEN, ConfigError, Settings, load_settings
 from .logconfig import configure_logging
 from .server import Daemon, StartupError
@@ -38,6 +39,10 @@ attach a VM (QEMU >= 10.2; guest RAM must be a shared memfd or hugetlbfs file):
 
 config_size=16 is required: without it the guest inflates the balloon over all its
 memory, and the daemon refuses the connection.
+
+status: "vhost-user-balloon status [--metrics-listen HOST:PORT]" prints a per-VM table
+(attached or waiting, features, RAM, resident, given back, reported by order) from a
+running daemon's /metrics.
 
 signals: SIGTERM and SIGINT finish the reports in hand, close the sockets and
 remove the socket files. exit status: 0 after a clean stop, 1 if the daemon cannot
@@ -150,6 +155,9 @@ async def run(settings: Settings, activated: Mapping[str, int]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        return status.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     activated = listen_fds()

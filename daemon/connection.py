@@ -149,6 +149,7 @@ class VmConnection:
         close_fds(self.decoder.take_fds())
         self.sock.close()
         self.metrics.connected.labels(vm=self.vm).set(0)
+        self.metrics.negotiated_features.labels(vm=self.vm).set(0)
 
     # -- reading --------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -226,6 +227,8 @@ class VmConnection:
             close_fds(fd for fd in msg.fds if fd not in kept)
             for effect in outcome.effects:
                 await self._apply(effect)
+            if msg.request is Request.SET_FEATURES:
+                self.metrics.negotiated_features.labels(vm=self.vm).set(self.session.features)
         if outcome.reply is not None:
             await self._send(outcome.reply)
 

@@ -106,6 +106,11 @@ class Metrics:
             "peer_not_allowed (its uid/gid is not in the allow list).",
             ["vm", "reason"], namespace=ns, registry=r,
         )  # fmt: skip
+        self.negotiated_features = Gauge(
+            "negotiated_features",
+            "Virtio feature bits the guest driver accepted (a bitmask; 0 while detached).",
+            ["vm"], namespace=ns, registry=r,
+        )  # fmt: skip
         self.build_info = Gauge(
             "build_info", "Always 1; the version label says which build is running.",
             ["version"], namespace=ns, registry=r,

@@ -94,6 +94,8 @@ class GuestSpec:
     settle_s: int = 30
     idle_s: int = 3
     balloon: str = "daemon"  # "daemon" or "builtin"
+    #: qemu-config/ATTACH.args used with the daemon
+    attach: str = "vhost-user-balloon"
     #: (old, new) replacements in the attach options, e.g. ("config_size=16", "config_size=0")
     edits: tuple[tuple[str, str], ...] = ()
     daemon_args: tuple[str, ...] = ()
@@ -251,7 +253,7 @@ def _qemu_memfd(pid: int) -> str | None:
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("/memfd:"):
+            if "/memfd:" in link or "/hugepages/" in link:  # the guest RAM backend
                 return f"/proc/{pid}/fd/{fd}"
     except OSError:
         return None
@@ -394,7 +396,7 @@ def run_guest(
         if spec.balloon == "daemon":
             sock = workdir / "vm.sock"
             daemon = _start_daemon(run, sock)
-            attach = attach_args("vhost-user-balloon", socket=env.inside(sock), mem=mem)
+            attach = attach_args(spec.attach, socket=env.inside(sock), mem=mem)
         else:
             attach = attach_args("builtin-balloon", mem=mem)
         qemu = subprocess.Popen(

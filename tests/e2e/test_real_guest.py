@@ -7,8 +7,12 @@ the guest RAM memfd's allocated blocks from outside (through QEMU's fd in /proc)
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 from guestrun import Env, GuestRun, GuestSpec, MiB, Sample, allocated_between, run_guest
 
@@ -149,3 +153,36 @@ def test_config_size_0_is_refused_and_the_guest_keeps_its_memory(env: Env) -> No
     assert run.qemu_returncode not in (None, 0)
     assert "booted" not in " ".join(run.markers)
     assert any("vhost" in line for line in run.qemu_stderr), run.qemu_stderr
+
+
+@contextlib.contextmanager
+def huge_pages(env: Env, pages: int) -> Iterator[None]:
+    """Reserve 2 MiB pages and mount hugetlbfs where QEMU sees /dev/hugepages."""
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    old = int(nr.read_text())
+    mount = env.qemu_root / "dev" / "hugepages"
+    mount.mkdir(parents=True, exist_ok=True)
+    mounted = not os.path.ismount(mount)
+    if mounted:
+        subprocess.run(["mount", "-t", "hugetlbfs", "hugetlbfs", str(mount)], check=True)
+    nr.write_text(str(old + pages))
+    try:
+        yield
+    finally:
+        nr.write_text(str(old))
+        if mounted:
+            subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_hugetlbfs_guest_gives_back_whole_huge_pages(env: Env) -> None:
+    spec = GuestSpec(
+        kernel="6.1", mem_mib=1024, workload_mib=512, attach="vhost-user-balloon-hugetlbfs"
+    )
+    with huge_pages(env, 512 + 16):
+        run = run_guest(spec, env, stop_when=reclaimed)
+    assert run.memfd_path is not None
+    assert_memory_comes_back(run, 512 * MiB)
+    orders = assert_reported(run, 450 * MiB)
+    assert set(orders) == {"9", "10"}, orders
+    skipped = run.metric("vhost_user_balloon_discard_skipped_bytes_total")
+    assert skipped == 0, skipped  # 2 and 4 MiB blocks: whole huge pages only

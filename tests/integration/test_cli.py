@@ -86,6 +86,14 @@ def test_serves_reports_metrics_and_stops_cleanly_on_sigterm(
         guest.populate(4 * MiB, 4 * MiB)
         await fe.report(3, [(4 * MiB, 4 * MiB)])
         text = await trio.to_thread.run_sync(scrape, port)
+        table = subprocess.run(
+            [*COMMAND, "status", f"--metrics-listen=127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        row = next(line for line in table.splitlines() if line.startswith("web1"))
+        assert "attached" in row and "stats,reporting,v1" in row and "10:4M" in row, table
         assert 'vhost_user_balloon_reported_bytes_total{order="10",vm="web1"} 4.194304e+06' in text
         assert 'vhost_user_balloon_guest_ram_bytes{vm="web1"} 3.3554432e+07' in text
         assert "vhost_user_balloon_build_info{version=" in text

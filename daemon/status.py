@@ -1,0 +1,86 @@
+"""``vhost-user-balloon status``: a short per-VM table from a running daemon's /metrics."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.request
+from collections import defaultdict
+from collections.abc import Sequence
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .config import DEFAULT_METRICS_LISTEN
+from .metrics import PREFIX
+
+__all__ = ["main", "render"]
+
+MiB = 1 << 20
+
+
+def _features(value: float) -> str:
+    names = {1: "stats", 4: "poison", 5: "reporting", 32: "v1"}
+    bits = int(value)
+    return ",".join(name for bit, name in names.items() if bits >> bit & 1) or "-"
+
+
+def render(text: str) -> str:
+    """The table for one scrape of /metrics."""
+    vms: dict[str, dict[str, float]] = defaultdict(dict)
+    orders: dict[str, dict[str, float]] = defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            vm = s.labels.get("vm")
+            if vm is None or not s.name.startswith(PREFIX):
+                continue
+            name = s.name[len(PREFIX) + 1 :]
+            if name == "reported_bytes_total":
+                orders[vm][s.labels["order"]] = s.value
+            elif name in ("protocol_errors_total", "discard_skipped_bytes_total"):
+                vms[vm][name] = vms[vm].get(name, 0.0) + s.value
+            else:
+                vms[vm][name] = s.value
+    lines = [
+        f"{'VM':16} {'state':9} {'features':24} {'RAM':>9} {'resident':>9} "
+        f"{'given back':>11} {'skipped':>8} {'errors':>6}  reported by order"
+    ]
+    for vm in sorted(vms):
+        v = vms[vm]
+        by_order = " ".join(
+            f"{o}:{b / MiB:.0f}M"
+            for o, b in sorted(orders[vm].items(), key=lambda kv: int(kv[0]))
+            if b
+        )
+        lines.append(
+            f"{vm:16} {'attached' if v.get('connected') else 'waiting':9} "
+            f"{_features(v.get('negotiated_features', 0)):24} "
+            f"{v.get('guest_ram_bytes', 0) / MiB:8.0f}M "
+            f"{v.get('guest_ram_resident_bytes', 0) / MiB:8.0f}M "
+            f"{v.get('discarded_bytes_total', 0) / MiB:10.0f}M "
+            f"{v.get('discard_skipped_bytes_total', 0) / MiB:7.0f}M "
+            f"{v.get('protocol_errors_total', 0):6.0f}  {by_order or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="vhost-user-balloon status",
+        description="Print a per-VM summary from a running daemon.",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_METRICS_LISTEN,
+        help=f"where the daemon serves /metrics (default {DEFAULT_METRICS_LISTEN})",
+    )
+    args = p.parse_args(argv)
+    url = f"http://{args.metrics_listen}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError as err:
+        print(f"vhost-user-balloon status: cannot read {url}: {err}", file=sys.stderr)
+        return 1
+    print(render(text))
+    return 0

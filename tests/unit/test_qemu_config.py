@@ -1,0 +1,46 @@
+"""The attach fragments users paste must say the same thing everywhere."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from guestrun import attach_args
+
+QEMU_CONFIG = Path(__file__).resolve().parents[2] / "qemu-config"
+README = Path(__file__).resolve().parents[2] / "README.md"
+QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+
+
+def test_libvirt_snippet_passes_the_same_device_as_the_args_file() -> None:
+    args = attach_args("vhost-user-balloon", socket="/run/vhost-user-balloon/web1.sock", mem="2G")
+    domain = ET.parse(QEMU_CONFIG / "libvirt-domain.xml").getroot()
+    values = [a.get("value") for a in domain.iter(f"{QEMU_NS}arg")]
+    chardev = args[args.index("-chardev") : args.index("-chardev") + 2]
+    device = args[args.index("-device") : args.index("-device") + 2]
+    assert values == chardev + device
+    backing = domain.find("memoryBacking")
+    assert backing is not None
+    assert backing.find("source").get("type") == "memfd"  # type: ignore[union-attr]
+    assert backing.find("access").get("mode") == "shared"  # type: ignore[union-attr]
+    assert domain.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
+
+
+def test_every_variant_keeps_config_size_16_and_shared_ram() -> None:
+    for name in ("vhost-user-balloon", "vhost-user-balloon-hugetlbfs"):
+        args = attach_args(name, socket="/s", mem="2G")
+        joined = " ".join(args)
+        assert "config_size=16" in joined and "virtio-id=5" in joined
+        assert "share=on" in joined
+
+
+def test_readme_shows_the_args_file_as_it_is() -> None:
+    text = README.read_text()
+    for line in (QEMU_CONFIG / "vhost-user-balloon.args").read_text().splitlines():
+        if line and not line.startswith("#"):
+            option = (
+                line.split(" ", 1)[1]
+                .replace("{mem}", "2G")
+                .replace("{socket}", "/run/vhost-user-balloon/web1.sock")
+            )
+            assert option in text, option
