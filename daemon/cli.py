@@ -6,7 +6,7 @@ import argparse
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -44,7 +44,9 @@ status: "vhost-user-balloon status [--metrics-listen HOST:PORT]" prints a per-VM
 (attached or waiting, features, RAM, resident, given back, reported by order) from a
 running daemon's /metrics.
 
-signals: SIGTERM and SIGINT finish the reports in hand, close the sockets and
+signals: SIGHUP re-reads the configuration: VMs added are served, VMs removed stop
+listening (a QEMU still attached keeps its connection), the others are not touched.
+SIGTERM and SIGINT finish the reports in hand, close the sockets and
 remove the socket files. exit status: 0 after a clean stop, 1 if the daemon cannot
 start (the message says why), 2 for bad options.
 """
@@ -111,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace, activated: Mapping[str, int]) -> Settings:
+def settings_from_args(args: argparse.Namespace, activated: Mapping[str, str]) -> Settings:
+    """Settings from the command line, the config file it names, and the sockets systemd
+    passed (name -> path)."""
     return load_settings(
-        activated={name: _socket_path(fd) for name, fd in activated.items()},
+        activated=activated,
         vm_args=args.vm,
         config_file=args.config,
         metrics_listen=args.metrics_listen,
@@ -135,8 +139,10 @@ def _socket_path(fd: int) -> str:
             sock.detach()
 
 
-async def run(settings: Settings, activated: Mapping[str, int]) -> None:
-    """Serve until SIGTERM or SIGINT."""
+async def run(
+    settings: Settings, activated: Mapping[str, int], reread: Callable[[], Settings]
+) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP re-reads the configuration."""
     daemon = Daemon(
         settings.vms,
         metrics_listen=settings.metrics_listen,
@@ -145,10 +151,26 @@ async def run(settings: Settings, activated: Mapping[str, int]) -> None:
         notifier=Notifier(),
     )
     log = structlog.get_logger()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    try:
+                        new = reread()
+                    except ConfigError as err:
+                        log.error(
+                            "reload_failed",
+                            error=str(err),
+                            message="the configuration in use is unchanged",
+                        )
+                        continue
+                    if new.metrics_listen != settings.metrics_listen:
+                        log.warning(
+                            "reload_partial", message="metrics_listen changes need a restart"
+                        )
+                    daemon.reload(new.vms, new.access)
+                    continue
                 log.info("shutdown_requested", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
@@ -161,13 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     activated = listen_fds()
+    paths = {name: _socket_path(fd) for name, fd in activated.items()}
     try:
-        settings = settings_from_args(args, activated)
+        settings = settings_from_args(args, paths)
     except ConfigError as err:
         parser.error(str(err))
     configure_logging(settings.log_format, settings.log_level)  # type: ignore[arg-type]
     try:
-        trio.run(run, settings, activated)
+        trio.run(run, settings, activated, lambda: settings_from_args(args, paths))
     except BaseExceptionGroup as group:
         startup, rest = group.split(StartupError)
         if startup is None or rest is not None:

@@ -154,6 +154,8 @@ class Daemon:
         self.inherited = dict(inherited or {})
         self.notifier = notifier if notifier is not None else Notifier({})
         self.connections: dict[str, VmConnection] = {}
+        self._listeners: dict[str, tuple[_Listener, trio.CancelScope]] = {}
+        self._nursery: trio.Nursery | None = None
         self.discard_limiter = trio.CapacityLimiter(DISCARD_THREADS)
         for vm in self.vms:
             self.metrics.add_vm(vm.name)
@@ -169,15 +171,16 @@ class Daemon:
                 out[vm.name] = VmMemoryStats(conn.memory.ram_bytes, conn.memory.resident_bytes())
         return out
 
+    def _open_listener(self, vm: VmSpec) -> _Listener:
+        fd = self.inherited.pop(vm.name, None)
+        if fd is not None:
+            return _Listener(vm, _adopt(vm, fd), owned=False)
+        return _Listener(vm, _bind(vm, self.access))
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners: list[_Listener] = []
         try:
             for vm in self.vms:
-                fd = self.inherited.get(vm.name)
-                if fd is not None:
-                    listeners.append(_Listener(vm, _adopt(vm, fd), owned=False))
-                else:
-                    listeners.append(_Listener(vm, _bind(vm, self.access)))
+                self._listeners[vm.name] = (self._open_listener(vm), trio.CancelScope())
             http: list[trio.SocketListener] = []
             if self.metrics_listen is not None:
                 host, port = self.metrics_listen
@@ -191,11 +194,12 @@ class Daemon:
                 bound = http[0].socket.getsockname()
                 self.metrics_address = (bound[0], bound[1])
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 if http:
                     nursery.start_soon(serve_metrics, http, self.metrics.registry)
                 nursery.start_soon(self.notifier.watchdog)
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener, nursery)
+                for listener, scope in self._listeners.values():
+                    nursery.start_soon(self._accept_loop, listener, scope)
                 log.info(
                     "daemon_ready",
                     vms=[vm.name for vm in self.vms],
@@ -210,14 +214,67 @@ class Daemon:
                 task_status.started()
         finally:
             self.notifier.stopping()
-            for listener in listeners:
+            for listener, _ in self._listeners.values():
                 listener.close()
+            self._listeners.clear()
             log.info("daemon_stopped")
+
+    def reload(self, vms: Sequence[VmSpec], access: Access) -> None:
+        """Apply a new configuration (SIGHUP): add and remove VMs, leave the others alone.
+
+        A removed VM stops listening; a QEMU still attached to it keeps its connection
+        until it goes away (cutting it would abort QEMU 11.1). A VM whose socket cannot
+        be opened is logged and left out; the rest still applies.
+        """
+        old = {vm.name: vm for vm in self.vms}
+        new = {vm.name: vm for vm in vms}
+        changed = [n for n in old.keys() & new.keys() if old[n].socket != new[n].socket]
+        removed = sorted(old.keys() - new.keys()) + changed
+        for name in removed:
+            listener, scope = self._listeners.pop(name)
+            scope.cancel()
+            listener.close()
+        self.access = access
+        kept: list[VmSpec] = []
+        added, failed = [], []
+        for vm in vms:
+            conn = self.connections.get(vm.name)
+            if conn is not None:
+                conn.discard = vm.discard  # applies to the next report
+            if vm.name in self._listeners:
+                kept.append(vm)
+                continue
+            try:
+                listener = self._open_listener(vm)
+            except StartupError as err:
+                failed.append(vm.name)
+                log.error("vm_not_added", vm=vm.name, error=str(err))
+                continue
+            scope = trio.CancelScope()
+            self._listeners[vm.name] = (listener, scope)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._accept_loop, listener, scope)
+            self.metrics.add_vm(vm.name)
+            kept.append(vm)
+            added.append(vm.name)
+        self.vms = tuple(kept)
+        log.info(
+            "config_reloaded",
+            added=sorted(added),
+            removed=sorted(removed),
+            failed=failed,
+            still_attached=sorted(n for n in removed if n in self.connections),
+        )
+        self.notifier.status(self._status())
 
     def _status(self) -> str:
         return f"{len(self.connections)} of {len(self.vms)} VMs attached"
 
-    async def _accept_loop(self, listener: _Listener, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: _Listener, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._accept(listener)
+
+    async def _accept(self, listener: _Listener) -> None:
         vm = listener.vm
         while True:
             sock, _ = await listener.sock.accept()
@@ -249,7 +306,8 @@ class Daemon:
                 discard_limiter=self.discard_limiter,
             )
             self.connections[vm.name] = conn
-            nursery.start_soon(self._serve, conn)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._serve, conn)
 
     async def _serve(self, conn: VmConnection) -> None:
         self.notifier.status(self._status())

@@ -154,3 +154,49 @@ def test_config_file(run_cli: object, tmp_path: Path) -> None:
     d = run_cli("--config", str(conf))  # type: ignore[operator]
     assert d.proc.wait(timeout=10) == 2
     assert "needs name" in d.proc.stderr.read()
+
+
+def test_sighup_adds_and_removes_vms_without_touching_the_others(
+    run_cli: object, tmp_path: Path
+) -> None:
+    conf = tmp_path / "vub.toml"
+
+    def write(*names: str) -> None:
+        conf.write_text(
+            'metrics_listen = "none"\n'
+            + "".join(f'[[vm]]\nname = "{n}"\nsocket = "{tmp_path}/{n}.sock"\n' for n in names)
+        )
+
+    write("a", "b")
+    d = run_cli("--config", str(conf))  # type: ignore[operator]
+    d.wait_for("daemon_ready")
+
+    async def scenario() -> None:
+        guest = GuestMemfd(16 * MiB)
+        b = await FakeFrontend.connect(str(tmp_path / "b.sock"), guest)
+        await b.handshake()
+        await b.start()
+        write("a", "c")
+        d.proc.send_signal(signal.SIGHUP)
+        done = await trio.to_thread.run_sync(d.wait_for, "config_reloaded")
+        assert done["added"] == ["c"] and done["removed"] == ["b"]
+        assert done["still_attached"] == ["b"]
+        assert not (tmp_path / "b.sock").exists() and (tmp_path / "a.sock").exists()
+        await b.report(3, [(4 * MiB, 2 * MiB)])  # b's QEMU keeps its connection
+        c_guest = GuestMemfd(16 * MiB)
+        c = await FakeFrontend.connect(str(tmp_path / "c.sock"), c_guest)
+        await c.handshake()
+        await c.start()
+        await c.report(3, [(4 * MiB, 2 * MiB)])
+        conf.write_text("[[vm]]\nname = 'x'\n")  # broken: the running config stays
+        d.proc.send_signal(signal.SIGHUP)
+        failed = await trio.to_thread.run_sync(d.wait_for, "reload_failed")
+        assert "needs name" in str(failed["error"])
+        await c.report(3, [(6 * MiB, 2 * MiB)])
+        for fe, g in ((b, guest), (c, c_guest)):
+            await fe.aclose()
+            g.close()
+
+    trio.run(scenario)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=10) == 0
