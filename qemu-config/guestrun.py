@@ -261,14 +261,17 @@ def _qemu_memfd(pid: int) -> str | None:
 
 
 def _rss_shmem(pid: int) -> int:
+    """QEMU's resident shared memory: RssShmem, plus HugetlbPages for hugetlbfs RAM
+    (huge pages are not counted in RssShmem)."""
+    total = 0
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssShmem:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(("RssShmem:", "HugetlbPages:")):
+                    total += int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return total
 
 
 def _pump(stream: object, sink: Callable[[str], None]) -> threading.Thread:
