@@ -12,7 +12,7 @@ from daemon_helpers import StartDaemon, sample, wait_disconnected
 from fakes import F_NEXT, F_WRITE
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import discard, queues
+from vhost_user_balloon.daemon import Daemon, discard, queues
 from vhost_user_balloon.protocol import U64, Config, Request
 
 pytestmark = pytest.mark.trio
@@ -28,13 +28,26 @@ async def attach(
     return fe
 
 
+async def one_guest(
+    start_daemon: StartDaemon,
+    guests: list[GuestMemfd],
+    frontends: list[FakeFrontend],
+    vm: str,
+    size: int,
+    *,
+    discard: bool = True,
+) -> tuple[Daemon, GuestMemfd, FakeFrontend]:
+    """A daemon serving one VM, and a guest of ``size`` bytes attached and started."""
+    daemon = await start_daemon(vm, discard=discard)
+    guest = GuestMemfd(size)
+    guests.append(guest)
+    return daemon, guest, await attach(str(daemon.vms[0].socket), guest, frontends)
+
+
 async def test_report_frees_exactly_the_reported_populated_memory(
     start_daemon: StartDaemon, guests: list[GuestMemfd], frontends: list[FakeFrontend]
 ) -> None:
-    daemon = await start_daemon("vm1")
-    guest = GuestMemfd(64 * MiB)
-    guests.append(guest)
-    fe = await attach(str(daemon.vms[0].socket), guest, frontends)
+    daemon, guest, fe = await one_guest(start_daemon, guests, frontends, "vm1", 64 * MiB)
     assert daemon.connections["vm1"].session.layout[3].value == "reporting"
 
     guest.populate(8 * MiB - PAGE, 8 * MiB + 2 * PAGE)  # the blocks plus a canary each side
@@ -107,10 +120,9 @@ async def test_poison_value_keeps_memory_and_counts_it(
 async def test_no_discard_completes_and_counts(
     start_daemon: StartDaemon, guests: list[GuestMemfd], frontends: list[FakeFrontend]
 ) -> None:
-    daemon = await start_daemon("vfio", discard=False)
-    guest = GuestMemfd(32 * MiB)
-    guests.append(guest)
-    fe = await attach(str(daemon.vms[0].socket), guest, frontends)
+    daemon, guest, fe = await one_guest(
+        start_daemon, guests, frontends, "vfio", 32 * MiB, discard=False
+    )
     guest.populate(4 * MiB, 2 * MiB)
     before = guest.allocated()
     await fe.report(3, [(4 * MiB, 2 * MiB)])
@@ -121,10 +133,7 @@ async def test_no_discard_completes_and_counts(
 async def test_stats_buffer_is_held_and_reporting_goes_on(
     start_daemon: StartDaemon, guests: list[GuestMemfd], frontends: list[FakeFrontend]
 ) -> None:
-    daemon = await start_daemon("stats")
-    guest = GuestMemfd(32 * MiB)
-    guests.append(guest)
-    fe = await attach(str(daemon.vms[0].socket), guest, frontends)
+    _, _, fe = await one_guest(start_daemon, guests, frontends, "stats", 32 * MiB)
     fe.rings[2].add_chain([(20 * MiB, 160, False)])  # the guest's stats buffer
     fe.kick(2)
     await trio.sleep(0.1)
@@ -136,10 +145,7 @@ async def test_stats_buffer_is_held_and_reporting_goes_on(
 async def test_bad_report_entries_are_completed_not_discarded(
     start_daemon: StartDaemon, guests: list[GuestMemfd], frontends: list[FakeFrontend]
 ) -> None:
-    daemon = await start_daemon("odd")
-    guest = GuestMemfd(32 * MiB)
-    guests.append(guest)
-    fe = await attach(str(daemon.vms[0].socket), guest, frontends)
+    daemon, guest, fe = await one_guest(start_daemon, guests, frontends, "odd", 32 * MiB)
     guest.populate(4 * MiB, 4 * MiB)
     before = guest.allocated()
     # Misaligned block: rejected whole, nothing freed, chain still completed.
