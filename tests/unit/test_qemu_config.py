@@ -34,6 +34,13 @@ def test_every_variant_keeps_config_size_16_and_shared_ram() -> None:
         assert "share=on" in joined
 
 
+def test_every_fragment_is_documented() -> None:
+    table = (QEMU_CONFIG / "README.md").read_text()
+    for path in QEMU_CONFIG.iterdir():
+        if path.suffix in (".args", ".xml", ".py", ".sh") or path.name == "provision":
+            assert f"`{path.name}`" in table, path.name
+
+
 def test_readme_shows_the_args_file_as_it_is() -> None:
     text = README.read_text()
     for line in (QEMU_CONFIG / "vhost-user-balloon.args").read_text().splitlines():
