@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="complete and count reports but never free guest memory (for VFIO or other "
         "pinned guest memory, where discarding breaks DMA)",
     )  # fmt: skip
+    p.add_argument(
+        "--stats-interval", type=float, metavar="SECONDS",
+        help="how often to ask guests for fresh memory statistics, exported as "
+        "vhost_user_balloon_guest_* metrics (default 5; 0 keeps the first numbers)",
+    )  # fmt: skip
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -128,6 +133,7 @@ def settings_from_args(args: argparse.Namespace, activated: Mapping[str, str]) -
         allow_users=args.allow_user,
         allow_groups=args.allow_group,
         no_discard=args.no_discard,
+        stats_interval=args.stats_interval,
     )
 
 
@@ -147,6 +153,7 @@ async def run(
         settings.vms,
         metrics_listen=settings.metrics_listen,
         access=settings.access,
+        stats_interval=settings.stats_interval,
         inherited=activated,
         notifier=Notifier(),
     )

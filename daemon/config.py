@@ -74,6 +74,7 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     access: Access = Access()
+    stats_interval: float = 5.0
 
 
 def parse_vm(text: str, *, discard: bool = True) -> VmSpec:
@@ -159,6 +160,7 @@ def load_settings(
     allow_users: Sequence[str] = (),
     allow_groups: Sequence[str] = (),
     no_discard: bool = False,
+    stats_interval: float | None = None,
     activated: Mapping[str, str] | None = None,
 ) -> Settings:
     """Merge the TOML file (if any) and the command line; the command line wins."""
@@ -178,6 +180,7 @@ def load_settings(
         "socket_mode",
         "discard",
         "socket_group",
+        "stats_interval",
         "allow_users",
         "allow_groups",
     }
@@ -226,7 +229,11 @@ def load_settings(
         if metrics_listen is not None
         else data.get("metrics_listen", DEFAULT_METRICS_LISTEN)
     )
+    interval = stats_interval if stats_interval is not None else data.get("stats_interval", 5.0)
+    if not isinstance(interval, int | float) or isinstance(interval, bool) or interval < 0:
+        raise ConfigError(f"stats interval {interval!r}: give seconds >= 0 (0: ask once)")
     return Settings(
+        stats_interval=float(interval),
         vms=tuple(vms),
         metrics_listen=parse_listen(str(listen)),
         log_format=_choice(

@@ -67,6 +67,9 @@ LOCK_FREE_REQUESTS: Final = frozenset(
 #: Room for more fds than any message may carry: the kernel silently closes fds that
 #: do not fit, and we want to see (and refuse) a message that sent too many.
 _ANCBUF: Final = socket.CMSG_SPACE(253 * 4)
+#: How often the guest is asked for fresh statistics (QEMU's guest-stats-polling-interval
+#: has no default; 5 s keeps the gauges current at a negligible cost to the guest).
+DEFAULT_STATS_INTERVAL_S = 5.0
 #: Seconds a started message may take to arrive whole. QEMU writes each message with
 #: one sendmsg, so a peer that stops halfway is stuck or hostile. (An idle peer between
 #: messages is normal and waits forever: a running VM may not talk for days.)
@@ -84,9 +87,12 @@ class VmConnection:
         *,
         discard: bool = True,
         discard_limiter: trio.CapacityLimiter | None = None,
+        stats_interval: float = DEFAULT_STATS_INTERVAL_S,
     ) -> None:
         self.vm = vm
         self.sock = sock
+        #: seconds between requests for fresh guest statistics (0: never ask again)
+        self.stats_interval = stats_interval
         self.metrics = metrics
         self.discard = discard
         self.discard_limiter = discard_limiter or trio.CapacityLimiter(2)
@@ -150,6 +156,7 @@ class VmConnection:
         self.sock.close()
         self.metrics.connected.labels(vm=self.vm).set(0)
         self.metrics.negotiated_features.labels(vm=self.vm).set(0)
+        self.metrics.guest_stats.clear(self.vm)
 
     # -- reading --------------------------------------------------------------------
     async def _read_loop(self) -> None:

@@ -9,17 +9,19 @@ at that moment.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from vhost_user_balloon import __version__
+from vhost_user_balloon.protocol import BalloonStat
 
-__all__ = ["PREFIX", "Metrics", "VmMemoryStats", "VmMetrics"]
+__all__ = ["GUEST_STAT_METRICS", "PREFIX", "GuestStats", "Metrics", "VmMemoryStats", "VmMetrics"]
 
 PREFIX = "vhost_user_balloon"
 
@@ -50,6 +52,81 @@ class _GuestRamCollector(Collector):
             resident.add_metric([vm], stats.resident_bytes)
         yield ram
         yield resident
+
+
+#: How each stats tag is exported: name (after the prefix), counter or gauge, help.
+#: Counters are cumulative in the guest since its boot (Prometheus handles the reset
+#: when it reboots); gauges are levels.
+GUEST_STAT_METRICS: dict[int, tuple[str, str, str]] = {
+    BalloonStat.SWAP_IN: ("guest_swap_in_bytes", "counter", "Bytes the guest swapped in."),
+    BalloonStat.SWAP_OUT: ("guest_swap_out_bytes", "counter", "Bytes the guest swapped out."),
+    BalloonStat.MAJFLT: ("guest_major_faults", "counter", "Major page faults in the guest."),
+    BalloonStat.MINFLT: ("guest_minor_faults", "counter", "Minor page faults in the guest."),
+    BalloonStat.MEMFREE: ("guest_memory_free_bytes", "gauge", "Memory the guest has free."),
+    BalloonStat.MEMTOT: ("guest_memory_total_bytes", "gauge", "Memory the guest can use."),
+    BalloonStat.AVAIL: ("guest_memory_available_bytes", "gauge",
+                        "The guest's estimate of memory available to new work."),
+    BalloonStat.CACHES: ("guest_disk_caches_bytes", "gauge", "Guest page cache, in bytes."),
+    BalloonStat.HTLB_PGALLOC: ("guest_hugetlb_allocations", "counter",
+                               "Huge page allocations in the guest."),
+    BalloonStat.HTLB_PGFAIL: ("guest_hugetlb_allocation_failures", "counter",
+                              "Failed huge page allocations in the guest."),
+    BalloonStat.OOM_KILL: ("guest_oom_kills", "counter", "OOM killer invocations in the guest."),
+    BalloonStat.ALLOC_STALL: ("guest_allocation_stalls", "counter",
+                              "Memory allocation stalls in the guest."),
+    BalloonStat.ASYNC_SCAN: ("guest_async_scanned_pages", "counter", "Pages kswapd scanned."),
+    BalloonStat.DIRECT_SCAN: ("guest_direct_scanned_pages", "counter",
+                              "Pages scanned by direct reclaim."),
+    BalloonStat.ASYNC_RECLAIM: ("guest_async_reclaimed_pages", "counter",
+                                "Pages kswapd reclaimed."),
+    BalloonStat.DIRECT_RECLAIM: ("guest_direct_reclaimed_pages", "counter",
+                                 "Pages reclaimed by direct reclaim."),
+}  # fmt: skip
+
+
+class GuestStats(Collector):
+    """The latest statistics each guest sent, exported at scrape time."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, tuple[dict[int, int], float]] = {}
+
+    def update(self, vm: str, pairs: Iterable[tuple[int, int]]) -> None:
+        self._latest[vm] = (dict(pairs), time.monotonic())
+
+    def clear(self, vm: str) -> None:
+        self._latest.pop(vm, None)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[int, CounterMetricFamily | GaugeMetricFamily] = {}
+        unknown = GaugeMetricFamily(
+            f"{PREFIX}_guest_stat", "Statistics tags this daemon has no name for, by number.",
+            labels=["vm", "tag"],
+        )  # fmt: skip
+        age = GaugeMetricFamily(
+            f"{PREFIX}_guest_stats_age_seconds",
+            "Seconds since the guest last sent statistics (grows if it stops answering).",
+            labels=["vm"],
+        )
+        now = time.monotonic()
+        for vm, (stats, when) in sorted(self._latest.items()):
+            age.add_metric([vm], now - when)
+            for tag, value in sorted(stats.items()):
+                spec = GUEST_STAT_METRICS.get(tag)
+                if spec is None:
+                    unknown.add_metric([vm, str(tag)], value)
+                    continue
+                family = families.get(tag)
+                if family is None:
+                    name, kind, doc = spec
+                    family = families[tag] = (
+                        CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["vm"])
+                        if kind == "counter"
+                        else GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["vm"])
+                    )
+                family.add_metric([vm], value)
+        yield from families.values()
+        yield unknown
+        yield age
 
 
 class Metrics:
@@ -116,6 +193,8 @@ class Metrics:
             ["version"], namespace=ns, registry=r,
         )  # fmt: skip
         self.build_info.labels(version=__version__).set(1)
+        self.guest_stats = GuestStats()
+        self.registry.register(self.guest_stats)
 
     def for_vm(self, vm: str) -> VmMetrics:
         """The metrics of one VM with their label children bound once (the hot path)."""

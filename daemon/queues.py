@@ -37,6 +37,8 @@ from vhost_user_balloon.protocol import (
     RemoteProtocolError,
     ReportError,
     SplitQueue,
+    StatsError,
+    read_stats,
     report_ranges,
 )
 
@@ -59,6 +61,7 @@ class QueueHost(Protocol):
     device: BalloonDevice
     ring_lock: trio.Lock
     discard_limiter: trio.CapacityLimiter
+    stats_interval: float
 
     def vring_fd(self, index: int, kind: FdKind) -> int | None: ...
 
@@ -81,19 +84,26 @@ class QueueRunner:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self.cancel_scope:
             task_status.started()
-            while not self.broken:
-                fd = self.host.vring_fd(self.index, FdKind.KICK)
-                if fd is None:
-                    return
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                except trio.ClosedResourceError:
-                    continue  # the kick fd was replaced; wait on the new one
-                seen = time.perf_counter()
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(fd)  # a racing wakeup may have taken it; the ring tells
-                async with self.host.ring_lock:
-                    await self.service(seen)
+            async with trio.open_nursery() as nursery:
+                if self.role is QueueRole.STATS and self.host.stats_interval > 0:
+                    nursery.start_soon(self._request_stats)
+                await self._serve_kicks()
+                nursery.cancel_scope.cancel()
+
+    async def _serve_kicks(self) -> None:
+        while not self.broken:
+            fd = self.host.vring_fd(self.index, FdKind.KICK)
+            if fd is None:
+                return
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                continue  # the kick fd was replaced; wait on the new one
+            seen = time.perf_counter()
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)  # a racing wakeup may have taken it; the ring tells
+            async with self.host.ring_lock:
+                await self.service(seen)
 
     async def service(self, seen: float | None = None) -> None:
         """Serve every available chain. The caller holds ``ring_lock``."""
@@ -116,8 +126,10 @@ class QueueRunner:
         if self.role is QueueRole.REPORTING:
             await self._report(chain, mem, seen)
         elif self.role is QueueRole.STATS:
-            # Keep the guest's stats buffer: returning it asks for fresh stats at once,
-            # which would make the guest spin. Give back an older one if a new one comes.
+            # Keep the guest's stats buffer: handing it back asks for fresh stats, which
+            # _request_stats does every stats_interval. Give back an older one if a new
+            # one comes.
+            self._read_stats(chain, mem)
             older, self.held = self.held, chain
             if older is not None:
                 self._complete(older, mem)
@@ -166,6 +178,28 @@ class QueueRunner:
             discarded_bytes=result.discarded, skipped=result.skipped,
             service_ms=round(service * 1000, 3),
         )  # fmt: skip
+
+    def _read_stats(self, chain: Chain, mem: GuestMemory) -> None:
+        try:
+            stats = read_stats(chain, mem)
+        except StatsError as err:
+            # Held all the same: handing it back at once would invite the guest to spin.
+            log.warning(
+                "stats_rejected", queue=self.index, reason=err.reason, error=str(err), **err.values
+            )
+            self.host.metrics.protocol_errors.labels(vm=self.host.vm, reason=err.reason).inc()
+            return
+        self.host.metrics.guest_stats.update(self.host.vm, stats)
+
+    async def _request_stats(self) -> None:
+        """Every stats_interval, hand the held buffer back: the guest refills it."""
+        while True:
+            await trio.sleep(self.host.stats_interval)
+            async with self.host.ring_lock:
+                mem = self.host.memory.memory
+                if self.held is not None and self.enabled and not self.broken and mem:
+                    held, self.held = self.held, None
+                    self._complete(held, mem)
 
     def _complete(self, chain: Chain, mem: GuestMemory) -> None:
         self.queue.push(mem, chain.head, 0)

@@ -22,7 +22,7 @@ import structlog
 import trio
 
 from .config import Access, VmSpec
-from .connection import VmConnection
+from .connection import DEFAULT_STATS_INTERVAL_S, VmConnection
 from .http import open_metrics_listeners, serve_metrics
 from .metrics import Metrics, VmMemoryStats
 from .systemd import Notifier
@@ -142,6 +142,7 @@ class Daemon:
         metrics: Metrics | None = None,
         metrics_listen: tuple[str, int] | None = None,
         access: Access | None = None,
+        stats_interval: float = DEFAULT_STATS_INTERVAL_S,
         inherited: Mapping[str, int] | None = None,
         notifier: Notifier | None = None,
     ) -> None:
@@ -150,6 +151,7 @@ class Daemon:
         self.metrics_listen = metrics_listen
         self.metrics_address: tuple[str, int] | None = None
         self.access = access if access is not None else Access()
+        self.stats_interval = stats_interval
         #: listening sockets passed by systemd, by VM name (socket activation)
         self.inherited = dict(inherited or {})
         self.notifier = notifier if notifier is not None else Notifier({})
@@ -304,6 +306,7 @@ class Daemon:
                 self.metrics,
                 discard=vm.discard,
                 discard_limiter=self.discard_limiter,
+                stats_interval=self.stats_interval,
             )
             self.connections[vm.name] = conn
             assert self._nursery is not None

@@ -63,6 +63,7 @@ from .errors import (
     ReportError,
     RingError,
     StateError,
+    StatsError,
     UnknownRequestError,
     UnsupportedRequestError,
     VhostUserError,
@@ -107,6 +108,7 @@ from .session import (
     SessionState,
     Vring,
 )
+from .stats import MAX_STATS_BYTES, STAT_SIZE, BalloonStat, read_stats
 from .virtqueue import Chain, DescFlag, Descriptor, SplitQueue, check_queue_size, need_event
 
 __all__ = [
@@ -124,9 +126,11 @@ __all__ = [
     "MAX_QUEUE_SIZE",
     "MAX_REGIONS",
     "MAX_REPORT_ORDER",
+    "MAX_STATS_BYTES",
     "QUEUE_TRANSITIONS",
     "REQUEST_RULES",
     "SESSION_TRANSITIONS",
+    "STAT_SIZE",
     "U64",
     "VERSION",
     "AddRegion",
@@ -134,6 +138,7 @@ __all__ = [
     "BalloonConfig",
     "BalloonDevice",
     "BalloonFeature",
+    "BalloonStat",
     "Chain",
     "Config",
     "ConfigurationError",
@@ -187,6 +192,7 @@ __all__ = [
     "SplitQueue",
     "StartQueue",
     "StateError",
+    "StatsError",
     "StopQueue",
     "UnknownRequestError",
     "UnsupportedRequestError",
@@ -202,6 +208,7 @@ __all__ = [
     "encode_reply",
     "need_event",
     "queue_layout",
+    "read_stats",
     "report_ranges",
     "validate_regions",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "ReportError",
     "RingError",
     "StateError",
+    "StatsError",
     "UnknownRequestError",
     "UnsupportedRequestError",
     "VhostUserError",
@@ -149,3 +150,9 @@ class ReportError(RemoteProtocolError):
     """A free page report whose entries are not whole, naturally aligned page blocks."""
 
     reason = "bad_report"
+
+
+class StatsError(RemoteProtocolError):
+    """A statistics buffer that is not whole (tag, value) entries inside guest RAM."""
+
+    reason = "bad_stats"

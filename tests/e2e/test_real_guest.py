@@ -55,9 +55,31 @@ def assert_reported(run: GuestRun, at_least: int) -> dict[str, float]:
     return run.metric_labels(name, "order")
 
 
+def assert_guest_stats_move(run: GuestRun) -> None:
+    """The guest's own numbers, through the stats queue: free memory falls by the
+    workload while it is allocated and comes back after the free."""
+    name = "vhost_user_balloon_guest_memory_free_bytes"
+    held = metric_at(run, run.marker("allocated round=1") + 1.5, name)
+    before = metric_at(run, run.marker("alloc round=1"), name)
+    after = run.metric(name)
+    total = run.metric("vhost_user_balloon_guest_memory_total_bytes")
+    print(
+        f"guest MemFree: {before / MiB:.0f} -> {held / MiB:.0f} -> {after / MiB:.0f} MiB "
+        f"(MemTotal {total / MiB:.0f} MiB)"
+    )
+    assert 1800 * MiB <= total <= 2048 * MiB
+    assert before - held >= 800 * MiB and after - held >= 800 * MiB
+    assert run.metric("vhost_user_balloon_guest_stats_age_seconds") < 5
+
+
+STATS_EVERY_SECOND = ("--stats-interval", "1")
+
+
 def test_debian_6_1_guest_gives_1_gib_back(env: Env) -> None:
-    run = run_guest(GuestSpec(kernel="6.1"), env, stop_when=reclaimed)
+    spec = GuestSpec(kernel="6.1", daemon_args=STATS_EVERY_SECOND)
+    run = run_guest(spec, env, stop_when=reclaimed)
     assert_memory_comes_back(run, 1024 * MiB)
+    assert_guest_stats_move(run)
     orders = assert_reported(run, 900 * MiB)
     assert set(orders) == {"9", "10"}, orders
     assert run.metric("vhost_user_balloon_discard_skipped_bytes_total") == 0
@@ -66,8 +88,10 @@ def test_debian_6_1_guest_gives_1_gib_back(env: Env) -> None:
 
 
 def test_debian_6_12_guest_gives_1_gib_back(env: Env) -> None:
-    run = run_guest(GuestSpec(kernel="6.12"), env, stop_when=reclaimed)
+    spec = GuestSpec(kernel="6.12", daemon_args=STATS_EVERY_SECOND)
+    run = run_guest(spec, env, stop_when=reclaimed)
     assert_memory_comes_back(run, 1024 * MiB)
+    assert_guest_stats_move(run)
     orders = assert_reported(run, 900 * MiB)
     assert set(orders) == {"9", "10"}, orders
 

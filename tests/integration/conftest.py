@@ -18,10 +18,15 @@ async def start_daemon(tmp_path: Path, nursery: trio.Nursery) -> StartDaemon:
     """Start a Daemon serving the named VMs; it is cancelled when the test ends."""
 
     async def start(
-        *names: str, discard: bool = True, metrics_listen: tuple[str, int] | None = None
+        *names: str,
+        discard: bool = True,
+        metrics_listen: tuple[str, int] | None = None,
+        stats_interval: float = 5.0,
     ) -> Daemon:
         vms = [VmSpec(n, tmp_path / f"{n}.sock", discard) for n in names]
-        daemon = Daemon(vms, metrics=Metrics(), metrics_listen=metrics_listen)
+        daemon = Daemon(
+            vms, metrics=Metrics(), metrics_listen=metrics_listen, stats_interval=stats_interval
+        )
         await nursery.start(daemon.run)
         return daemon
 

@@ -10,7 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vhost_user_balloon.protocol import (
+    MAX_STATS_BYTES,
     AddressError,
+    BalloonStat,
     Chain,
     Descriptor,
     DescriptorError,
@@ -22,8 +24,10 @@ from vhost_user_balloon.protocol import (
     ReportError,
     RingError,
     SplitQueue,
+    StatsError,
     VhostUserError,
     need_event,
+    read_stats,
     report_ranges,
 )
 
@@ -321,3 +325,48 @@ def test_large_rings_are_walked_descriptor_by_descriptor() -> None:
     with pytest.raises(DescriptorError) as err:
         q.pop(mem)
     assert err.value.reason == "chain_loop"
+
+
+# -- statistics buffers -------------------------------------------------------------------
+def stats_chain(
+    ram: GuestRam, at: int, pairs: list[tuple[int, int]], *, split: int = 0, writable: bool = False
+) -> Chain:
+    data = b"".join(struct.pack("<HQ", t, v) for t, v in pairs)
+    ram.write(at, data)
+    mem = ram.guest_memory()
+    cut = split or len(data)
+    parts = [(at, cut), (at + cut, len(data) - cut)] if split else [(at, len(data))]
+    return Chain(0, tuple(Descriptor(a, n, writable, mem.find_gpa(a, n)) for a, n in parts if n))
+
+
+def test_stats_are_read_whole_across_parts() -> None:
+    ram = GuestRam.flat(MiB)
+    pairs = [(BalloonStat.MEMFREE, 123 << 20), (BalloonStat.MEMTOT, 2 << 30), (99, 7)]
+    chain = stats_chain(ram, 0x4000, pairs, split=14)  # a part ends inside an entry
+    assert read_stats(chain, ram.guest_memory()) == tuple(pairs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"pairs": [(4, 1)] * 2, "writable": True}, "stats_writable"),
+        ({"pairs": [(4, 1)] * (MAX_STATS_BYTES // 10 + 1)}, "stats_bad_length"),
+    ],
+)
+def test_bad_stats_buffers(kwargs: dict[str, object], reason: str) -> None:
+    ram = GuestRam.flat(MiB)
+    chain = stats_chain(ram, 0x4000, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(StatsError) as err:
+        read_stats(chain, ram.guest_memory())
+    assert err.value.reason == reason
+
+
+def test_stats_buffer_of_odd_length_or_outside_ram() -> None:
+    ram = GuestRam.flat(MiB)
+    odd = Chain(0, (Descriptor(0x4000, 15, False, ram.guest_memory().find_gpa(0x4000, 15)),))
+    with pytest.raises(StatsError, match="whole"):
+        read_stats(odd, ram.guest_memory())
+    outside = Chain(0, (Descriptor(8 * MiB, 20, False, None),))
+    with pytest.raises(StatsError) as err:
+        read_stats(outside, ram.guest_memory())
+    assert err.value.reason == "stats_outside_ram"
