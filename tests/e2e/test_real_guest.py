@@ -155,13 +155,14 @@ def test_matches_qemus_builtin_balloon(env: Env) -> None:
     for run in (ours, ref):
         assert "done" in run.markers, run.console[-20:]
         assert_memory_comes_back(run, 1024 * MiB)
-    diff = abs(ours.final() - ref.final())
     print(
-        f"\nfinal: ours {ours.final() / MiB:.1f} MiB, QEMU built-in {ref.final() / MiB:.1f} "
-        f"MiB; reclaim: ours {ours.reclaim_seconds():.1f} s, built-in "
-        f"{ref.reclaim_seconds():.1f} s"
+        f"\nfinal: ours {ours.final() / MiB:.1f} MiB ({ours.held_beyond_use() / MiB:.1f} "
+        f"beyond the guest's use), QEMU built-in {ref.final() / MiB:.1f} MiB "
+        f"({ref.held_beyond_use() / MiB:.1f}); reclaim: ours {ours.reclaim_seconds():.1f} s, "
+        f"built-in {ref.reclaim_seconds():.1f} s"
     )
-    assert diff <= 0.02 * ref.peak(), (ours.final() / MiB, ref.final() / MiB)
+    diff = abs(ours.held_beyond_use() - ref.held_beyond_use())
+    assert diff <= 0.02 * ref.final(), (ours.held_beyond_use() / MiB, ref.held_beyond_use() / MiB)
     # and the memory came back as fast as with QEMU's own device (TCG timing noise aside)
     assert ours.reclaim_seconds() <= 1.5 * ref.reclaim_seconds() + 2  # type: ignore[operator]
 
