@@ -99,6 +99,8 @@ class GuestSpec:
     #: (old, new) replacements in the attach options, e.g. ("config_size=16", "config_size=0")
     edits: tuple[tuple[str, str], ...] = ()
     daemon_args: tuple[str, ...] = ()
+    #: more guest kernel parameters, e.g. "init_on_free=1"
+    append: str = ""
     timeout_s: float = 300.0
     accel: str = "tcg"
 
@@ -337,6 +339,8 @@ def _qemu_args(spec: GuestSpec, env: Env, attach: list[str]) -> list[str]:
     )
     if spec.order is not None:
         append += f" vub.order={spec.order}"
+    if spec.append:
+        append += " " + spec.append
     return [
         "-accel", spec.accel, "-m", f"{spec.mem_mib}M", "-smp", "1", "-nodefaults",
         "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none",

@@ -211,3 +211,19 @@ def test_hugetlbfs_guest_gives_back_whole_huge_pages(env: Env) -> None:
     assert set(orders) == {"9", "10"}, orders
     skipped = run.metric("vhost_user_balloon_discard_skipped_bytes_total")
     assert skipped == 0, skipped  # 2 and 4 MiB blocks: whole huge pages only
+
+
+def test_init_on_free_guest_reports_with_page_poison(env: Env) -> None:
+    """A guest that zeroes freed pages (init_on_free=1) drops free page reporting unless
+    the device offers PAGE_POISON; with it, poison_val is 0 and the memory comes back.
+    Zeroing every page it frees at boot, such a guest first touches all its RAM: the
+    idle time lets reporting give that back before the workload starts."""
+    spec = GuestSpec(
+        kernel="6.12", mem_mib=1024, workload_mib=512, append="init_on_free=1", idle_s=25
+    )
+    run = run_guest(spec, env, stop_when=reclaimed)
+    features = next(k for k in run.markers if k.startswith("balloon features="))
+    bits = features.split("=", 1)[1]
+    assert bits[4] == "1" and bits[5] == "1", bits  # PAGE_POISON and REPORTING accepted
+    assert_memory_comes_back(run, 512 * MiB)
+    assert run.metric("vhost_user_balloon_discard_skipped_bytes_total", reason="poison") == 0
