@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import socket
 import sys
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often to ask guests for fresh memory statistics, exported as "
         "vhost_user_balloon_guest_* metrics (default 5; 0 keeps the first numbers)",
     )  # fmt: skip
+    p.add_argument(
+        "--control-socket", metavar="PATH",
+        help="serve the balloon control socket here (mode 0600): "
+        "'vhost-user-balloon balloon VM SIZE' sets how much memory a guest gives up",
+    )  # fmt: skip
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -134,6 +140,7 @@ def settings_from_args(args: argparse.Namespace, activated: Mapping[str, str]) -
         allow_groups=args.allow_group,
         no_discard=args.no_discard,
         stats_interval=args.stats_interval,
+        control_socket=args.control_socket,
     )
 
 
@@ -154,6 +161,7 @@ async def run(
         metrics_listen=settings.metrics_listen,
         access=settings.access,
         stats_interval=settings.stats_interval,
+        control_socket=settings.control_socket,
         inherited=activated,
         notifier=Notifier(),
     )
@@ -183,10 +191,56 @@ async def run(
                 break
 
 
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = text.rstrip("KMGkmgiIbB"), text[len(text.rstrip("KMGkmgiIbB")) :]
+    unit = unit.upper().rstrip("IB")[:1]
+    if not number.isdigit() or unit not in units:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M, 2G or 0")
+    return int(number) * units[unit]
+
+
+def balloon_command(argv: Sequence[str]) -> int:
+    """vhost-user-balloon balloon VM [SIZE]: show or set a VM's balloon size."""
+    p = argparse.ArgumentParser(
+        prog="vhost-user-balloon balloon",
+        description="Show a VM's balloon, or set how much memory its guest gives up "
+        "(SIZE 0 gives everything back). Talks to the daemon's --control-socket.",
+    )
+    p.add_argument("vm", help="the VM's name")
+    p.add_argument("size", nargs="?", type=_size, help="balloon size: 512M, 2G, 0, ...")
+    p.add_argument(
+        "--control-socket", required=True, metavar="PATH", help="the daemon's control socket"
+    )
+    args = p.parse_args(argv)
+    request: dict[str, object] = {"vm": args.vm}
+    if args.size is not None:
+        request["target_bytes"] = args.size
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(args.control_socket)
+            s.sendall(json.dumps(request).encode() + b"\n")
+            reply = json.loads(s.makefile("rb").readline())
+    except (OSError, ValueError) as err:
+        print(f"vhost-user-balloon balloon: {args.control_socket}: {err}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"vhost-user-balloon balloon: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(
+        f"{reply['vm']}: {'attached' if reply['attached'] else 'not attached'}, balloon "
+        f"target {reply['target_bytes'] >> 20} MiB, actual {reply['actual_bytes'] >> 20} MiB"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["status"]:
         return status.main(argv[1:])
+    if argv[:1] == ["balloon"]:
+        return balloon_command(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     activated = listen_fds()

@@ -75,6 +75,7 @@ class Settings:
     log_level: str = "info"
     access: Access = Access()
     stats_interval: float = 5.0
+    control_socket: Path | None = None
 
 
 def parse_vm(text: str, *, discard: bool = True) -> VmSpec:
@@ -161,6 +162,7 @@ def load_settings(
     allow_groups: Sequence[str] = (),
     no_discard: bool = False,
     stats_interval: float | None = None,
+    control_socket: str | None = None,
     activated: Mapping[str, str] | None = None,
 ) -> Settings:
     """Merge the TOML file (if any) and the command line; the command line wins."""
@@ -181,6 +183,7 @@ def load_settings(
         "discard",
         "socket_group",
         "stats_interval",
+        "control_socket",
         "allow_users",
         "allow_groups",
     }
@@ -232,7 +235,15 @@ def load_settings(
     interval = stats_interval if stats_interval is not None else data.get("stats_interval", 5.0)
     if not isinstance(interval, int | float) or isinstance(interval, bool) or interval < 0:
         raise ConfigError(f"stats interval {interval!r}: give seconds >= 0 (0: ask once)")
+    control = control_socket or data.get("control_socket")
+    control_path = Path(str(control)).absolute() if control else None
+    if control_path is not None and not control_path.parent.is_dir():
+        raise ConfigError(
+            f"control socket {str(control_path)!r}: directory "
+            f"{str(control_path.parent)!r} does not exist"
+        )
     return Settings(
+        control_socket=control_path,
         stats_interval=float(interval),
         vms=tuple(vms),
         metrics_listen=parse_listen(str(listen)),

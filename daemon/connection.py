@@ -28,8 +28,10 @@ import structlog
 import trio
 
 from vhost_user_balloon.protocol import (
+    GUEST_PAGE_SIZE,
     MAX_FDS,
     AddRegion,
+    BackendRequest,
     BalloonDevice,
     Effect,
     EnableQueue,
@@ -43,11 +45,13 @@ from vhost_user_balloon.protocol import (
     Request,
     ResetDevice,
     Session,
+    SetBackendChannel,
     SetMemory,
     SetVringFd,
     StartQueue,
     StopQueue,
     VhostUserError,
+    encode_backend_request,
 )
 
 from .guestram import VmMemory, close_fds
@@ -104,6 +108,8 @@ class VmConnection:
         self.runners: dict[int, QueueRunner] = {}
         self._vring_fds: dict[tuple[int, FdKind], int] = {}
         self._nursery: trio.Nursery | None = None
+        #: the channel for messages we start (SET_BACKEND_REQ_FD)
+        self._backend: trio.socket.SocketType | None = None
 
     # -- QueueHost ------------------------------------------------------------------
     def vring_fd(self, index: int, kind: FdKind) -> int | None:
@@ -144,6 +150,10 @@ class VmConnection:
             log.info("frontend_disconnected", why=why)
 
     def _teardown(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        self.metrics.balloon_target_bytes.labels(vm=self.vm).set(0)
+        self.metrics.balloon_actual_bytes.labels(vm=self.vm).set(0)
         for runner in self.runners.values():
             runner.cancel_scope.cancel()
         self.runners.clear()
@@ -236,6 +246,10 @@ class VmConnection:
                 await self._apply(effect)
             if msg.request is Request.SET_FEATURES:
                 self.metrics.negotiated_features.labels(vm=self.vm).set(self.session.features)
+            elif msg.request is Request.SET_CONFIG:
+                self.metrics.balloon_actual_bytes.labels(vm=self.vm).set(
+                    self.device.config.actual * GUEST_PAGE_SIZE
+                )
         if outcome.reply is not None:
             await self._send(outcome.reply)
 
@@ -296,6 +310,33 @@ class VmConnection:
                 log.info("device_reset")
             case Notice(event=event, message=message):
                 log.warning(event, message=message)
+            case SetBackendChannel(fd=fd):
+                if self._backend is not None:
+                    self._backend.close()
+                self._backend = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+
+    async def set_target(self, nbytes: int) -> None:
+        """Ask the guest to put ``nbytes`` into the balloon (0: give everything back).
+
+        The new num_pages is in the config space at once; the config-change message
+        on the backend channel makes QEMU raise a config interrupt, and the guest reads
+        it and inflates or deflates. Without the channel (BACKEND_REQ not negotiated)
+        the guest would only see the target when it next reads its config."""
+        if self._backend is None:
+            raise VhostUserError(
+                f"VM {self.vm}: QEMU opened no backend channel (BACKEND_REQ), so the guest "
+                "cannot be told about a new balloon size",
+                reason="no_backend_channel",
+            )
+        self.device.set_target(nbytes // GUEST_PAGE_SIZE)
+        self.metrics.balloon_target_bytes.labels(vm=self.vm).set(
+            self.device.config.num_pages * GUEST_PAGE_SIZE
+        )
+        data = encode_backend_request(BackendRequest.CONFIG_CHANGE_MSG)
+        view = memoryview(data)
+        while view:
+            view = view[await self._backend.send(view) :]
+        log.info("balloon_target_set", target_bytes=self.device.config.num_pages * GUEST_PAGE_SIZE)
 
     def _set_vring_fd(self, index: int, kind: FdKind, fd: int | None) -> None:
         old = self._vring_fds.pop((index, kind), None)

@@ -183,6 +183,23 @@ class Metrics:
             "peer_not_allowed (its uid/gid is not in the allow list).",
             ["vm", "reason"], namespace=ns, registry=r,
         )  # fmt: skip
+        self.balloon_target_bytes = Gauge(
+            "balloon_target_bytes",
+            "Memory the daemon asks the guest to give up (the balloon's target size).",
+            ["vm"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.balloon_actual_bytes = Gauge(
+            "balloon_actual_bytes", "Memory the guest says is in the balloon now.",
+            ["vm"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.balloon_inflated_bytes = Counter(
+            "balloon_inflated_bytes", "Memory the guest put into the balloon (inflate).",
+            ["vm"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.balloon_deflated_bytes = Counter(
+            "balloon_deflated_bytes", "Memory the guest took back out of the balloon.",
+            ["vm"], namespace=ns, registry=r,
+        )  # fmt: skip
         self.negotiated_features = Gauge(
             "negotiated_features",
             "Virtio feature bits the guest driver accepted (a bitmask; 0 while detached).",

@@ -29,6 +29,7 @@ import structlog
 import trio
 
 from vhost_user_balloon.protocol import (
+    GUEST_PAGE_SIZE,
     BalloonDevice,
     Chain,
     FdKind,
@@ -38,6 +39,7 @@ from vhost_user_balloon.protocol import (
     ReportError,
     SplitQueue,
     StatsError,
+    balloon_pages,
     read_stats,
     report_ranges,
 )
@@ -133,10 +135,49 @@ class QueueRunner:
             older, self.held = self.held, chain
             if older is not None:
                 self._complete(older, mem)
+        elif self.role in (QueueRole.INFLATE, QueueRole.DEFLATE):
+            await self._balloon(chain, mem)
         else:
-            # Inflate, deflate, free page hints: the target stays 0, so there is nothing
-            # to do but hand the buffer back.
+            # Free page hints are not offered; a buffer is simply handed back.
             self._complete(chain, mem)
+
+    async def _balloon(self, chain: Chain, mem: GuestMemory) -> None:
+        """Inflate: the guest gave these pages up; free them on the host like reported
+        memory (same checks, same discard path). Deflate: the guest takes pages back;
+        they are simply there again when it touches them (MUST_TELL_HOST is not
+        offered). Either way the buffer goes back, malformed or not: the guest waits."""
+        host, vm = self.host, self.host.vm
+        try:
+            pages = balloon_pages(chain, mem)
+        except ReportError as err:
+            log.warning(
+                "balloon_pages_rejected",
+                queue=self.index,
+                reason=err.reason,
+                error=str(err),
+                **err.values,
+            )
+            host.metrics.protocol_errors.labels(vm=vm, reason=err.reason).inc()
+            self._complete(chain, mem)
+            return
+        nbytes = len(pages) * GUEST_PAGE_SIZE
+        if self.role is QueueRole.DEFLATE:
+            self._complete(chain, mem)
+            host.metrics.balloon_deflated_bytes.labels(vm=vm).inc(nbytes)
+            return
+        plan = plan_discards(
+            pages, host.memory, poisoned=not host.device.discard_allowed, inhibited=not host.discard
+        )
+        result = (
+            await trio.to_thread.run_sync(execute, plan, limiter=host.discard_limiter)
+            if plan.punches
+            else DiscardResult(skipped=Counter(plan.skipped))
+        )
+        self._complete(chain, mem)
+        host.metrics.balloon_inflated_bytes.labels(vm=vm).inc(nbytes)
+        host.metrics.discarded_bytes.labels(vm=vm).inc(result.discarded)
+        for reason, n in result.skipped.items():
+            host.metrics.discard_skipped_bytes.labels(vm=vm, reason=reason).inc(n)
 
     async def _report(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
         host, vm = self.host, self.host.vm

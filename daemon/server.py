@@ -16,6 +16,7 @@ import socket
 import stat
 import struct
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -23,6 +24,7 @@ import trio
 
 from .config import Access, VmSpec
 from .connection import DEFAULT_STATS_INTERVAL_S, VmConnection
+from .control import serve_control
 from .http import open_metrics_listeners, serve_metrics
 from .metrics import Metrics, VmMemoryStats
 from .systemd import Notifier
@@ -63,17 +65,55 @@ class _Listener:
                 os.unlink(self.vm.socket)
 
 
-def _check_directory(vm: VmSpec) -> None:
+def _check_directory(label: str, path: Path) -> None:
     """Refuse a directory where another user could swap our socket for theirs (QEMU
     would then hand guest memory to whoever listens there)."""
-    st = os.stat(vm.socket.parent)
+    st = os.stat(path.parent)
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
         raise StartupError(
-            f"VM {vm.name}: directory {vm.socket.parent} is writable by other users "
+            f"{label}: directory {path.parent} is writable by other users "
             f"(mode {stat.S_IMODE(st.st_mode):04o}) without the sticky bit, so anyone "
             "there could replace the socket; use a directory only the daemon can write, "
             "such as /run/vhost-user-balloon (0755)"
         )
+
+
+def _bind(label: str, where: Path, access: Access) -> socket.socket:
+    _check_directory(label, where)
+    path = str(where)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StartupError(
+                f"{label}: {path} exists and is not a socket; move it away or choose another path"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # left behind by a daemon that died
+        except OSError as err:
+            raise StartupError(f"{label}: cannot check {path}: {err.strerror}") from None
+        else:
+            raise StartupError(
+                f"{label}: {path} is in use by a running process; "
+                "is another vhost-user-balloon serving this VM?"
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)  # never visible with wider permissions than 0600
+    try:
+        sock.bind(path)
+        if access.socket_gid is not None:
+            os.chown(path, -1, access.socket_gid)
+        os.chmod(path, access.socket_mode)
+        sock.listen(_BACKLOG)
+    except OSError as err:
+        sock.close()
+        raise StartupError(f"{label}: cannot listen on {path}: {err.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    return sock
 
 
 def _adopt(vm: VmSpec, fd: int) -> socket.socket:
@@ -93,45 +133,6 @@ def _adopt(vm: VmSpec, fd: int) -> socket.socket:
     return sock
 
 
-def _bind(vm: VmSpec, access: Access) -> socket.socket:
-    _check_directory(vm)
-    path = str(vm.socket)
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise StartupError(
-                f"VM {vm.name}: {path} exists and is not a socket; "
-                "move it away or choose another path"
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # left behind by a daemon that died
-        except OSError as err:
-            raise StartupError(f"VM {vm.name}: cannot check {path}: {err.strerror}") from None
-        else:
-            raise StartupError(
-                f"VM {vm.name}: {path} is in use by a running process; "
-                "is another vhost-user-balloon serving this VM?"
-            )
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)  # never visible with wider permissions than 0600
-    try:
-        sock.bind(path)
-        if access.socket_gid is not None:
-            os.chown(path, -1, access.socket_gid)
-        os.chmod(path, access.socket_mode)
-        sock.listen(_BACKLOG)
-    except OSError as err:
-        sock.close()
-        raise StartupError(f"VM {vm.name}: cannot listen on {path}: {err.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    return sock
-
-
 class Daemon:
     """Serves every configured VM until cancelled."""
 
@@ -143,6 +144,7 @@ class Daemon:
         metrics_listen: tuple[str, int] | None = None,
         access: Access | None = None,
         stats_interval: float = DEFAULT_STATS_INTERVAL_S,
+        control_socket: Path | None = None,
         inherited: Mapping[str, int] | None = None,
         notifier: Notifier | None = None,
     ) -> None:
@@ -152,6 +154,8 @@ class Daemon:
         self.metrics_address: tuple[str, int] | None = None
         self.access = access if access is not None else Access()
         self.stats_interval = stats_interval
+        self.control_socket = control_socket
+        self._control: _Listener | None = None
         #: listening sockets passed by systemd, by VM name (socket activation)
         self.inherited = dict(inherited or {})
         self.notifier = notifier if notifier is not None else Notifier({})
@@ -177,7 +181,7 @@ class Daemon:
         fd = self.inherited.pop(vm.name, None)
         if fd is not None:
             return _Listener(vm, _adopt(vm, fd), owned=False)
-        return _Listener(vm, _bind(vm, self.access))
+        return _Listener(vm, _bind(f"VM {vm.name}", vm.socket, self.access))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -195,8 +199,19 @@ class Daemon:
                     ) from None
                 bound = http[0].socket.getsockname()
                 self.metrics_address = (bound[0], bound[1])
+            if self.control_socket is not None:
+                spec = VmSpec("control", self.control_socket)
+                access = Access(socket_mode=0o600)
+                self._control = _Listener(
+                    spec, _bind("control socket", self.control_socket, access)
+                )
+            control = self._control
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if control is not None:
+                    nursery.start_soon(
+                        serve_control, trio.SocketListener(control.sock), self._vm_connections
+                    )
                 if http:
                     nursery.start_soon(serve_metrics, http, self.metrics.registry)
                 nursery.start_soon(self.notifier.watchdog)
@@ -219,6 +234,9 @@ class Daemon:
             for listener, _ in self._listeners.values():
                 listener.close()
             self._listeners.clear()
+            if self._control is not None:
+                self._control.close()
+                self._control = None
             log.info("daemon_stopped")
 
     def reload(self, vms: Sequence[VmSpec], access: Access) -> None:
@@ -268,6 +286,9 @@ class Daemon:
             still_attached=sorted(n for n in removed if n in self.connections),
         )
         self.notifier.status(self._status())
+
+    def _vm_connections(self) -> dict[str, VmConnection | None]:
+        return {vm.name: self.connections.get(vm.name) for vm in self.vms}
 
     def _status(self) -> str:
         return f"{len(self.connections)} of {len(self.vms)} VMs attached"

@@ -18,20 +18,22 @@ from dataclasses import dataclass
 from enum import Enum, IntFlag
 
 from .codes import VirtioFeature
-from .errors import PayloadError, ReportError
-from .memory import Location
+from .errors import LocalProtocolError, PayloadError, ReportError
+from .memory import GuestMemory, Location
 from .virtqueue import Chain
 
 __all__ = [
     "CONFIG_SIZE",
     "DEFAULT_FEATURES",
     "GUEST_PAGE_SIZE",
+    "MAX_PFN_BYTES",
     "MAX_REPORT_ORDER",
     "BalloonConfig",
     "BalloonDevice",
     "BalloonFeature",
     "QueueRole",
     "ReportedRange",
+    "balloon_pages",
     "queue_layout",
     "report_ranges",
 ]
@@ -45,6 +47,10 @@ GUEST_PAGE_SIZE = 4096
 MAX_REPORT_ORDER = 19
 
 _CONFIG = struct.Struct("<IIII")
+_PFN = struct.Struct("<I")
+#: Largest inflate/deflate page array we read: Linux sends at most 256 frame numbers
+#: (VIRTIO_BALLOON_ARRAY_PFNS_MAX, 1 KiB); this bounds what a guest can make us copy.
+MAX_PFN_BYTES = 4096
 
 
 class BalloonFeature(IntFlag):
@@ -165,12 +171,47 @@ def report_ranges(chain: Chain) -> tuple[ReportedRange, ...]:
     return tuple(out)
 
 
+def balloon_pages(chain: Chain, mem: GuestMemory) -> tuple[ReportedRange, ...]:
+    """The 4 KiB pages named by an inflate or deflate buffer: an array of le32 page
+    frame numbers (virtio 1.2 5.5.6.1), device-readable, at most MAX_PFN_BYTES. Each
+    page comes back as an order-0 range, ``location`` None if it is not in guest RAM."""
+    total = chain.total_length
+    if total > MAX_PFN_BYTES or total % 4:
+        raise ReportError(
+            f"page array of {total} bytes is not whole 4-byte frame numbers of at most "
+            f"{MAX_PFN_BYTES} bytes",
+            reason="pfn_bad_length",
+            length=total,
+        )
+    data = bytearray()
+    for i, d in enumerate(chain.descriptors):
+        if d.writable or d.location is None:
+            raise ReportError(
+                f"page array part {i} is device-writable or outside guest RAM",
+                reason="pfn_bad_buffer",
+                entry=i,
+            )
+        data += mem.read_gpa(d.addr, d.length)
+    out = []
+    for (pfn,) in _PFN.iter_unpack(bytes(data)):
+        gpa = pfn * GUEST_PAGE_SIZE
+        out.append(ReportedRange(gpa, GUEST_PAGE_SIZE, 0, mem.find_gpa(gpa, GUEST_PAGE_SIZE)))
+    return tuple(out)
+
+
 class BalloonDevice:
     """The device side of the balloon: offered features and config space."""
 
     def __init__(self, features: int = DEFAULT_FEATURES) -> None:
         self.features = int(features)
         self.config = BalloonConfig()
+
+    def set_target(self, pages: int) -> None:
+        """Ask the guest to give up ``pages`` 4 KiB pages (num_pages); the caller must
+        then notify the guest of the config change."""
+        if not 0 <= pages <= 0xFFFF_FFFF:
+            raise LocalProtocolError(f"balloon target of {pages} pages does not fit le32")
+        self.config.num_pages = pages
 
     @property
     def poison_val(self) -> int:

@@ -18,6 +18,7 @@ __all__ = [
     "MAX_QUEUE_SIZE",
     "MAX_REGIONS",
     "VERSION",
+    "BackendRequest",
     "HeaderFlag",
     "ProtocolFeature",
     "Request",
@@ -91,6 +92,17 @@ class Request(IntEnum):
     GET_SHARED_OBJECT = 41  #: vhost-user.rst VHOST_USER_GET_SHARED_OBJECT
     SET_DEVICE_STATE_FD = 42  #: vhost-user.rst VHOST_USER_SET_DEVICE_STATE_FD
     CHECK_DEVICE_STATE = 43  #: vhost-user.rst VHOST_USER_CHECK_DEVICE_STATE
+
+
+class BackendRequest(IntEnum):
+    """Back-end message types, sent on the SET_BACKEND_REQ_FD channel (vhost-user.rst
+    "Back-end message types")."""
+
+    IOTLB_MSG = 1  #: vhost-user.rst VHOST_USER_BACKEND_IOTLB_MSG
+    CONFIG_CHANGE_MSG = 2  #: vhost-user.rst VHOST_USER_BACKEND_CONFIG_CHANGE_MSG
+    VRING_HOST_NOTIFIER_MSG = 3  #: vhost-user.rst VHOST_USER_BACKEND_VRING_HOST_NOTIFIER_MSG
+    VRING_CALL = 4  #: vhost-user.rst VHOST_USER_BACKEND_VRING_CALL
+    VRING_ERR = 5  #: vhost-user.rst VHOST_USER_BACKEND_VRING_ERR
 
 
 class HeaderFlag(IntFlag):

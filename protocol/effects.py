@@ -24,6 +24,7 @@ __all__ = [
     "Outcome",
     "RemoveRegion",
     "ResetDevice",
+    "SetBackendChannel",
     "SetMemory",
     "SetVringFd",
     "StartQueue",
@@ -62,6 +63,13 @@ class RemoveRegion:
 
     region: MemoryRegion
     memory: GuestMemory | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetBackendChannel:
+    """The socket for messages the backend starts (config changes); close the old one."""
+
+    fd: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,7 @@ Effect = (
     | AddRegion
     | RemoveRegion
     | SetVringFd
+    | SetBackendChannel
     | StartQueue
     | StopQueue
     | EnableQueue
@@ -136,6 +145,6 @@ class Outcome:
         for e in self.effects:
             if isinstance(e, SetMemory):
                 kept.update(e.fds)
-            elif isinstance(e, AddRegion | SetVringFd) and e.fd is not None:
+            elif isinstance(e, AddRegion | SetVringFd | SetBackendChannel) and e.fd is not None:
                 kept.add(e.fd)
         return frozenset(kept)

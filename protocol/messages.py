@@ -17,7 +17,15 @@ import struct
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
-from .codes import HEADER_SIZE, MAX_FDS, MAX_PAYLOAD_SIZE, VERSION, HeaderFlag, Request
+from .codes import (
+    HEADER_SIZE,
+    MAX_FDS,
+    MAX_PAYLOAD_SIZE,
+    VERSION,
+    BackendRequest,
+    HeaderFlag,
+    Request,
+)
 from .errors import FdCountError, HeaderError, UnknownRequestError, VhostUserError
 from .payloads import (
     U64,
@@ -43,6 +51,7 @@ __all__ = [
     "Message",
     "MessageDecoder",
     "RequestRule",
+    "encode_backend_request",
     "encode_message",
     "encode_reply",
 ]
@@ -306,6 +315,15 @@ def encode_message(request: Request, payload: Payload, *, need_reply: bool = Fal
     """A front-end request as bytes (for test frontends and fuzzers)."""
     flags = VERSION | (HeaderFlag.NEED_REPLY if need_reply else 0)
     return Message(request, flags, payload).to_bytes()
+
+
+def encode_backend_request(
+    request: BackendRequest, payload: Payload | None = None, *, need_reply: bool = False
+) -> bytes:
+    """A message the backend starts, on the backend channel (SET_BACKEND_REQ_FD)."""
+    body = payload.to_bytes() if payload is not None else b""
+    flags = VERSION | (HeaderFlag.NEED_REPLY if need_reply else 0)
+    return Header(request, flags, len(body)).to_bytes() + body
 
 
 def encode_reply(request: int, payload: Payload) -> bytes:

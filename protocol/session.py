@@ -39,6 +39,7 @@ from .effects import (
     Outcome,
     RemoveRegion,
     ResetDevice,
+    SetBackendChannel,
     SetMemory,
     SetVringFd,
     StartQueue,
@@ -79,7 +80,9 @@ __all__ = [
 
 #: CONFIG (the guest reads the balloon config through us; without it the guest sees
 #: num_pages = 0xffffffff) and REPLY_ACK (QEMU then waits for each fd message to land).
-DEFAULT_PROTOCOL_FEATURES = ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK
+DEFAULT_PROTOCOL_FEATURES = (
+    ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK | ProtocolFeature.BACKEND_REQ
+)
 #: Regions we accept with CONFIGURE_MEM_SLOTS: RAM blocks plus hot-plugged DIMMs;
 #: each is one mapping and one fd held open for as long as the guest runs.
 MAX_MEM_SLOTS = 32
@@ -140,6 +143,9 @@ SESSION_TRANSITIONS: Final[dict[tuple[SessionState, Request], SessionState]] = {
     (SessionState.OWNED, Request.SET_PROTOCOL_FEATURES): SessionState.ACTIVE,
     **{(SessionState.ACTIVE, r): SessionState.ACTIVE for r in _DEVICE_REQUESTS},
     (SessionState.ACTIVE, Request.RESET_OWNER): SessionState.NEGOTIATED,
+    # QEMU sets up the backend channel right after the protocol features, before SET_OWNER.
+    (SessionState.NEGOTIATED, Request.SET_BACKEND_REQ_FD): SessionState.NEGOTIATED,
+    (SessionState.ACTIVE, Request.SET_BACKEND_REQ_FD): SessionState.ACTIVE,
 }
 
 _IDLE, _STARTED = QueueState.IDLE, QueueState.STARTED
@@ -164,6 +170,7 @@ _NEEDS_FEATURE: Final[dict[Request, ProtocolFeature]] = {
     Request.GET_CONFIG: ProtocolFeature.CONFIG,
     Request.SET_CONFIG: ProtocolFeature.CONFIG,
     Request.GET_MAX_MEM_SLOTS: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    Request.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
     Request.ADD_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
     Request.REM_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
 }
@@ -220,6 +227,7 @@ class Session:
             Request.SET_VRING_ERR: self._set_vring_fd,
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             Request.SET_CONFIG: self._set_config,
         }
 
@@ -553,6 +561,10 @@ class Session:
             )
         vring.enabled = bool(msg.payload.num)
         return self._ack(msg, EnableQueue(vring.index, vring.enabled))
+
+    # -- backend channel -----------------------------------------------------------
+    def _set_backend_req_fd(self, msg: Message) -> Outcome:
+        return self._ack(msg, SetBackendChannel(msg.fds[0]))
 
     # -- config ------------------------------------------------------------------
     def _get_config(self, msg: Message) -> Outcome:

@@ -9,13 +9,15 @@
 #   vub.settle=S    seconds to wait after each free for reports (default 40)
 #   vub.hold=S      seconds to hold the allocation (default 2)
 #   vub.idle=S      seconds to idle after boot before the first round (default 3)
+#   vub.watch=S     before the rounds, print meminfo every second for S seconds
+#                   (default 0), e.g. while the host resizes the balloon
 # Markers start with "VUB:" so the runner can follow along.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 
-order= mib=1024 rounds=1 settle=40 hold=2 idle=3
+order= mib=1024 rounds=1 settle=40 hold=2 idle=3 watch=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vub.order=*) order=${arg#vub.order=} ;;
@@ -24,6 +26,7 @@ for arg in $(cat /proc/cmdline); do
         vub.settle=*) settle=${arg#vub.settle=} ;;
         vub.hold=*) hold=${arg#vub.hold=} ;;
         vub.idle=*) idle=${arg#vub.idle=} ;;
+        vub.watch=*) watch=${arg#vub.watch=} ;;
     esac
 done
 
@@ -46,6 +49,15 @@ mkdir -p /work
 mount -t tmpfs -o size=95% tmpfs /work
 sleep "$idle"
 meminfo idle
+if [ "$watch" -gt 0 ]; then
+    echo "VUB: watching"
+    j=0
+    while [ "$j" -lt "$watch" ]; do
+        meminfo watch
+        sleep 1
+        j=$((j + 1))
+    done
+fi
 echo "VUB: ready"
 i=1
 while [ "$i" -le "$rounds" ]; do

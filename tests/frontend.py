@@ -172,12 +172,16 @@ class FakeFrontend:
         reply = await self.request(request, payload, fds, need_reply=True)
         assert reply == struct.pack("=Q", 0), f"{request.name} failed: {reply!r}"
 
-    async def handshake(self, protocol: int = QEMU_PROTOCOL) -> int:
-        """QEMU's first exchange; returns the features the backend offered."""
+    async def handshake(self, protocol: int = QEMU_PROTOCOL, backend_fd: int | None = None) -> int:
+        """QEMU's first exchange; returns the features the backend offered. With
+        ``backend_fd`` (and BACKEND_REQ in ``protocol``), the backend channel is set up
+        where QEMU does it: after the protocol features, before SET_OWNER."""
         offered = await self.request(Request.GET_FEATURES, expect_reply=True)
         assert offered is not None
         await self.request(Request.GET_PROTOCOL_FEATURES, expect_reply=True)
         await self.request(Request.SET_PROTOCOL_FEATURES, U64(protocol))
+        if backend_fd is not None:
+            await self.ack(Request.SET_BACKEND_REQ_FD, Empty(), [backend_fd])
         await self.request(Request.SET_OWNER)
         await self.request(Request.GET_FEATURES, expect_reply=True)
         for i, q in enumerate(self.fds):

@@ -8,7 +8,9 @@ the guest RAM memfd's allocated blocks from outside (through QEMU's fd in /proc)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -227,3 +229,62 @@ def test_init_on_free_guest_reports_with_page_poison(env: Env) -> None:
     assert bits[4] == "1" and bits[5] == "1", bits  # PAGE_POISON and REPORTING accepted
     assert_memory_comes_back(run, 512 * MiB)
     assert run.metric("vhost_user_balloon_discard_skipped_bytes_total", reason="poison") == 0
+
+
+def balloon(path: Path, vm: str, target: int | None = None) -> dict[str, object]:
+    request: dict[str, object] = {"vm": vm}
+    if target is not None:
+        request["target_bytes"] = target
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        return dict(json.loads(s.makefile("rb").readline()))
+
+
+def mem_total_series(run: GuestRun) -> list[tuple[float, int]]:
+    out = []
+    for t, line in run.console:
+        if "VUB: meminfo watch " in line:
+            fields = dict(f.split(":") for f in line.split()[3:])
+            out.append((t, int(fields["MemTotal"]) * 1024))
+    return out
+
+
+def test_inflate_and_deflate_a_real_guest(env: Env, tmp_path: Path) -> None:
+    """Through the control socket: the guest gives up 512 MiB (its MemTotal drops: the
+    balloon does not offer DEFLATE_ON_OOM), then takes it back."""
+    ctl = tmp_path / "control.sock"
+    steps: dict[str, float] = {}
+
+    def drive(run: GuestRun, sample: Sample) -> None:
+        if "watching" not in run.markers:
+            return
+        if "inflate" not in steps and run.now() > run.markers["watching"] + 3:
+            assert balloon(ctl, "guest", 512 * MiB)["ok"]
+            steps["inflate"] = run.now()
+        elif "inflate" in steps and "deflate" not in steps and run.now() > steps["inflate"] + 15:
+            steps["actual"] = run.metric("vhost_user_balloon_balloon_actual_bytes")
+            assert balloon(ctl, "guest", 0)["ok"]
+            steps["deflate"] = run.now()
+
+    spec = GuestSpec(
+        kernel="6.1", rounds=0, append="vub.watch=45", daemon_args=("--control-socket", str(ctl))
+    )
+    run = run_guest(spec, env, on_sample=drive)
+    assert "inflate" in steps and "deflate" in steps, run.console[-10:]
+    totals = mem_total_series(run)
+    before = [m for t, m in totals if t < steps["inflate"]][-1]
+    inflated = [m for t, m in totals if steps["inflate"] + 5 < t < steps["deflate"]]
+    after = [m for t, m in totals if t > steps["deflate"] + 5]
+    print(
+        f"\nguest MemTotal {before / MiB:.0f} -> {min(inflated) / MiB:.0f} -> "
+        f"{after[-1] / MiB:.0f} MiB; balloon actual {steps['actual'] / MiB:.0f} MiB; "
+        f"inflated {run.metric('vhost_user_balloon_balloon_inflated_bytes_total') / MiB:.0f}"
+        f" MiB, deflated {run.metric('vhost_user_balloon_balloon_deflated_bytes_total') / MiB:.0f} MiB"
+    )
+    assert before - min(inflated) >= 500 * MiB
+    assert after[-1] >= before - 16 * MiB
+    assert steps["actual"] == 512 * MiB
+    assert run.metric("vhost_user_balloon_balloon_inflated_bytes_total") >= 512 * MiB
+    assert run.metric("vhost_user_balloon_balloon_deflated_bytes_total") >= 512 * MiB

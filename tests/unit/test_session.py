@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vhost_user_balloon.protocol import (
+    DEFAULT_PROTOCOL_FEATURES,
     REQUEST_RULES,
     U64,
     BalloonFeature,
@@ -116,7 +117,7 @@ def test_full_capture_replies_and_poweroff() -> None:
         by_name.setdefault(name, []).append(reply)
     assert by_name["GET_FEATURES"][0] == encode_reply(Request.GET_FEATURES, U64(device_features))
     assert by_name["GET_PROTOCOL_FEATURES"][0] == encode_reply(
-        Request.GET_PROTOCOL_FEATURES, U64(0x208)
+        Request.GET_PROTOCOL_FEATURES, U64(DEFAULT_PROTOCOL_FEATURES)
     )
     # NEED_REPLY messages are acked with 0, the others get no reply.
     assert set(by_name["SET_VRING_CALL"]) == {encode_reply(Request.SET_VRING_CALL, U64(0))}
@@ -213,7 +214,7 @@ def test_unoffered_features_are_refused() -> None:
         s.handle(msg(Request.SET_FEATURES, U64(1 << 3)))
     assert err.value.reason == "unoffered_features"
     with pytest.raises(PayloadError):
-        Session().handle(msg(Request.SET_PROTOCOL_FEATURES, U64(1 << 5 | 0x208)))
+        Session().handle(msg(Request.SET_PROTOCOL_FEATURES, U64(1 << 0 | 0x208)))  # MQ
 
 
 def test_unsupported_and_unnegotiated_requests_are_recoverable() -> None:

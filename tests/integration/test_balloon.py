@@ -1,0 +1,120 @@
+"""Inflate and deflate: the daemon sets a target through the control socket, tells QEMU
+over the backend channel, and frees the pages the guest puts into the balloon."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from pathlib import Path
+
+import trio
+from daemon_helpers import sample
+from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
+
+from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
+from vhost_user_balloon.protocol import Config, Request
+
+PFNS_AT = 12 * MiB  # where the test guest writes its page frame arrays
+
+
+async def control(path: Path, request: dict[str, object]) -> dict[str, object]:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(str(path))
+    await sock.send(json.dumps(request).encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await sock.recv(4096)
+        assert chunk
+        data += chunk
+    sock.close()
+    return dict(json.loads(data))
+
+
+def post_pfns(fe: FakeFrontend, guest: GuestMemfd, queue: int, pfns: list[int]) -> None:
+    """Like Linux: arrays of at most 256 frame numbers, one buffer each."""
+    for i in range(0, len(pfns), 256):
+        chunk = pfns[i : i + 256]
+        at = PFNS_AT + 4 * i
+        guest.ram.write(at, struct.pack(f"<{len(chunk)}I", *chunk))
+        fe.rings[queue].add_chain([(at, 4 * len(chunk), False)])
+    fe.kick(queue)
+
+
+async def test_inflate_frees_the_guests_pages_and_deflate_gives_them_back(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    ctl = tmp_path / "control.sock"
+    daemon = Daemon([VmSpec("vm", tmp_path / "vm.sock")], metrics=Metrics(), control_socket=ctl)
+    await nursery.start(daemon.run)
+    assert ctl.stat().st_mode & 0o777 == 0o600
+    guest = GuestMemfd(32 * MiB)
+    ours, qemus = socket.socketpair()  # QEMU's backend channel: it keeps one end
+    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
+    try:
+        await fe.handshake(protocol=0x228, backend_fd=ours.fileno())
+        ours.close()
+        await fe.start()
+        assert (await control(ctl, {"vm": "vm"}))["target_bytes"] == 0
+
+        reply = await control(ctl, {"vm": "vm", "target_bytes": 2 * MiB})
+        assert reply["ok"] and reply["target_bytes"] == 2 * MiB
+        qemus.settimeout(5)
+        assert struct.unpack("=III", qemus.recv(12)) == (2, 1, 0)  # CONFIG_CHANGE_MSG
+        num_pages = struct.unpack("<I", (await fe.get_config())[:4])[0]
+        assert num_pages == 512
+
+        # The guest gives up 512 pages, populated, with a canary page right after.
+        guest.populate(16 * MiB, 2 * MiB + PAGE)
+        guest.populate(PFNS_AT, 2 * PAGE)  # the page frame arrays live here
+        before = guest.allocated()
+        post_pfns(fe, guest, 0, [(16 * MiB) // PAGE + i for i in range(512)])
+        for _ in range(2):
+            await fe.wait_call(0)
+            with trio.move_on_after(0.2):
+                while fe.rings[0].used_idx() < 2:
+                    await trio.sleep(0.01)
+        assert fe.rings[0].used_idx() == 2
+        assert before - guest.allocated() == 2 * MiB
+        assert guest.file_page_present(18 * MiB)  # the canary
+        await fe.ack(Request.SET_CONFIG, Config(0, 16, 0, struct.pack("<IIII", 512, 512, 0, 0)))
+        assert sample(daemon, "balloon_actual_bytes", vm="vm") == 2 * MiB
+        assert sample(daemon, "balloon_inflated_bytes_total", vm="vm") == 2 * MiB
+        assert sample(daemon, "balloon_target_bytes", vm="vm") == 2 * MiB
+
+        # Deflate: back to 0; the pages simply come back when the guest touches them.
+        await control(ctl, {"vm": "vm", "target_bytes": 0})
+        assert struct.unpack("=III", qemus.recv(12)) == (2, 1, 0)
+        post_pfns(fe, guest, 1, [(16 * MiB) // PAGE + i for i in range(512)])
+        with trio.fail_after(5):
+            while fe.rings[1].used_idx() < 2:
+                await trio.sleep(0.01)
+        assert sample(daemon, "balloon_deflated_bytes_total", vm="vm") == 2 * MiB
+
+        bad = await control(ctl, {"vm": "nope", "target_bytes": 1})
+        assert not bad["ok"] and "no VM named" in str(bad["error"])
+        bad = await control(ctl, {"vm": "vm", "target_bytes": -1})
+        assert not bad["ok"]
+    finally:
+        await fe.aclose()
+        qemus.close()
+        guest.close()
+
+
+async def test_without_a_backend_channel_the_target_is_refused(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    ctl = tmp_path / "control.sock"
+    daemon = Daemon([VmSpec("vm", tmp_path / "vm.sock")], metrics=Metrics(), control_socket=ctl)
+    await nursery.start(daemon.run)
+    guest = GuestMemfd(16 * MiB)
+    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
+    try:
+        await fe.handshake()  # QEMU that did not negotiate BACKEND_REQ
+        await fe.start()
+        reply = await control(ctl, {"vm": "vm", "target_bytes": MiB})
+        assert not reply["ok"] and "backend channel" in str(reply["error"])
+        assert (await control(ctl, {"vm": "vm"}))["target_bytes"] == 0
+    finally:
+        await fe.aclose()
+        guest.close()
