@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         "vhost_user_balloon_guest_* metrics (default 5; 0 keeps the first numbers)",
     )  # fmt: skip
     p.add_argument(
+        "--deflate-on-oom", action="store_true",
+        help="offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: a guest about to run out of memory "
+        "takes pages back from the balloon by itself (its MemTotal then does not shrink "
+        "when the balloon grows)",
+    )  # fmt: skip
+    p.add_argument(
         "--control-socket", metavar="PATH",
         help="serve the balloon control socket here (mode 0600): "
         "'vhost-user-balloon balloon VM SIZE' sets how much memory a guest gives up",
@@ -140,6 +146,7 @@ def settings_from_args(args: argparse.Namespace, activated: Mapping[str, str]) -
         allow_groups=args.allow_group,
         no_discard=args.no_discard,
         stats_interval=args.stats_interval,
+        deflate_on_oom=args.deflate_on_oom,
         control_socket=args.control_socket,
     )
 
@@ -161,6 +168,7 @@ async def run(
         metrics_listen=settings.metrics_listen,
         access=settings.access,
         stats_interval=settings.stats_interval,
+        deflate_on_oom=settings.deflate_on_oom,
         control_socket=settings.control_socket,
         inherited=activated,
         notifier=Notifier(),

@@ -75,6 +75,7 @@ class Settings:
     log_level: str = "info"
     access: Access = Access()
     stats_interval: float = 5.0
+    deflate_on_oom: bool = False
     control_socket: Path | None = None
 
 
@@ -162,6 +163,7 @@ def load_settings(
     allow_groups: Sequence[str] = (),
     no_discard: bool = False,
     stats_interval: float | None = None,
+    deflate_on_oom: bool = False,
     control_socket: str | None = None,
     activated: Mapping[str, str] | None = None,
 ) -> Settings:
@@ -183,6 +185,7 @@ def load_settings(
         "discard",
         "socket_group",
         "stats_interval",
+        "deflate_on_oom",
         "control_socket",
         "allow_users",
         "allow_groups",
@@ -245,6 +248,7 @@ def load_settings(
     return Settings(
         control_socket=control_path,
         stats_interval=float(interval),
+        deflate_on_oom=deflate_on_oom or bool(data.get("deflate_on_oom", False)),
         vms=tuple(vms),
         metrics_listen=parse_listen(str(listen)),
         log_format=_choice(

@@ -28,6 +28,7 @@ import structlog
 import trio
 
 from vhost_user_balloon.protocol import (
+    DEFAULT_FEATURES,
     GUEST_PAGE_SIZE,
     MAX_FDS,
     AddRegion,
@@ -92,6 +93,7 @@ class VmConnection:
         discard: bool = True,
         discard_limiter: trio.CapacityLimiter | None = None,
         stats_interval: float = DEFAULT_STATS_INTERVAL_S,
+        features: int = DEFAULT_FEATURES,
     ) -> None:
         self.vm = vm
         self.sock = sock
@@ -100,7 +102,7 @@ class VmConnection:
         self.metrics = metrics
         self.discard = discard
         self.discard_limiter = discard_limiter or trio.CapacityLimiter(2)
-        self.device = BalloonDevice()
+        self.device = BalloonDevice(features)
         self.session = Session(self.device)
         self.decoder = MessageDecoder()
         self.memory = VmMemory()

@@ -22,6 +22,8 @@ from typing import Final
 import structlog
 import trio
 
+from vhost_user_balloon.protocol import DEFAULT_FEATURES, BalloonFeature
+
 from .config import Access, VmSpec
 from .connection import DEFAULT_STATS_INTERVAL_S, VmConnection
 from .control import serve_control
@@ -144,6 +146,7 @@ class Daemon:
         metrics_listen: tuple[str, int] | None = None,
         access: Access | None = None,
         stats_interval: float = DEFAULT_STATS_INTERVAL_S,
+        deflate_on_oom: bool = False,
         control_socket: Path | None = None,
         inherited: Mapping[str, int] | None = None,
         notifier: Notifier | None = None,
@@ -154,6 +157,8 @@ class Daemon:
         self.metrics_address: tuple[str, int] | None = None
         self.access = access if access is not None else Access()
         self.stats_interval = stats_interval
+        #: offer DEFLATE_ON_OOM: a guest short of memory takes pages back by itself
+        self.features = DEFAULT_FEATURES | (BalloonFeature.DEFLATE_ON_OOM if deflate_on_oom else 0)
         self.control_socket = control_socket
         self._control: _Listener | None = None
         #: listening sockets passed by systemd, by VM name (socket activation)
@@ -328,6 +333,7 @@ class Daemon:
                 discard=vm.discard,
                 discard_limiter=self.discard_limiter,
                 stats_interval=self.stats_interval,
+                features=self.features,
             )
             self.connections[vm.name] = conn
             assert self._nursery is not None

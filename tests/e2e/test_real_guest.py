@@ -288,3 +288,42 @@ def test_inflate_and_deflate_a_real_guest(env: Env, tmp_path: Path) -> None:
     assert after[-1] >= before - 16 * MiB
     assert steps["actual"] == 512 * MiB
     assert inflated_total >= 512 * MiB and deflated_total >= 512 * MiB
+
+
+def test_a_guest_short_of_memory_deflates_by_itself(env: Env, tmp_path: Path) -> None:
+    """With --deflate-on-oom the guest's MemTotal stays put when the balloon grows, and a
+    guest that then needs the memory takes pages back from the balloon by itself."""
+    ctl = tmp_path / "control.sock"
+    steps: dict[str, float] = {}
+
+    def drive(run: GuestRun, sample: Sample) -> None:
+        ready = "watching" in run.markers and run.now() > run.markers["watching"] + 2
+        if ready and "inflate" not in steps:
+            assert balloon(ctl, "guest", 1536 * MiB)["ok"]
+            steps["inflate"] = run.now()
+        if "inflate" in steps and "inflated" not in steps:
+            actual = run.metric("vhost_user_balloon_balloon_actual_bytes")
+            if actual >= 1536 * MiB:
+                steps["inflated"] = run.now()
+
+    spec = GuestSpec(
+        kernel="6.1",
+        workload_mib=1024,
+        settle_s=10,
+        append="vub.watch=25",
+        daemon_args=("--control-socket", str(ctl), "--deflate-on-oom"),
+    )
+    run = run_guest(spec, env, on_sample=drive)
+    assert "inflated" in steps, "the balloon never reached 1536 MiB before the workload"
+    totals = mem_total_series(run)
+    assert max(m for _, m in totals) - min(m for _, m in totals) < 16 * MiB  # MemTotal stays
+    assert "allocated round=1" in run.markers  # the workload got its 1 GiB
+    deflated = run.metric("vhost_user_balloon_balloon_deflated_bytes_total")
+    actual = metric_at(
+        run, run.marker("allocated round=1"), "vhost_user_balloon_balloon_actual_bytes"
+    )
+    print(
+        f"\nballoon 1536 MiB -> {actual / MiB:.0f} MiB while the guest allocated 1 GiB; "
+        f"deflated {deflated / MiB:.0f} MiB by itself"
+    )
+    assert deflated > 0 and actual < 1536 * MiB
