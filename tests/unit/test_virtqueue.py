@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from vhost_user_balloon.protocol import (
     MAX_STATS_BYTES,
     AddressError,
+    BalloonDevice,
     BalloonStat,
     Chain,
     Descriptor,
@@ -26,6 +27,7 @@ from vhost_user_balloon.protocol import (
     SplitQueue,
     StatsError,
     VhostUserError,
+    balloon_pages,
     need_event,
     read_stats,
     report_ranges,
@@ -370,3 +372,34 @@ def test_stats_buffer_of_odd_length_or_outside_ram() -> None:
     with pytest.raises(StatsError) as err:
         read_stats(outside, ram.guest_memory())
     assert err.value.reason == "stats_outside_ram"
+
+
+# -- inflate/deflate page arrays -------------------------------------------------------
+def test_balloon_page_arrays() -> None:
+    ram = GuestRam.flat(4 * MiB)
+    mem = ram.guest_memory()
+    ram.write(0x4000, struct.pack("<3I", 16, 17, 5000))  # the last is past the 4 MiB of RAM
+    chain = Chain(0, (Descriptor(0x4000, 12, False, mem.find_gpa(0x4000, 12)),))
+    pages = balloon_pages(chain, mem)
+    assert [(p.gpa, p.length, p.order) for p in pages] == [
+        (16 * 4096, 4096, 0),
+        (17 * 4096, 4096, 0),
+        (5000 * 4096, 4096, 0),
+    ]
+    assert pages[0].location is not None and pages[2].location is None
+    for bad, reason in (
+        (Chain(0, (Descriptor(0x4000, 6, False, mem.find_gpa(0x4000, 6)),)), "pfn_bad_length"),
+        (Chain(0, (Descriptor(0x4000, 8, True, mem.find_gpa(0x4000, 8)),)), "pfn_bad_buffer"),
+        (Chain(0, (Descriptor(8 * MiB, 8, False, None),)), "pfn_bad_buffer"),
+    ):
+        with pytest.raises(ReportError) as err:
+            balloon_pages(bad, mem)
+        assert err.value.reason == reason
+
+
+def test_balloon_target_must_fit_the_config_field() -> None:
+    device = BalloonDevice()
+    device.set_target(1 << 20)
+    assert device.read_config(0, 4) == struct.pack("<I", 1 << 20)
+    with pytest.raises(LocalProtocolError):
+        device.set_target(1 << 32)
