@@ -114,7 +114,15 @@ from .session import (
     Vring,
 )
 from .stats import MAX_STATS_BYTES, STAT_SIZE, BalloonStat, read_stats
-from .virtqueue import Chain, DescFlag, Descriptor, SplitQueue, check_queue_size, need_event
+from .virtqueue import (
+    Chain,
+    DescFlag,
+    Descriptor,
+    SplitQueue,
+    check_queue_size,
+    need_event,
+    read_readable,
+)
 
 __all__ = [
     "CONFIG_MISSING_HELP",
@@ -218,6 +226,7 @@ __all__ = [
     "encode_reply",
     "need_event",
     "queue_layout",
+    "read_readable",
     "read_stats",
     "report_ranges",
     "validate_regions",

@@ -20,7 +20,7 @@ from enum import Enum, IntFlag
 from .codes import VirtioFeature
 from .errors import LocalProtocolError, PayloadError, ReportError
 from .memory import GuestMemory, Location
-from .virtqueue import Chain
+from .virtqueue import Chain, read_readable
 
 __all__ = [
     "CONFIG_SIZE",
@@ -175,25 +175,17 @@ def balloon_pages(chain: Chain, mem: GuestMemory) -> tuple[ReportedRange, ...]:
     """The 4 KiB pages named by an inflate or deflate buffer: an array of le32 page
     frame numbers (virtio 1.2 5.5.6.1), device-readable, at most MAX_PFN_BYTES. Each
     page comes back as an order-0 range, ``location`` None if it is not in guest RAM."""
-    total = chain.total_length
-    if total > MAX_PFN_BYTES or total % 4:
-        raise ReportError(
-            f"page array of {total} bytes is not whole 4-byte frame numbers of at most "
-            f"{MAX_PFN_BYTES} bytes",
-            reason="pfn_bad_length",
-            length=total,
-        )
-    data = bytearray()
-    for i, d in enumerate(chain.descriptors):
-        if d.writable or d.location is None:
-            raise ReportError(
-                f"page array part {i} is device-writable or outside guest RAM",
-                reason="pfn_bad_buffer",
-                entry=i,
-            )
-        data += mem.read_gpa(d.addr, d.length)
+    data = read_readable(
+        chain,
+        mem,
+        what="page array",
+        unit=_PFN.size,
+        limit=MAX_PFN_BYTES,
+        error=ReportError,
+        prefix="pfn",
+    )
     out = []
-    for (pfn,) in _PFN.iter_unpack(bytes(data)):
+    for (pfn,) in _PFN.iter_unpack(data):
         gpa = pfn * GUEST_PAGE_SIZE
         out.append(ReportedRange(gpa, GUEST_PAGE_SIZE, 0, mem.find_gpa(gpa, GUEST_PAGE_SIZE)))
     return tuple(out)

@@ -14,7 +14,7 @@ from enum import IntEnum
 
 from .errors import StatsError
 from .memory import GuestMemory
-from .virtqueue import Chain
+from .virtqueue import Chain, read_readable
 
 __all__ = ["MAX_STATS_BYTES", "STAT_SIZE", "BalloonStat", "read_stats"]
 
@@ -53,27 +53,13 @@ def read_stats(chain: Chain, mem: GuestMemory) -> tuple[tuple[int, int], ...]:
     """The (tag, value) pairs in a stats buffer, or ``StatsError`` if it is malformed:
     a device-writable part, a part outside guest RAM, a length that is not whole
     entries, or more than MAX_STATS_BYTES."""
-    total = chain.total_length
-    if total > MAX_STATS_BYTES or total % STAT_SIZE:
-        raise StatsError(
-            f"stats buffer of {total} bytes is not whole {STAT_SIZE}-byte entries of at "
-            f"most {MAX_STATS_BYTES} bytes",
-            reason="stats_bad_length",
-            length=total,
-        )
-    data = bytearray()
-    for i, d in enumerate(chain.descriptors):
-        if d.writable:
-            raise StatsError(
-                f"stats buffer part {i} is device-writable; stats are device-readable",
-                reason="stats_writable",
-                entry=i,
-            )
-        if d.location is None:
-            raise StatsError(
-                f"stats buffer part {i} at {d.addr:#x}+{d.length:#x} is outside guest RAM",
-                reason="stats_outside_ram",
-                entry=i,
-            )
-        data += mem.read_gpa(d.addr, d.length)
+    data = read_readable(
+        chain,
+        mem,
+        what="stats buffer",
+        unit=STAT_SIZE,
+        limit=MAX_STATS_BYTES,
+        error=StatsError,
+        prefix="stats",
+    )
     return tuple(_STAT.unpack_from(data, off) for off in range(0, len(data), STAT_SIZE))

@@ -25,10 +25,24 @@ from dataclasses import dataclass
 from enum import IntFlag
 
 from .codes import MAX_QUEUE_SIZE
-from .errors import DescriptorError, LocalProtocolError, QueueError, RingError
+from .errors import (
+    DescriptorError,
+    LocalProtocolError,
+    QueueError,
+    RemoteProtocolError,
+    RingError,
+)
 from .memory import GuestMemory, Location
 
-__all__ = ["Chain", "DescFlag", "Descriptor", "SplitQueue", "check_queue_size", "need_event"]
+__all__ = [
+    "Chain",
+    "DescFlag",
+    "Descriptor",
+    "SplitQueue",
+    "check_queue_size",
+    "need_event",
+    "read_readable",
+]
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -336,3 +350,42 @@ class SplitQueue:
             return True
         used_event = _U16.unpack(mem.read_uva(self.avail_addr + 4 + 2 * self.size, 2))[0]
         return need_event(used_event, self.used_idx, old)
+
+
+def read_readable(
+    chain: Chain,
+    mem: GuestMemory,
+    *,
+    what: str,
+    unit: int,
+    limit: int,
+    error: type[RemoteProtocolError],
+    prefix: str,
+) -> bytes:
+    """The bytes of a device-readable buffer made of whole ``unit``-byte entries, at most
+    ``limit`` bytes, every part inside guest RAM. Otherwise ``error`` with the reason
+    ``{prefix}_bad_length``, ``{prefix}_writable`` or ``{prefix}_outside_ram``. The bytes
+    are copied once, so the guest cannot change them under the caller."""
+    total = chain.total_length
+    if total > limit or total % unit:
+        raise error(
+            f"{what} of {total} bytes is not whole {unit}-byte entries of at most {limit} bytes",
+            reason=f"{prefix}_bad_length",
+            length=total,
+        )
+    data = bytearray()
+    for i, d in enumerate(chain.descriptors):
+        if d.writable:
+            raise error(
+                f"{what} part {i} is device-writable; it must be device-readable",
+                reason=f"{prefix}_writable",
+                entry=i,
+            )
+        if d.location is None:
+            raise error(
+                f"{what} part {i} at {d.addr:#x}+{d.length:#x} is outside guest RAM",
+                reason=f"{prefix}_outside_ram",
+                entry=i,
+            )
+        data += mem.read_gpa(d.addr, d.length)
+    return bytes(data)

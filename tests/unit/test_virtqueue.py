@@ -389,8 +389,8 @@ def test_balloon_page_arrays() -> None:
     assert pages[0].location is not None and pages[2].location is None
     for bad, reason in (
         (Chain(0, (Descriptor(0x4000, 6, False, mem.find_gpa(0x4000, 6)),)), "pfn_bad_length"),
-        (Chain(0, (Descriptor(0x4000, 8, True, mem.find_gpa(0x4000, 8)),)), "pfn_bad_buffer"),
-        (Chain(0, (Descriptor(8 * MiB, 8, False, None),)), "pfn_bad_buffer"),
+        (Chain(0, (Descriptor(0x4000, 8, True, mem.find_gpa(0x4000, 8)),)), "pfn_writable"),
+        (Chain(0, (Descriptor(8 * MiB, 8, False, None),)), "pfn_outside_ram"),
     ):
         with pytest.raises(ReportError) as err:
             balloon_pages(bad, mem)
