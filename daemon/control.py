@@ -21,6 +21,7 @@ import trio
 from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, VhostUserError
 
 from .connection import VmConnection
+from .http import receive_until
 
 __all__ = ["MAX_CONTROL_REQUEST", "handle_request", "serve_control"]
 
@@ -70,13 +71,7 @@ async def serve_control(
 ) -> None:
     async def handler(stream: trio.SocketStream) -> None:
         try:
-            data = b""
-            with trio.move_on_after(_TIMEOUT_S):
-                while b"\n" not in data and len(data) < MAX_CONTROL_REQUEST:
-                    chunk = await stream.receive_some(1024)
-                    if not chunk:
-                        break
-                    data += chunk
+            data = await receive_until(stream, b"\n", MAX_CONTROL_REQUEST, _TIMEOUT_S)
             reply = await handle_request(data.split(b"\n", 1)[0], vms)
             log.info(
                 "control_request",

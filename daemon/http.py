@@ -13,7 +13,13 @@ import structlog
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["MAX_REQUEST_BYTES", "REQUEST_TIMEOUT_S", "open_metrics_listeners", "serve_metrics"]
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "REQUEST_TIMEOUT_S",
+    "open_metrics_listeners",
+    "receive_until",
+    "serve_metrics",
+]
 
 log = structlog.get_logger()
 
@@ -28,6 +34,19 @@ _INDEX = (
 )
 
 
+async def receive_until(stream: trio.SocketStream, end: bytes, limit: int, timeout: float) -> bytes:
+    """What a client sends until ``end``, at most about ``limit`` bytes and ``timeout``
+    seconds: a slow or endless client gets cut off, not waited for."""
+    data = b""
+    with trio.move_on_after(timeout):
+        while end not in data and len(data) < limit:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
 def _response(status: str, content_type: str, body: bytes, head_only: bool) -> bytes:
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
@@ -38,13 +57,7 @@ def _response(status: str, content_type: str, body: bytes, head_only: bool) -> b
 
 async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
     try:
-        data = b""
-        with trio.move_on_after(REQUEST_TIMEOUT_S):
-            while b"\r\n\r\n" not in data and len(data) < MAX_REQUEST_BYTES:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                data += chunk
+        data = await receive_until(stream, b"\r\n\r\n", MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S)
         parts = data.split(b"\r\n", 1)[0].split()
         if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
             reply = _response("400 Bad Request", "text/plain", b"bad request\n", False)
