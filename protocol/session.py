@@ -23,10 +23,10 @@ message that changes memory or queues) to the session, so that reply is exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Any, Final
 
 from .balloon import BalloonDevice, QueueRole, queue_layout
 from .codes import MAX_QUEUES, ProtocolFeature, Request, VirtioFeature
@@ -47,17 +47,20 @@ from .effects import (
 )
 from .errors import (
     ConfigurationError,
+    LocalProtocolError,
     MemoryTableError,
     PayloadError,
     QueueError,
     StateError,
     UnsupportedRequestError,
+    VhostUserError,
 )
 from .memory import GuestMemory
 from .messages import Message, encode_reply
 from .payloads import (
     U64,
     Config,
+    MemoryRegion,
     MemoryRegionMsg,
     MemoryTable,
     Payload,
@@ -72,12 +75,15 @@ __all__ = [
     "MAX_MEM_SLOTS",
     "QUEUE_TRANSITIONS",
     "SESSION_TRANSITIONS",
+    "STATE_VERSION",
     "QueueState",
     "Session",
     "SessionState",
     "Vring",
 ]
 
+#: Version of the ``export_state`` format.
+STATE_VERSION = 1
 #: CONFIG (the guest reads the balloon config through us; without it the guest sees
 #: num_pages = 0xffffffff) and REPLY_ACK (QEMU then waits for each fd message to land).
 DEFAULT_PROTOCOL_FEATURES = (
@@ -257,6 +263,86 @@ class Session:
         outcome = self._handlers[msg.request](msg)
         self.state = next_state
         return outcome
+
+    # -- hand-over ---------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """What another process needs to go on serving this connection, as JSON-able
+        values (the fds travel beside it: the connection, one per region in ``memory``
+        order, and each vring's kick/call/err). The receiving side rebuilds the session
+        with ``Session.restore`` and calls ``SplitQueue.resume_from_used`` on each
+        started queue before serving it."""
+        vrings = []
+        for v in self.vrings:
+            if v.size is None and v.addr is None and not v.enabled and v.base == 0:
+                continue
+            vrings.append({
+                "index": v.index,
+                "state": v.state.value,
+                "size": v.size,
+                "base": v.queue.last_avail_idx if v.queue is not None else v.base,
+                "addr": None if v.addr is None else [
+                    v.addr.flags, v.addr.desc_user_addr, v.addr.used_user_addr,
+                    v.addr.avail_user_addr, v.addr.log_guest_addr],
+                "enabled": v.enabled,
+            })  # fmt: skip
+        c = self.device.config
+        return {
+            "version": STATE_VERSION,
+            "state": self.state.value,
+            "features": self.features,
+            "protocol_features": self.protocol_features,
+            "offered_protocol_features": self.offered_protocol_features,
+            "device_features": self.device.features,
+            "config": [c.num_pages, c.actual, c.free_page_hint_cmd_id, c.poison_val],
+            "memory": None if self.memory is None else [
+                [r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset]
+                for r in self.memory.regions],
+            "queues": len(self.vrings),
+            "vrings": vrings,
+        }  # fmt: skip
+
+    @classmethod
+    def restore(cls, state: Mapping[str, Any]) -> Session:
+        """A session in the state ``export_state`` described, every value checked again:
+        the state crossed a process boundary."""
+        try:
+            if state["version"] != STATE_VERSION:
+                raise ValueError(f"state version {state['version']!r}, expected {STATE_VERSION}")
+            device = BalloonDevice(int(state["device_features"]))
+            (
+                device.config.num_pages,
+                device.config.actual,
+                device.config.free_page_hint_cmd_id,
+                device.config.poison_val,
+            ) = (int(x) for x in state["config"])
+            session = cls(
+                device,
+                protocol_features=int(state["offered_protocol_features"]),
+                max_queues=int(state["queues"]),
+            )
+            session.state = SessionState(state["state"])
+            session.features = int(state["features"])
+            session.protocol_features = int(state["protocol_features"])
+            session.layout = queue_layout(session.features)
+            if state["memory"] is not None:
+                session.memory = GuestMemory(
+                    [MemoryRegion(*(int(x) for x in r)) for r in state["memory"]],
+                    limit=MAX_MEM_SLOTS,
+                )
+            for item in state["vrings"]:
+                v = session.vrings[int(item["index"])]
+                v.size = None if item["size"] is None else check_queue_size(int(item["size"]))
+                v.base = int(item["base"]) & 0xFFFF
+                v.enabled = bool(item["enabled"])
+                if item["addr"] is not None:
+                    v.addr = VringAddr(v.index, *(int(x) for x in item["addr"]))
+                if QueueState(item["state"]) is QueueState.STARTED:
+                    session._start(v)
+        except VhostUserError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise LocalProtocolError(f"cannot restore a session from this state: {err!r}") from err
+        return session
 
     def failure_reply(self, request: int, need_reply: bool) -> bytes | None:
         """The REPLY_ACK failure for a request we rejected but can carry on after."""

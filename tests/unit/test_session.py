@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
+from fakes import DriverRing, GuestRam
 from golden import load_capture
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,6 +22,7 @@ from vhost_user_balloon.protocol import (
     Empty,
     EnableQueue,
     FdKind,
+    LocalProtocolError,
     MemoryRegion,
     MemoryRegionMsg,
     MemoryTable,
@@ -438,3 +441,77 @@ def test_any_message_sequence_gives_effects_or_typed_errors(
         assert out.kept_fds() <= set(fds)
         if m.need_reply or request in (Request.GET_FEATURES, Request.GET_VRING_BASE):
             assert out.reply is not None
+
+
+# -- hand-over to another process (restart without QEMU noticing, issue 9) ---------------
+def started_session() -> Session:
+    records = load_capture("qemu-11.1.3-reporting-stats-6.1.jsonl")
+    cut = next(i for i, r in enumerate(records) if r.name == "GET_CONFIG") + 1
+    session = Session()
+    for r in records[:cut]:
+        dec = MessageDecoder()
+        dec.feed(r.raw, tuple(range(100, 100 + r.nfds)))
+        m = dec.next_message()
+        assert m is not None
+        session.handle(m)
+    return session
+
+
+def test_exported_state_restores_the_same_session() -> None:
+    session = started_session()
+    session.device.config.poison_val = 0
+    q = session.vrings[3].queue
+    assert q is not None
+    q.last_avail_idx = 42
+    state = json.loads(json.dumps(session.export_state()))  # crosses a process boundary
+    restored = Session.restore(state)
+    assert restored.export_state() == session.export_state()
+    assert restored.state is SessionState.ACTIVE and restored.features == 0x1_4000_0022
+    assert [v.index for v in restored.vrings if v.queue is not None] == [0, 1, 2, 3]
+    out = restored.handle(msg(Request.GET_VRING_BASE, VringState(3, 0)))
+    assert out.reply == encode_reply(Request.GET_VRING_BASE, VringState(3, 42))
+    # and the restored session goes on: QEMU's next driver start works as usual
+    assert restored.handle(msg(Request.SET_VRING_NUM, VringState(3, 64))).reply is not None
+
+
+def test_a_chain_taken_but_not_completed_is_taken_again_after_a_restore() -> None:
+    ram = GuestRam.flat(4 << 20)
+    drv = DriverRing(ram, 0x1000, 64, index=3)
+    s = active()
+    s.handle(msg(Request.SET_MEM_TABLE, MemoryTable(ram.memory_regions()), (50,)))
+    s.handle(msg(Request.SET_VRING_NUM, VringState(3, 64)))
+    s.handle(msg(Request.SET_VRING_ADDR, drv.vring_addr()))
+    s.handle(msg(Request.SET_VRING_KICK, VringFile(3, False), (61,)))
+    mem = ram.guest_memory()
+    queue = s.vrings[3].queue
+    assert queue is not None
+    done = drv.add_chain([(2 << 20, 2 << 20, True)])
+    chain = queue.pop(mem)
+    assert chain is not None
+    queue.push(mem, chain.head, 0)
+    in_flight = drv.add_chain([(3 << 20, 1 << 20, True)])
+    assert queue.pop(mem) is not None  # taken... and the process dies here
+    restored = Session.restore(s.export_state())
+    again_queue = restored.vrings[3].queue
+    assert again_queue is not None
+    assert again_queue.resume_from_used(mem) == 1
+    again = again_queue.pop(mem)
+    assert again is not None and again.head == in_flight != done
+    assert again_queue.pop(mem) is None
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda st: st.update(version=99),
+        lambda st: st.pop("features"),
+        lambda st: st.update(state="dancing"),
+        lambda st: st["vrings"].append({"index": 500}),
+        lambda st: st["vrings"][0].update(size=3),
+    ],
+)
+def test_a_damaged_state_is_refused(breakage: object) -> None:
+    state = started_session().export_state()
+    breakage(state)  # type: ignore[operator]
+    with pytest.raises((LocalProtocolError, QueueError)):
+        Session.restore(state)
