@@ -262,6 +262,13 @@ class VmMetrics:
             children[0].inc(blocks)
             children[1].inc(nbytes)
             entries += blocks
+        self.record_discard(discarded, skipped)
+        self.reports.inc()
+        self.entries.observe(entries)
+        self.service.observe(service_seconds)
+
+    def record_discard(self, discarded: int, skipped: Mapping[str, int]) -> None:
+        """Bytes given back to the host, and the bytes that were not, by reason."""
         self.discarded.inc(discarded)
         for reason, n in skipped.items():
             child = self._skipped.get(reason)
@@ -270,6 +277,3 @@ class VmMetrics:
                     vm=self.vm, reason=reason
                 )
             child.inc(n)
-        self.reports.inc()
-        self.entries.observe(entries)
-        self.service.observe(service_seconds)

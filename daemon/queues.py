@@ -23,6 +23,7 @@ import contextlib
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
@@ -36,6 +37,7 @@ from vhost_user_balloon.protocol import (
     GuestMemory,
     QueueRole,
     RemoteProtocolError,
+    ReportedRange,
     ReportError,
     SplitQueue,
     StatsError,
@@ -146,67 +148,36 @@ class QueueRunner:
         memory (same checks, same discard path). Deflate: the guest takes pages back;
         they are simply there again when it touches them (MUST_TELL_HOST is not
         offered). Either way the buffer goes back, malformed or not: the guest waits."""
-        host, vm = self.host, self.host.vm
+        metrics, vm = self.host.metrics, self.host.vm
         try:
             pages = balloon_pages(chain, mem)
         except ReportError as err:
-            log.warning(
-                "balloon_pages_rejected",
-                queue=self.index,
-                reason=err.reason,
-                error=str(err),
-                **err.values,
-            )
-            host.metrics.protocol_errors.labels(vm=vm, reason=err.reason).inc()
+            self._reject("balloon_pages_rejected", err)
             self._complete(chain, mem)
             return
         nbytes = len(pages) * GUEST_PAGE_SIZE
         if self.role is QueueRole.DEFLATE:
             self._complete(chain, mem)
-            host.metrics.balloon_deflated_bytes.labels(vm=vm).inc(nbytes)
+            metrics.balloon_deflated_bytes.labels(vm=vm).inc(nbytes)
             return
-        plan = plan_discards(
-            pages, host.memory, poisoned=not host.device.discard_allowed, inhibited=not host.discard
-        )
-        result = (
-            await trio.to_thread.run_sync(execute, plan, limiter=host.discard_limiter)
-            if plan.punches
-            else DiscardResult(skipped=Counter(plan.skipped))
-        )
+        result = await self._discard(pages)
         self._complete(chain, mem)
-        host.metrics.balloon_inflated_bytes.labels(vm=vm).inc(nbytes)
-        host.metrics.discarded_bytes.labels(vm=vm).inc(result.discarded)
-        for reason, n in result.skipped.items():
-            host.metrics.discard_skipped_bytes.labels(vm=vm, reason=reason).inc(n)
+        metrics.balloon_inflated_bytes.labels(vm=vm).inc(nbytes)
+        self.vm_metrics.record_discard(result.discarded, result.skipped)
 
-    async def _report(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
-        host, vm = self.host, self.host.vm
-        try:
-            ranges = report_ranges(chain)
-        except ReportError as err:
-            log.warning(
-                "report_rejected", queue=self.index, reason=err.reason, error=str(err), **err.values
-            )
-            host.metrics.protocol_errors.labels(vm=vm, reason=err.reason).inc()
-            self._complete(chain, mem)
-            return
+    async def _discard(self, ranges: Sequence[ReportedRange]) -> DiscardResult:
+        """Plan and make the holes for ``ranges`` (reported or inflated memory alike):
+        the punching runs in a worker thread; a failure is logged, never raised."""
+        host = self.host
         plan = plan_discards(
             ranges,
             host.memory,
             poisoned=not host.device.discard_allowed,
             inhibited=not host.discard,
         )
-        if plan.punches:
-            result = await trio.to_thread.run_sync(execute, plan, limiter=host.discard_limiter)
-        else:
-            result = DiscardResult(skipped=Counter(plan.skipped))
-        self._complete(chain, mem)
-        service = time.perf_counter() - seen
-        by_order: dict[int, tuple[int, int]] = {}
-        for r in ranges:
-            blocks, nbytes = by_order.get(r.order, (0, 0))
-            by_order[r.order] = (blocks + 1, nbytes + r.length)
-        self.vm_metrics.record_report(by_order, result.discarded, result.skipped, service)
+        if not plan.punches:
+            return DiscardResult(skipped=Counter(plan.skipped))
+        result = await trio.to_thread.run_sync(execute, plan, limiter=host.discard_limiter)
         if result.errors:
             log.warning(
                 "discard_failed",
@@ -214,6 +185,28 @@ class QueueRunner:
                 error=str(result.errors[0]),
                 failures=len(result.errors),
             )
+        return result
+
+    def _reject(self, event: str, err: RemoteProtocolError) -> None:
+        """Log and count a buffer the guest got wrong."""
+        log.warning(event, queue=self.index, reason=err.reason, error=str(err), **err.values)
+        self.host.metrics.protocol_errors.labels(vm=self.host.vm, reason=err.reason).inc()
+
+    async def _report(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
+        try:
+            ranges = report_ranges(chain)
+        except ReportError as err:
+            self._reject("report_rejected", err)
+            self._complete(chain, mem)
+            return
+        result = await self._discard(ranges)
+        self._complete(chain, mem)
+        service = time.perf_counter() - seen
+        by_order: dict[int, tuple[int, int]] = {}
+        for r in ranges:
+            blocks, nbytes = by_order.get(r.order, (0, 0))
+            by_order[r.order] = (blocks + 1, nbytes + r.length)
+        self.vm_metrics.record_report(by_order, result.discarded, result.skipped, service)
         log.debug(
             "report_served", queue=self.index, entries=len(ranges), orders=by_order,
             discarded_bytes=result.discarded, skipped=result.skipped,
@@ -225,10 +218,7 @@ class QueueRunner:
             stats = read_stats(chain, mem)
         except StatsError as err:
             # Held all the same: handing it back at once would invite the guest to spin.
-            log.warning(
-                "stats_rejected", queue=self.index, reason=err.reason, error=str(err), **err.values
-            )
-            self.host.metrics.protocol_errors.labels(vm=self.host.vm, reason=err.reason).inc()
+            self._reject("stats_rejected", err)
             return
         self.host.metrics.guest_stats.update(self.host.vm, stats)
 
