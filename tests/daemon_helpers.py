@@ -6,6 +6,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import trio
+from frontend import FakeFrontend, GuestMemfd
 
 from vhost_user_balloon.daemon import Daemon
 
@@ -21,3 +22,28 @@ async def wait_disconnected(daemon: Daemon, vm: str, timeout: float = 5.0) -> No
     with trio.fail_after(timeout):
         while vm in daemon.connections:
             await trio.sleep(0.005)
+
+
+async def attach(
+    daemon_sock: str, guest: GuestMemfd, frontends: list[FakeFrontend], **start: object
+) -> FakeFrontend:
+    fe = await FakeFrontend.connect(daemon_sock, guest)
+    frontends.append(fe)
+    await fe.handshake()
+    await fe.start(**start)  # type: ignore[arg-type]
+    return fe
+
+
+async def one_guest(
+    start_daemon: StartDaemon,
+    guests: list[GuestMemfd],
+    frontends: list[FakeFrontend],
+    vm: str,
+    size: int,
+    **daemon_options: object,
+) -> tuple[Daemon, GuestMemfd, FakeFrontend]:
+    """A daemon serving one VM, and a guest of ``size`` bytes attached and started."""
+    daemon = await start_daemon(vm, **daemon_options)
+    guest = GuestMemfd(size)
+    guests.append(guest)
+    return daemon, guest, await attach(str(daemon.vms[0].socket), guest, frontends)

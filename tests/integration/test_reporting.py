@@ -8,40 +8,14 @@ import threading
 
 import pytest
 import trio
-from daemon_helpers import StartDaemon, sample, wait_disconnected
+from daemon_helpers import StartDaemon, attach, one_guest, sample, wait_disconnected
 from fakes import F_NEXT, F_WRITE
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import Daemon, discard, queues
+from vhost_user_balloon.daemon import discard, queues
 from vhost_user_balloon.protocol import U64, Config, Request
 
 pytestmark = pytest.mark.trio
-
-
-async def attach(
-    daemon_sock: str, guest: GuestMemfd, frontends: list[FakeFrontend], **start: object
-) -> FakeFrontend:
-    fe = await FakeFrontend.connect(daemon_sock, guest)
-    frontends.append(fe)
-    await fe.handshake()
-    await fe.start(**start)  # type: ignore[arg-type]
-    return fe
-
-
-async def one_guest(
-    start_daemon: StartDaemon,
-    guests: list[GuestMemfd],
-    frontends: list[FakeFrontend],
-    vm: str,
-    size: int,
-    *,
-    discard: bool = True,
-) -> tuple[Daemon, GuestMemfd, FakeFrontend]:
-    """A daemon serving one VM, and a guest of ``size`` bytes attached and started."""
-    daemon = await start_daemon(vm, discard=discard)
-    guest = GuestMemfd(size)
-    guests.append(guest)
-    return daemon, guest, await attach(str(daemon.vms[0].socket), guest, frontends)
 
 
 async def test_report_frees_exactly_the_reported_populated_memory(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 import trio
-from daemon_helpers import StartDaemon, sample
+from daemon_helpers import StartDaemon, one_guest, sample
 from frontend import FakeFrontend, GuestMemfd, MiB
 
 STATS_AT = 8 * MiB  # where the test guest keeps its stats buffer
@@ -30,13 +30,9 @@ async def wait_for(predicate: object, timeout: float = 5.0) -> None:
 async def test_guest_stats_become_metrics_and_are_refreshed(
     start_daemon: StartDaemon, frontends: list[FakeFrontend], guests: list[GuestMemfd]
 ) -> None:
-    daemon = await start_daemon("vm", stats_interval=0.2)
-    guest = GuestMemfd(32 * MiB)
-    guests.append(guest)
-    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
-    frontends.append(fe)
-    await fe.handshake()
-    await fe.start()
+    daemon, guest, fe = await one_guest(
+        start_daemon, guests, frontends, "vm", 32 * MiB, stats_interval=0.2
+    )
     post_stats(fe, guest, [(4, 900 * MiB), (5, 2048 * MiB), (2, 17), (99, 7)])
     await wait_for(lambda: sample(daemon, "guest_memory_free_bytes", vm="vm") == 900 * MiB)
     assert sample(daemon, "guest_memory_total_bytes", vm="vm") == 2048 * MiB
@@ -63,13 +59,9 @@ async def test_guest_stats_become_metrics_and_are_refreshed(
 async def test_malformed_stats_are_refused_and_reporting_goes_on(
     start_daemon: StartDaemon, frontends: list[FakeFrontend], guests: list[GuestMemfd]
 ) -> None:
-    daemon = await start_daemon("odd", stats_interval=0)
-    guest = GuestMemfd(32 * MiB)
-    guests.append(guest)
-    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
-    frontends.append(fe)
-    await fe.handshake()
-    await fe.start()
+    daemon, guest, fe = await one_guest(
+        start_daemon, guests, frontends, "odd", 32 * MiB, stats_interval=0
+    )
     post_stats(fe, guest, [], raw=bytes(15))  # not whole 10-byte entries
     await wait_for(
         lambda: sample(daemon, "protocol_errors_total", vm="odd", reason="stats_bad_length") == 1
