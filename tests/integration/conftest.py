@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -15,18 +16,12 @@ from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
 
 @pytest.fixture
 async def start_daemon(tmp_path: Path, nursery: trio.Nursery) -> StartDaemon:
-    """Start a Daemon serving the named VMs; it is cancelled when the test ends."""
+    """Start a Daemon serving the named VMs (any other Daemon option passes through);
+    it is cancelled when the test ends."""
 
-    async def start(
-        *names: str,
-        discard: bool = True,
-        metrics_listen: tuple[str, int] | None = None,
-        stats_interval: float = 5.0,
-    ) -> Daemon:
+    async def start(*names: str, discard: bool = True, **options: Any) -> Daemon:
         vms = [VmSpec(n, tmp_path / f"{n}.sock", discard) for n in names]
-        daemon = Daemon(
-            vms, metrics=Metrics(), metrics_listen=metrics_listen, stats_interval=stats_interval
-        )
+        daemon = Daemon(vms, metrics=Metrics(), **options)
         await nursery.start(daemon.run)
         return daemon
 

@@ -9,10 +9,9 @@ import struct
 from pathlib import Path
 
 import trio
-from daemon_helpers import sample
+from daemon_helpers import StartDaemon, sample
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
 from vhost_user_balloon.protocol import Config, Request
 
 PFNS_AT = 12 * MiB  # where the test guest writes its page frame arrays
@@ -42,11 +41,10 @@ def post_pfns(fe: FakeFrontend, guest: GuestMemfd, queue: int, pfns: list[int]) 
 
 
 async def test_inflate_frees_the_guests_pages_and_deflate_gives_them_back(
-    nursery: trio.Nursery, tmp_path: Path
+    start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
     ctl = tmp_path / "control.sock"
-    daemon = Daemon([VmSpec("vm", tmp_path / "vm.sock")], metrics=Metrics(), control_socket=ctl)
-    await nursery.start(daemon.run)
+    daemon = await start_daemon("vm", control_socket=ctl)
     assert ctl.stat().st_mode & 0o777 == 0o600
     guest = GuestMemfd(32 * MiB)
     ours, qemus = socket.socketpair()  # QEMU's backend channel: it keeps one end
@@ -102,11 +100,10 @@ async def test_inflate_frees_the_guests_pages_and_deflate_gives_them_back(
 
 
 async def test_without_a_backend_channel_the_target_is_refused(
-    nursery: trio.Nursery, tmp_path: Path
+    start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
     ctl = tmp_path / "control.sock"
-    daemon = Daemon([VmSpec("vm", tmp_path / "vm.sock")], metrics=Metrics(), control_socket=ctl)
-    await nursery.start(daemon.run)
+    daemon = await start_daemon("vm", control_socket=ctl)
     guest = GuestMemfd(16 * MiB)
     fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
     try:
