@@ -16,6 +16,7 @@ ffibuilder.cdef(
     int fallocate(int fd, int mode, off_t offset, off_t len);
     #define FALLOC_FL_KEEP_SIZE ...
     #define FALLOC_FL_PUNCH_HOLE ...
+    int vub_same_file(int fd1, int fd2);
     """
 )
 ffibuilder.set_source(
@@ -24,6 +25,17 @@ ffibuilder.set_source(
     #define _GNU_SOURCE
     #include <fcntl.h>
     #include <linux/falloc.h>
+    #include <linux/kcmp.h>
+    #include <sys/syscall.h>
+    #include <unistd.h>
+
+    /* kcmp(2) KCMP_FILE: 0 if both fds refer to one open file description, 1 or 2 if
+       not, -1 with errno if the kernel cannot tell (no CONFIG_KCMP, seccomp). */
+    static int vub_same_file(int fd1, int fd2)
+    {
+        pid_t pid = getpid();
+        return (int)syscall(SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2);
+    }
     """,
 )
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -15,8 +17,9 @@ import trio
 
 from vhost_user_balloon import __version__
 
-from . import status
+from . import status, supervisor
 from .config import DEFAULT_METRICS_LISTEN, ConfigError, Settings, load_settings
+from .handover import StoredVm, stored_vms
 from .logconfig import configure_logging
 from .server import Daemon, StartupError
 from .systemd import Notifier, listen_fds
@@ -48,7 +51,14 @@ running daemon's /metrics.
 signals: SIGHUP re-reads the configuration: VMs added are served, VMs removed stop
 listening (a QEMU still attached keeps its connection), the others are not touched.
 SIGTERM and SIGINT finish the reports in hand, close the sockets and
-remove the socket files. exit status: 0 after a clean stop, 1 if the daemon cannot
+remove the socket files (with a keeper, below: hand everything over instead).
+
+restarts without QEMU noticing: run under a keeper that holds the daemon's fds
+while it restarts, and every attached VM is taken up again by the next process:
+  vhost-user-balloon supervise [daemon options]   (restarts it after a crash;
+      SIGUSR2 to the supervisor restarts it on purpose, e.g. after an upgrade)
+  systemd: Type=notify, FileDescriptorStoreMax=4096 and --fd-store (see systemd/).
+exit status: 0 after a clean stop, 1 if the daemon cannot
 start (the message says why), 2 for bad options.
 """
 
@@ -122,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         "when the balloon grows)",
     )  # fmt: skip
     p.add_argument(
+        "--fd-store", action="store_true",
+        help="hand every VM's connection to the service manager's file descriptor "
+        "store (sd_notify FDSTORE=1), so that a restarted daemon takes it up again; "
+        "on by itself when $FDSTORE is set (systemd >= 254, vhost-user-balloon "
+        "supervise)",
+    )  # fmt: skip
+    p.add_argument(
         "--control-socket", metavar="PATH",
         help="serve the balloon control socket here (mode 0600): "
         "'vhost-user-balloon balloon VM SIZE' sets how much memory a guest gives up",
@@ -160,7 +177,12 @@ def _socket_path(fd: int) -> str:
 
 
 async def run(
-    settings: Settings, activated: Mapping[str, int], reread: Callable[[], Settings]
+    settings: Settings,
+    activated: Mapping[str, int],
+    reread: Callable[[], Settings],
+    *,
+    fd_store: bool = False,
+    stored: Mapping[str, StoredVm] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP re-reads the configuration."""
     daemon = Daemon(
@@ -172,6 +194,8 @@ async def run(
         control_socket=settings.control_socket,
         inherited=activated,
         notifier=Notifier(),
+        fd_store=fd_store,
+        stored=stored,
     )
     log = structlog.get_logger()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -249,9 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status.main(argv[1:])
     if argv[:1] == ["balloon"]:
         return balloon_command(argv[1:])
+    if argv[:1] == ["supervise"]:
+        return supervisor.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     activated = listen_fds()
+    stored = stored_vms(activated)  # our own fds from the process before us
+    fd_store = args.fd_store or os.environ.get("FDSTORE", "0").strip() not in ("", "0")
     paths = {name: _socket_path(fd) for name, fd in activated.items()}
     try:
         settings = settings_from_args(args, paths)
@@ -259,7 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     configure_logging(settings.log_format, settings.log_level)  # type: ignore[arg-type]
     try:
-        trio.run(run, settings, activated, lambda: settings_from_args(args, paths))
+        trio.run(
+            partial(run, fd_store=fd_store, stored=stored),
+            settings,
+            activated,
+            lambda: settings_from_args(args, paths),
+        )
     except BaseExceptionGroup as group:
         startup, rest = group.split(StartupError)
         if startup is None or rest is not None:

@@ -14,6 +14,16 @@ Every fd has one owner. Fds of a message belong to this connection until an
 effect keeps them (then they live in ``memory`` or ``_vring_fds``) or they are
 closed at once; everything is closed in ``_teardown`` on every exit path. A
 protocol error or an unexpected exception ends this connection only.
+
+Surviving a restart (handover.py). With a keeper, a message is first *peeked*: it
+stays in the socket while it is applied, and is taken out only after the state that
+includes it is saved, together with the reply it needs. A process killed at any
+point leaves either the message in the socket and the old state (the next process
+applies it), or the new state and the reply still owed (the next process takes the
+message out if it is still there and sends the reply). What is left: a kill in the
+microseconds between sending a reply and saving that it was sent makes the next
+process send it again. A message not sent in one piece (QEMU always sends one) is
+read the ordinary way and is lost if the process dies while handling it.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import trio
 from vhost_user_balloon.protocol import (
     DEFAULT_FEATURES,
     GUEST_PAGE_SIZE,
+    HEADER_SIZE,
     MAX_FDS,
     AddRegion,
     BackendRequest,
@@ -38,10 +49,14 @@ from vhost_user_balloon.protocol import (
     EnableQueue,
     FdCountError,
     FdKind,
+    Header,
     HeaderError,
+    LocalProtocolError,
     Message,
     MessageDecoder,
     Notice,
+    QueueRole,
+    QueueState,
     RemoveRegion,
     Request,
     ResetDevice,
@@ -56,10 +71,11 @@ from vhost_user_balloon.protocol import (
 )
 
 from .guestram import VmMemory, close_fds
+from .handover import FdStore, StateFile, StoredVm, VmKeeper
 from .metrics import Metrics
 from .queues import QueueRunner
 
-__all__ = ["LOCK_FREE_REQUESTS", "VmConnection"]
+__all__ = ["LOCK_FREE_REQUESTS", "AdoptError", "VmConnection"]
 
 log = structlog.get_logger()
 
@@ -79,6 +95,21 @@ DEFAULT_STATS_INTERVAL_S = 5.0
 #: one sendmsg, so a peer that stops halfway is stuck or hostile. (An idle peer between
 #: messages is normal and waits forever: a running VM may not talk for days.)
 MESSAGE_TIMEOUT_S = 10.0
+#: How far past a peeked message we look to find where the write carrying its fds ends.
+_PEEK_REACH: Final = 64 * 1024
+#: Version of the saved connection record (the session inside has its own).
+RECORD_FORMAT = 1
+
+
+class _Eof:
+    """The frontend closed the connection between two messages."""
+
+
+_EOF: Final = _Eof()
+
+
+class AdoptError(Exception):
+    """A stored connection cannot be taken up; the message says why."""
 
 
 class VmConnection:
@@ -94,6 +125,7 @@ class VmConnection:
         discard_limiter: trio.CapacityLimiter | None = None,
         stats_interval: float = DEFAULT_STATS_INTERVAL_S,
         features: int = DEFAULT_FEATURES,
+        keeper: VmKeeper | None = None,
     ) -> None:
         self.vm = vm
         self.sock = sock
@@ -112,6 +144,11 @@ class VmConnection:
         self._nursery: trio.Nursery | None = None
         #: the channel for messages we start (SET_BACKEND_REQ_FD)
         self._backend: trio.socket.SocketType | None = None
+        #: holds our fds across a restart (None: no keeper, a restart ends the VM's link)
+        self.keeper = keeper
+        #: set by ``adopt``: a message applied and a reply owed by the process before
+        self._owed: dict[str, str | None] | None = None
+        self._adopted = False
 
     # -- QueueHost ------------------------------------------------------------------
     def vring_fd(self, index: int, kind: FdKind) -> int | None:
@@ -122,13 +159,19 @@ class VmConnection:
         """Serve until the frontend goes away; log why; always clean up."""
         structlog.contextvars.bind_contextvars(vm=self.vm)
         self.metrics.connected.labels(vm=self.vm).set(1)
-        log.info("frontend_connected")
-        why = "frontend_closed"
+        log.info("frontend_adopted" if self._adopted else "frontend_connected")
+        why = "shutdown"  # unless the frontend or an error ends it first
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
+                    if self._adopted:
+                        await self._resume()
+                    elif self.keeper is not None:
+                        self.keeper.put_fixed("conn", self.sock.fileno())
+                        self._save(None)
                     await self._read_loop()
+                    why = "frontend_closed"
                 except VhostUserError as err:
                     why = "protocol_error"
                     self.metrics.protocol_errors.labels(vm=self.vm, reason=err.reason).inc()
@@ -140,18 +183,22 @@ class VmConnection:
                     )
                 finally:
                     nursery.cancel_scope.cancel()
-        except (trio.Cancelled, KeyboardInterrupt):
-            why = "shutdown"
-            raise
         except Exception as err:
             why = "internal_error"
             self.metrics.protocol_errors.labels(vm=self.vm, reason="internal_error").inc()
             log.exception("connection_crashed", error=repr(err))
         finally:
-            self._teardown()
-            log.info("frontend_disconnected", why=why)
+            self._teardown(keep=why == "shutdown")
+            log.info("frontend_disconnected", why=why, kept=why == "shutdown" and bool(self.keeper))
 
-    def _teardown(self) -> None:
+    def _teardown(self, *, keep: bool = False) -> None:
+        """Close everything. With ``keep``, the keeper goes on holding the connection
+        for the next process; otherwise it lets go too and QEMU sees the end."""
+        if self.keeper is not None:
+            if keep:
+                self.keeper.close()
+            else:
+                self.keeper.release_all()
         if self._backend is not None:
             self._backend.close()
         self.metrics.balloon_target_bytes.labels(vm=self.vm).set(0)
@@ -170,69 +217,268 @@ class VmConnection:
         self.metrics.negotiated_features.labels(vm=self.vm).set(0)
         self.metrics.guest_stats.clear(self.vm)
 
+    # -- hand-over --------------------------------------------------------------------
+    def _save(self, owed: dict[str, str | None] | None) -> None:
+        """Write this connection's state for the next process (no-op without a keeper).
+        Called with every change applied and nothing of it sent to QEMU yet."""
+        keeper = self.keeper
+        if keeper is None:
+            return
+        regions = [keeper.keep(m.fd) for m in self.memory.by_index]
+        vrings = [(i, kind.value, keeper.keep(fd)) for (i, kind), fd in self._vring_fds.items()]
+        backend = None if self._backend is None else keeper.keep(self._backend.fileno())
+        record = {
+            "format": RECORD_FORMAT,
+            "vm": self.vm,
+            "session": self.session.export_state(),
+            "regions": regions,
+            "vrings": vrings,
+            "backend": backend,
+            "owed": owed,
+        }
+        keeper.save(record, [*regions, *(v[2] for v in vrings), *([backend] if backend else [])])
+
+    @classmethod
+    def adopt(
+        cls, stored: StoredVm, metrics: Metrics, store: FdStore, **options: object
+    ) -> VmConnection:
+        """Take up a connection a previous process served, from the fds the keeper
+        passed. On failure every fd is closed and the keeper told to let go."""
+        state_fd, conn_fd = stored.take("state"), stored.take("conn")
+        keeper = VmKeeper(store, stored.vm, StateFile(state_fd if state_fd is not None else -1))
+        for name, fd in stored.fds.items():
+            keeper.adopt(name, fd)
+        try:
+            if state_fd is None or conn_fd is None:
+                raise AdoptError("the keeper holds no saved state or no connection for it")
+            record = keeper.state.read()
+            if record is None or record.get("format") != RECORD_FORMAT:
+                raise AdoptError("its saved state is unreadable or from another version")
+            sock = socket.socket(fileno=os.dup(conn_fd))
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                sock.close()
+                raise AdoptError(f"stored fd {conn_fd} is not a unix stream socket")
+            session = Session.restore(record["session"])
+            conn = cls(
+                stored.vm,
+                trio.socket.from_stdlib_socket(sock),
+                metrics,
+                features=session.device.features,
+                keeper=keeper,
+                **options,  # type: ignore[arg-type]
+            )
+            try:
+                conn._restore(session, record, stored.fds)
+            except BaseException:
+                conn._teardown()
+                raise
+        except (AdoptError, LocalProtocolError, VhostUserError, OSError) as err:
+            keeper.release_all()
+            raise AdoptError(f"VM {stored.vm}: cannot take up its connection: {err}") from err
+        except (KeyError, TypeError, ValueError) as err:
+            keeper.release_all()
+            raise AdoptError(f"VM {stored.vm}: its saved state is malformed: {err!r}") from err
+        return conn
+
+    def _restore(self, session: Session, record: dict[str, object], fds: dict[str, int]) -> None:
+        self.session, self.device = session, session.device
+        if session.memory is not None:
+            names = record["regions"]
+            assert isinstance(names, list)
+            dups = [os.dup(fds[str(name)]) for name in names]
+            try:
+                self.memory.replace(session.memory, dups)
+            except BaseException:
+                close_fds(dups)
+                raise
+        vrings = record["vrings"]
+        assert isinstance(vrings, list)
+        for index, kind, name in vrings:
+            self._set_vring_fd(int(index), FdKind(kind), os.dup(fds[str(name)]))
+        if record["backend"] is not None:
+            fd = os.dup(fds[str(record["backend"])])
+            self._backend = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        owed = record["owed"]
+        self._owed = None if owed is None else dict(owed)  # type: ignore[call-overload]
+        self._adopted = True
+        self.metrics.negotiated_features.labels(vm=self.vm).set(session.features)
+        self.metrics.balloon_target_bytes.labels(vm=self.vm).set(
+            self.device.config.num_pages * GUEST_PAGE_SIZE
+        )
+        self.metrics.balloon_actual_bytes.labels(vm=self.vm).set(
+            self.device.config.actual * GUEST_PAGE_SIZE
+        )
+
+    async def _resume(self) -> None:
+        """Finish what the previous process left: the reply it owed, then every started
+        queue from where the guest's used ring says it got to."""
+        owed, self._owed = self._owed, None
+        if owed is not None:
+            message = bytes.fromhex(owed.get("message") or "")
+            if message:
+                head, _, _, _ = await self.sock.recvmsg(len(message), 0, socket.MSG_PEEK)
+                if head == message:
+                    await self._consume(len(message))
+            reply = owed.get("reply")
+            if reply:
+                await self._send(bytes.fromhex(reply))
+            log.info("owed_reply_sent" if reply else "owed_message_done", taken=bool(message))
+            self._save(None)
+        mem = self.memory.memory
+        for v in self.session.vrings:
+            if v.state is not QueueState.STARTED or v.queue is None or mem is None:
+                continue
+            layout = self.session.layout
+            role: QueueRole | None = layout[v.index] if v.index < len(layout) else None
+            again = v.queue.resume_from_used(mem)
+            if role is None:
+                continue
+            runner = QueueRunner(self, v.index, role, v.queue)
+            runner.enabled = v.enabled
+            self.runners[v.index] = runner
+            assert self._nursery is not None
+            await self._nursery.start(runner.run)
+            log.info("queue_resumed", queue=v.index, role=role.value, retaken=again)
+            done = v.queue.used_idx
+            async with self.ring_lock:
+                await runner.service()
+            if v.queue.used_idx == done:
+                # The last process may have handed chains back without the interrupt
+                # (a spare one is harmless: the guest finds nothing new).
+                runner.signal_call()
+
     # -- reading --------------------------------------------------------------------
     async def _read_loop(self) -> None:
         while True:
-            msg = await self._receive()
-            if msg is None:
+            incoming = await self._receive()
+            if incoming is None:
                 return
-            await self._dispatch(msg)
+            await self._dispatch(*incoming)
 
-    async def _receive(self) -> Message | None:
+    async def _receive(self) -> tuple[Message, bytes] | None:
+        """The next message, and its bytes if they are still in the socket (peeked)."""
         while True:
-            try:
-                msg = self.decoder.next_message()
-            except VhostUserError as err:
-                close_fds(err.fds)
-                if not err.recoverable:
-                    raise
-                await self._refuse(err, err.values.get("request", 0), err.need_reply)
-                continue
-            if msg is not None:
-                return msg
-            deadline = (
-                trio.current_time() + MESSAGE_TIMEOUT_S if self.decoder.in_message else float("inf")
-            )
-            with trio.move_on_at(deadline) as waiting:
-                data, ancdata, flags, _ = await self.sock.recvmsg(
-                    self.decoder.bytes_wanted(), _ANCBUF, socket.MSG_CMSG_CLOEXEC
-                )
-            if waiting.cancelled_caught:
-                raise HeaderError(
-                    f"the frontend sent part of a message and nothing more for "
-                    f"{MESSAGE_TIMEOUT_S:g} s",
-                    reason="message_timeout",
-                )
-            fds = _take_fds(ancdata)
-            if flags & socket.MSG_CTRUNC:
-                close_fds(fds)
-                raise FdCountError(
-                    f"the frontend sent more file descriptors than {MAX_FDS}; the kernel "
-                    "dropped some",
-                    reason="too_many_fds",
-                )
-            if not data:
-                close_fds(fds)
-                if self.decoder.in_message:
-                    raise HeaderError(
-                        "the frontend closed the connection in the middle of a message",
-                        reason="truncated_message",
-                    )
+            if not self.decoder.in_message:
+                peeked = await self._peek()
+                if isinstance(peeked, _Eof):
+                    return None
+                if peeked is not None:
+                    decoder, raw = peeked
+                    try:
+                        msg = decoder.next_message()
+                    except VhostUserError as err:
+                        close_fds(err.fds)
+                        if not err.recoverable:
+                            raise
+                        reply = self._refusal(err, err.values.get("request", 0), err.need_reply)
+                        await self._finish(raw, reply)
+                        continue
+                    assert msg is not None
+                    return msg, raw
+            piece = await self._read_piece()
+            if isinstance(piece, _Eof):
                 return None
-            self.decoder.feed(data, fds)
+            if piece is not None:
+                return piece, b""
 
-    async def _refuse(self, err: VhostUserError, request: object, need_reply: bool) -> None:
+    async def _peek(self) -> tuple[MessageDecoder, bytes] | _Eof | None:
+        """A whole message seen without taking it from the socket, ``_EOF``, or ``None``
+        if it is not all there yet (it is then read piece by piece)."""
+        head, _, _, _ = await self.sock.recvmsg(HEADER_SIZE, 0, socket.MSG_PEEK)
+        if not head:
+            return _EOF
+        if len(head) < HEADER_SIZE:
+            return None
+        try:
+            total = HEADER_SIZE + Header.from_bytes(head).size
+        except VhostUserError:
+            return None  # the piecewise read reports it
+        data, ancdata, flags, _ = await self.sock.recvmsg(
+            total, _ANCBUF, socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC
+        )
+        fds = _take_fds(ancdata)
+        if len(data) < total or flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            return None
+        if fds:
+            # A peek hands out the fds of the first fd-carrying write at or after the
+            # start, even one beyond the bytes asked for. They are this message's only
+            # if that write ends where the message does (a peek stops after it).
+            reach, _, _, _ = await self.sock.recvmsg(total + _PEEK_REACH, 0, socket.MSG_PEEK)
+            if len(reach) != total:
+                close_fds(fds)
+                return None
+        decoder = MessageDecoder()
+        decoder.feed(data, fds)
+        return decoder, data
+
+    async def _consume(self, length: int) -> None:
+        """Take a peeked message out of the socket; the fds it carries again are dups."""
+        while length > 0:
+            data, ancdata, _, _ = await self.sock.recvmsg(length, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            close_fds(_take_fds(ancdata))
+            if not data:
+                raise HeaderError(
+                    "the frontend's socket ended inside a message already read",
+                    reason="truncated_message",
+                )
+            length -= len(data)
+
+    async def _read_piece(self) -> Message | _Eof | None:
+        """A message, ``_EOF``, or ``None`` when more bytes are needed."""
+        try:
+            msg = self.decoder.next_message()
+        except VhostUserError as err:
+            close_fds(err.fds)
+            if not err.recoverable:
+                raise
+            await self._finish(
+                b"", self._refusal(err, err.values.get("request", 0), err.need_reply)
+            )
+            return None
+        if msg is not None:
+            return msg
+        deadline = (
+            trio.current_time() + MESSAGE_TIMEOUT_S if self.decoder.in_message else float("inf")
+        )
+        with trio.move_on_at(deadline) as waiting:
+            data, ancdata, flags, _ = await self.sock.recvmsg(
+                self.decoder.bytes_wanted(), _ANCBUF, socket.MSG_CMSG_CLOEXEC
+            )
+        if waiting.cancelled_caught:
+            raise HeaderError(
+                f"the frontend sent part of a message and nothing more for {MESSAGE_TIMEOUT_S:g} s",
+                reason="message_timeout",
+            )
+        fds = _take_fds(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            raise FdCountError(
+                f"the frontend sent more file descriptors than {MAX_FDS}; the kernel dropped some",
+                reason="too_many_fds",
+            )
+        if not data:
+            close_fds(fds)
+            if self.decoder.in_message:
+                raise HeaderError(
+                    "the frontend closed the connection in the middle of a message",
+                    reason="truncated_message",
+                )
+            return _EOF
+        self.decoder.feed(data, fds)
+        return None
+
+    def _refusal(self, err: VhostUserError, request: object, need_reply: bool) -> bytes | None:
         self.metrics.protocol_errors.labels(vm=self.vm, reason=err.reason).inc()
         log.warning("request_refused", reason=err.reason, error=str(err), **err.values)
-        reply = self.session.failure_reply(
+        return self.session.failure_reply(
             int(request) if isinstance(request, int) else 0, need_reply
         )
-        if reply is not None:
-            await self._send(reply)
 
     # -- handling -------------------------------------------------------------------
-    async def _dispatch(self, msg: Message) -> None:
+    async def _dispatch(self, msg: Message, raw: bytes) -> None:
         lock = contextlib.nullcontext() if msg.request in LOCK_FREE_REQUESTS else self.ring_lock
+        reply: bytes | None
         async with lock:
             try:
                 outcome = self.session.handle(msg)
@@ -240,20 +486,34 @@ class VmConnection:
                 close_fds(msg.fds)
                 if not err.recoverable:
                     raise
-                await self._refuse(err, msg.request, msg.need_reply)
-                return
-            kept = outcome.kept_fds()
-            close_fds(fd for fd in msg.fds if fd not in kept)
-            for effect in outcome.effects:
-                await self._apply(effect)
-            if msg.request is Request.SET_FEATURES:
-                self.metrics.negotiated_features.labels(vm=self.vm).set(self.session.features)
-            elif msg.request is Request.SET_CONFIG:
-                self.metrics.balloon_actual_bytes.labels(vm=self.vm).set(
-                    self.device.config.actual * GUEST_PAGE_SIZE
-                )
-        if outcome.reply is not None:
-            await self._send(outcome.reply)
+                reply = self._refusal(err, msg.request, msg.need_reply)
+            else:
+                kept = outcome.kept_fds()
+                close_fds(fd for fd in msg.fds if fd not in kept)
+                for effect in outcome.effects:
+                    await self._apply(effect)
+                if msg.request is Request.SET_FEATURES:
+                    self.metrics.negotiated_features.labels(vm=self.vm).set(self.session.features)
+                elif msg.request is Request.SET_CONFIG:
+                    self.metrics.balloon_actual_bytes.labels(vm=self.vm).set(
+                        self.device.config.actual * GUEST_PAGE_SIZE
+                    )
+                reply = outcome.reply
+        await self._finish(raw, reply)
+
+    async def _finish(self, raw: bytes, reply: bytes | None) -> None:
+        """Save what the message changed with the reply it owes, take it out of the
+        socket (if peeked), answer, and save that nothing is owed. Not cancellable:
+        a stop in the middle would leave QEMU waiting."""
+        with trio.CancelScope(shield=True):
+            if self.keeper is not None:
+                self._save({"message": raw.hex(), "reply": None if reply is None else reply.hex()})
+            if raw:
+                await self._consume(len(raw))
+            if reply is not None:
+                await self._send(reply)
+            if self.keeper is not None:
+                self._save(None)
 
     async def _apply(self, effect: Effect) -> None:
         match effect:
@@ -331,6 +591,7 @@ class VmConnection:
                 reason="no_backend_channel",
             )
         self.device.set_target(nbytes // GUEST_PAGE_SIZE)
+        self._save(None)
         self.metrics.balloon_target_bytes.labels(vm=self.vm).set(
             self.device.config.num_pages * GUEST_PAGE_SIZE
         )

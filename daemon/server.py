@@ -6,6 +6,12 @@ file left by a crashed daemon is replaced; one that a live process still listens
 is not. On shutdown (cancellation: SIGTERM/SIGINT in the CLI) every connection
 finishes the report it has in hand, and the socket files this process created are
 removed.
+
+With a keeper (``fd_store``: systemd's fd store or ``vhost-user-balloon supervise``,
+handover.py) a shutdown is a hand-over instead: the listening sockets and every
+connection stay with the keeper, socket files stay in place, and the next process
+takes them up from ``stored`` (``LISTEN_FDNAMES`` ``vub.*``) before it accepts
+anything. QEMU sees nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import trio
 from vhost_user_balloon.protocol import DEFAULT_FEATURES, BalloonFeature
 
 from .config import Access, VmSpec
-from .connection import DEFAULT_STATS_INTERVAL_S, VmConnection
+from .connection import DEFAULT_STATS_INTERVAL_S, AdoptError, VmConnection
 from .control import serve_control
+from .guestram import close_fds
+from .handover import FdStore, StoredVm, VmKeeper, fd_name
 from .http import open_metrics_listeners, serve_metrics
 from .metrics import Metrics, VmMemoryStats
 from .systemd import Notifier
@@ -150,6 +158,8 @@ class Daemon:
         control_socket: Path | None = None,
         inherited: Mapping[str, int] | None = None,
         notifier: Notifier | None = None,
+        fd_store: bool = False,
+        stored: Mapping[str, StoredVm] | None = None,
     ) -> None:
         self.vms = tuple(vms)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -164,6 +174,20 @@ class Daemon:
         #: listening sockets passed by systemd, by VM name (socket activation)
         self.inherited = dict(inherited or {})
         self.notifier = notifier if notifier is not None else Notifier({})
+        #: the keeper of our fds across restarts (disabled: a restart ends every link)
+        self.store = FdStore(self.notifier, enabled=fd_store)
+        #: what the keeper passed us from the process before, by VM name
+        self.stored = dict(stored or {})
+        if self.stored and not self.store.enabled:
+            log.warning(
+                "stored_fds_without_keeper",
+                vms=sorted(self.stored),
+                message="fds from an earlier process were passed, but no fd store is in "
+                "use now; those connections are closed",
+            )
+            for entry in self.stored.values():
+                close_fds(entry.fds.values())
+            self.stored.clear()
         self.connections: dict[str, VmConnection] = {}
         self._listeners: dict[str, tuple[_Listener, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
@@ -186,7 +210,64 @@ class Daemon:
         fd = self.inherited.pop(vm.name, None)
         if fd is not None:
             return _Listener(vm, _adopt(vm, fd), owned=False)
-        return _Listener(vm, _bind(f"VM {vm.name}", vm.socket, self.access))
+        entry = self.stored.get(vm.name)
+        kept = entry.fds.pop(fd_name(vm.name, "listen"), None) if entry else None
+        if kept is not None:
+            sock = _adopt(vm, kept)
+            if sock.getsockname() == str(vm.socket) and os.path.exists(vm.socket):
+                return _Listener(vm, sock, owned=False)
+            sock.close()  # the VM's socket path changed while we were away
+            self.store.drop(fd_name(vm.name, "listen"))
+        listener = _Listener(vm, _bind(f"VM {vm.name}", vm.socket, self.access))
+        if self.store.enabled:
+            # The next process listens on this very socket; the file stays on exit.
+            self.store.put(fd_name(vm.name, "listen"), listener.sock.fileno())
+            listener.owned = False
+        return listener
+
+    def _close_listener(self, listener: _Listener, *, for_good: bool) -> None:
+        if for_good and self.store.enabled:
+            self.store.drop(fd_name(listener.vm.name, "listen"))
+            listener.owned = True
+        listener.close()
+
+    async def _adopt_connections(self) -> None:
+        """Take up the connections the process before us served."""
+        known = {vm.name for vm in self.vms}
+        for name, entry in sorted(self.stored.items()):
+            leftover = entry.fds.pop(fd_name(name, "listen"), None)
+            if leftover is not None:  # a VM no longer configured
+                close_fds([leftover])
+                self.store.drop(fd_name(name, "listen"))
+            if not entry.fds:
+                continue
+            if name not in known:
+                log.warning(
+                    "unconfigured_vm_adopted",
+                    vm=name,
+                    message="this VM is no longer configured, but its QEMU is still "
+                    "attached; it is served until QEMU goes away",
+                )
+                self.metrics.add_vm(name)
+            try:
+                conn = VmConnection.adopt(
+                    entry,
+                    self.metrics,
+                    self.store,
+                    discard=self._vm_discard(name),
+                    discard_limiter=self.discard_limiter,
+                    stats_interval=self.stats_interval,
+                )
+            except AdoptError as err:
+                log.error("adopt_failed", vm=name, error=str(err))
+                continue
+            self.connections[name] = conn
+            assert self._nursery is not None
+            self._nursery.start_soon(self._serve, conn)
+        self.stored.clear()
+
+    def _vm_discard(self, name: str) -> bool:
+        return next((vm.discard for vm in self.vms if vm.name == name), True)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -220,6 +301,7 @@ class Daemon:
                 if http:
                     nursery.start_soon(serve_metrics, http, self.metrics.registry)
                 nursery.start_soon(self.notifier.watchdog)
+                await self._adopt_connections()
                 for listener, scope in self._listeners.values():
                     nursery.start_soon(self._accept_loop, listener, scope)
                 log.info(
@@ -237,8 +319,10 @@ class Daemon:
         finally:
             self.notifier.stopping()
             for listener, _ in self._listeners.values():
-                listener.close()
+                self._close_listener(listener, for_good=False)
             self._listeners.clear()
+            for entry in self.stored.values():  # never adopted: startup failed
+                close_fds(entry.fds.values())
             if self._control is not None:
                 self._control.close()
                 self._control = None
@@ -258,7 +342,7 @@ class Daemon:
         for name in removed:
             listener, scope = self._listeners.pop(name)
             scope.cancel()
-            listener.close()
+            self._close_listener(listener, for_good=True)
         self.access = access
         kept: list[VmSpec] = []
         added, failed = [], []
@@ -334,6 +418,7 @@ class Daemon:
                 discard_limiter=self.discard_limiter,
                 stats_interval=self.stats_interval,
                 features=self.features,
+                keeper=VmKeeper.start(self.store, vm.name) if self.store.enabled else None,
             )
             self.connections[vm.name] = conn
             assert self._nursery is not None

@@ -6,7 +6,7 @@ import os
 
 from ._syscalls import ffi, lib  # type: ignore[import-not-found]
 
-__all__ = ["FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE", "punch_hole"]
+__all__ = ["FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE", "punch_hole", "same_open_file"]
 
 FALLOC_FL_KEEP_SIZE: int = lib.FALLOC_FL_KEEP_SIZE
 FALLOC_FL_PUNCH_HOLE: int = lib.FALLOC_FL_PUNCH_HOLE
@@ -27,3 +27,13 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
             f"fallocate(PUNCH_HOLE) of {length:#x} bytes at {offset:#x} on fd {fd}: "
             f"{os.strerror(err)}",
         )
+
+
+def same_open_file(fd1: int, fd2: int) -> bool:
+    """Whether two fds are one open file description (kcmp(2) KCMP_FILE), as when a
+    peer sends one fd twice. Raises ``OSError`` if the kernel will not say."""
+    result = lib.vub_same_file(fd1, fd2)
+    if result < 0:
+        err = ffi.errno
+        raise OSError(err, f"kcmp(KCMP_FILE) of fds {fd1} and {fd2}: {os.strerror(err)}")
+    return bool(result == 0)

@@ -11,6 +11,7 @@ Outside systemd the environment variables are absent and all of this does nothin
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 from collections.abc import MutableMapping
@@ -77,6 +78,19 @@ class Notifier:
                 s.sendto("\n".join(lines).encode(), self.address)
         except OSError as err:
             log.warning("sd_notify_failed", error=str(err))
+
+    def send_fds(self, lines: list[str], fds: list[int]) -> None:
+        """A notification carrying fds (``FDSTORE=1``). Unlike the others this one must
+        not be lost quietly: the caller's hand-over depends on it, so errors raise."""
+        if self.address is None:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendmsg(
+                ["\n".join(lines).encode()],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
+                0,
+                self.address,
+            )
 
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")

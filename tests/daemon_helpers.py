@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import urllib.request
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -11,6 +13,18 @@ from frontend import FakeFrontend, GuestMemfd
 from vhost_user_balloon.daemon import Daemon
 
 StartDaemon = Callable[..., Coroutine[Any, Any, Daemon]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    """A daemon's /metrics page, as Prometheus reads it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
 
 
 def sample(daemon: Daemon, name: str, **labels: str) -> float:

@@ -8,21 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from daemon_helpers import free_port, scrape
 from frontend import FakeFrontend, GuestMemfd, MiB
 
 COMMAND = [sys.executable, "-m", "vhost_user_balloon.daemon.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Running:
@@ -60,11 +54,6 @@ def run_cli(tmp_path: Path) -> Iterator[object]:
         if p.poll() is None:
             p.kill()
         p.wait()
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return str(r.read().decode())
 
 
 def test_serves_reports_metrics_and_stops_cleanly_on_sigterm(

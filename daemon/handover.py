@@ -1,0 +1,223 @@
+"""Keeping VM connections alive across a restart of this process.
+
+Theory of operation. Everything a connection needs lives in file descriptors (the
+vhost-user socket, guest RAM files, kick/call/err eventfds, the backend channel) plus
+a little protocol state. Each of those fds is also handed to a *keeper* that outlives
+this process: systemd's file descriptor store, or the ``vhost-user-balloon supervise``
+process, which speaks the same protocol (sd_notify ``FDSTORE=1``/``FDSTOREREMOVE=1``
+with ``FDNAME=``; the fds come back as ``LISTEN_FDS``/``LISTEN_FDNAMES``). While the
+keeper holds a copy, QEMU sees no hang-up when this process dies, however it dies.
+
+The protocol state of each VM is JSON in a memfd that is itself in the store: two
+slots written alternately, each with a sequence number and a CRC, so a process killed
+in the middle of a write leaves the previous state readable.
+
+Names: ``vub.<vm>.conn`` (the connection), ``vub.<vm>.state``, ``vub.<vm>.listen``
+(the VM's listening socket) and ``vub.<vm>.<n>`` for the rest; the state says which
+numbered name is which region or vring fd. A new fd is stored before the state that
+names it is written, and an old one is removed only after, so the saved state only
+ever names fds the keeper holds. One open file sent twice (QEMU sends one memfd for
+both RAM regions of a big guest) is stored once: systemd would drop the second copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import structlog
+
+from .guestram import close_fds
+from .syscalls import same_open_file
+from .systemd import Notifier
+
+__all__ = [
+    "STATE_SLOT_BYTES",
+    "FdStore",
+    "StateFile",
+    "StoredVm",
+    "VmKeeper",
+    "stored_vms",
+]
+
+log = structlog.get_logger()
+
+#: Bytes per state slot; a VM's state is ~3 KiB with 32 RAM regions.
+STATE_SLOT_BYTES: Final = 64 * 1024
+#: magic, sequence number, JSON length, CRC-32 of the JSON
+_SLOT_HEADER: Final = struct.Struct("<4sQII")
+_MAGIC: Final = b"VUBS"
+_PREFIX: Final = "vub."
+_NUMBERED: Final = re.compile(r"[0-9]+")
+#: Names with a fixed meaning; every other stored fd has a number.
+FIXED_KINDS: Final = ("conn", "state", "listen")
+
+
+def fd_name(vm: str, kind: str | int) -> str:
+    return f"{_PREFIX}{vm}.{kind}"
+
+
+def parse_fd_name(name: str) -> tuple[str, str] | None:
+    """``(vm, kind)`` for one of our names, ``None`` for any other (socket activation)."""
+    if not name.startswith(_PREFIX):
+        return None
+    vm, sep, kind = name[len(_PREFIX) :].rpartition(".")
+    if not sep or not vm or not (kind in FIXED_KINDS or _NUMBERED.fullmatch(kind)):
+        return None
+    return vm, kind
+
+
+class FdStore:
+    """The keeper, reached through sd_notify. ``enabled`` is False outside a keeper."""
+
+    def __init__(self, notifier: Notifier, *, enabled: bool) -> None:
+        self.notifier = notifier
+        self.enabled = enabled and notifier.enabled
+
+    def put(self, name: str, fd: int) -> None:
+        self.notifier.send_fds(["FDSTORE=1", f"FDNAME={name}"], [fd])
+
+    def drop(self, name: str) -> None:
+        self.notifier.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+
+class StateFile:
+    """A VM's saved state: a memfd with two alternately written, checksummed slots."""
+
+    def __init__(self, fd: int, seq: int = 0) -> None:
+        self.fd = fd
+        self.seq = seq
+
+    @classmethod
+    def create(cls, vm: str) -> StateFile:
+        fd = os.memfd_create(f"vhost-user-balloon-state-{vm}", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 2 * STATE_SLOT_BYTES)
+        return cls(fd)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        data = json.dumps(record, separators=(",", ":")).encode()
+        if len(data) > STATE_SLOT_BYTES - _SLOT_HEADER.size:
+            raise ValueError(f"VM state of {len(data)} bytes does not fit a state slot")
+        self.seq += 1
+        header = _SLOT_HEADER.pack(_MAGIC, self.seq, len(data), zlib.crc32(data))
+        os.pwrite(self.fd, header + data, (self.seq % 2) * STATE_SLOT_BYTES)
+
+    def read(self) -> dict[str, Any] | None:
+        """The newest intact record, or ``None`` if neither slot holds one."""
+        best: tuple[int, bytes] | None = None
+        for slot in range(2):
+            raw = os.pread(self.fd, STATE_SLOT_BYTES, slot * STATE_SLOT_BYTES)
+            if len(raw) < _SLOT_HEADER.size:
+                continue
+            magic, seq, length, crc = _SLOT_HEADER.unpack_from(raw)
+            data = raw[_SLOT_HEADER.size : _SLOT_HEADER.size + length]
+            if magic != _MAGIC or len(data) != length or zlib.crc32(data) != crc:
+                continue
+            if best is None or seq > best[0]:
+                best = (seq, data)
+        if best is None:
+            return None
+        self.seq = best[0]
+        record = json.loads(best[1])
+        return record if isinstance(record, dict) else None
+
+
+class VmKeeper:
+    """The fds one VM has in the store, by name, each with a reference copy of ours."""
+
+    def __init__(self, store: FdStore, vm: str, state: StateFile) -> None:
+        self.store = store
+        self.vm = vm
+        self.state = state
+        #: name -> our own copy of the fd the keeper holds under that name
+        self.stored: dict[str, int] = {}
+        self._next = 0
+
+    @classmethod
+    def start(cls, store: FdStore, vm: str) -> VmKeeper:
+        keeper = cls(store, vm, StateFile.create(vm))
+        keeper.put_fixed("state", keeper.state.fd)
+        return keeper
+
+    def adopt(self, name: str, fd: int) -> None:
+        """An fd the keeper already holds (passed to us at start)."""
+        self.stored[name] = fd
+        parsed = parse_fd_name(name)
+        if parsed is not None and _NUMBERED.fullmatch(parsed[1]):
+            self._next = max(self._next, int(parsed[1]) + 1)
+
+    def put_fixed(self, kind: str, fd: int) -> None:
+        name = fd_name(self.vm, kind)
+        if name in self.stored:
+            return
+        ref = os.dup(fd)
+        self.store.put(name, ref)
+        self.stored[name] = ref
+
+    def keep(self, fd: int) -> str:
+        """The name the keeper holds this open file under, storing it if new."""
+        for name, ref in self.stored.items():
+            if same_open_file(fd, ref):
+                return name
+        name = fd_name(self.vm, self._next)
+        self._next += 1
+        ref = os.dup(fd)
+        self.store.put(name, ref)
+        self.stored[name] = ref
+        return name
+
+    def save(self, record: Mapping[str, Any], live: Iterable[str]) -> None:
+        """Write the state, then let go of every numbered fd it no longer names."""
+        self.state.write(record)
+        keep = set(live)
+        for name in list(self.stored):
+            parsed = parse_fd_name(name)
+            if parsed is not None and parsed[1] in FIXED_KINDS:
+                continue
+            if name not in keep:
+                self.release(name)
+
+    def release(self, name: str) -> None:
+        ref = self.stored.pop(name, None)
+        if ref is not None:
+            self.store.drop(name)
+            close_fds([ref])
+
+    def release_all(self) -> None:
+        """The VM is gone for good: the keeper lets go of everything (QEMU sees EOF)."""
+        for name in list(self.stored):
+            self.release(name)
+
+    def close(self) -> None:
+        """This process stops; the keeper keeps everything."""
+        close_fds(self.stored.values())
+        self.stored.clear()
+
+
+@dataclass
+class StoredVm:
+    """What the keeper passed us for one VM at start."""
+
+    vm: str
+    fds: dict[str, int] = field(default_factory=dict)
+
+    def take(self, kind: str) -> int | None:
+        return self.fds.get(fd_name(self.vm, kind))
+
+
+def stored_vms(inherited: dict[str, int]) -> dict[str, StoredVm]:
+    """Take our names out of ``inherited`` (the rest are socket activation), by VM."""
+    out: dict[str, StoredVm] = {}
+    for name in list(inherited):
+        parsed = parse_fd_name(name)
+        if parsed is None:
+            continue
+        vm = parsed[0]
+        out.setdefault(vm, StoredVm(vm)).fds[name] = inherited.pop(name)
+    return out

@@ -1,0 +1,301 @@
+"""``vhost-user-balloon supervise``: keep VM connections alive while the daemon restarts.
+
+Theory of operation. The supervisor is the smallest possible service manager: it
+starts the daemon as its child with ``$NOTIFY_SOCKET`` pointing at itself and
+``$FDSTORE`` set, and implements the part of sd_notify that the daemon uses to hand
+fds over: ``FDSTORE=1`` + ``FDNAME=`` (keep this fd under this name),
+``FDSTOREREMOVE=1`` + ``FDNAME=`` (let go of every fd of that name), ``READY=1``.
+When the child exits, for any reason, kill -9 included, the supervisor starts a new
+one and passes every kept fd to it the way systemd does (fds 3.. with
+``$LISTEN_FDS``, ``$LISTEN_PID``, ``$LISTEN_FDNAMES``). Because the supervisor holds
+a copy of each connection, QEMU never sees a hang-up.
+
+It does no vhost-user work and imports nothing of the daemon but its logging, so
+there is little in it to crash or to upgrade. Datagrams from the child are all read
+before its exit is handled, so an fd stored just before a crash is not lost (systemd
+orders the two the same way).
+
+Signals: SIGTERM/SIGINT stop the child and then the supervisor (the fds are closed:
+QEMU sees the daemon go), SIGHUP is passed on (re-read the configuration), SIGUSR2
+restarts the child on purpose (to run newly installed code: an upgrade).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+from .logconfig import configure_logging
+
+__all__ = ["Supervisor", "main"]
+
+log = structlog.get_logger()
+
+#: Most fds kept at once (systemd's FileDescriptorStoreMax=); about 20 per VM.
+DEFAULT_STORE_MAX: Final = 4096
+#: A child that exits sooner than this after it started counts as failing to start.
+_STARTUP_GRACE_S: Final = 5.0
+_BACKOFF_MAX_S: Final = 30.0
+_UCRED: Final = struct.Struct("=iII")
+_ANCBUF: Final = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(_UCRED.size)
+
+USAGE = """\
+usage: vhost-user-balloon supervise [DAEMON OPTIONS]
+
+Run the daemon (vhost-user-balloon DAEMON OPTIONS) as a child process and keep a
+copy of every VM connection it hands over, so that when it dies or is restarted the
+next process takes each VM up again and QEMU notices nothing. The child is restarted
+whenever it exits (after a crash, at once the first time, then with a growing pause
+if it keeps failing to start).
+
+signals to the supervisor:
+  SIGUSR2          restart the daemon on purpose, e.g. after installing a new version
+  SIGHUP           passed to the daemon: re-read the configuration
+  SIGTERM, SIGINT  stop the daemon and the supervisor; attached QEMUs see it go
+
+Daemon options: vhost-user-balloon --help. Under systemd, use the service's file
+descriptor store instead (systemd/vhost-user-balloon.service).
+"""
+
+
+class Supervisor:
+    """Runs ``command`` as a child, keeps the fds it stores, restarts it."""
+
+    def __init__(self, command: Sequence[str], *, store_max: int = DEFAULT_STORE_MAX) -> None:
+        self.command = list(command)
+        self.store_max = store_max
+        self.kept: list[tuple[str, int]] = []
+        self.child: int | None = None
+        self.ready = False
+        self.started_at = 0.0
+        self.failures = 0
+        self.stopping = False
+        self.restart_wanted = False
+        self.exit_status = 0
+        self._dir = Path(tempfile.mkdtemp(prefix="vhost-user-balloon-supervise-"))
+        self.notify_path = self._dir / "notify"
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._notify.bind(str(self.notify_path))
+        self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._notify.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    # -- main loop -------------------------------------------------------------------
+    def run(self) -> int:
+        signal.set_wakeup_fd(self._wake_w)
+        pending: list[int] = []
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2,
+                       signal.SIGCHLD):  # fmt: skip
+            signal.signal(signum, lambda n, _f: pending.append(n))
+        selector = selectors.DefaultSelector()
+        selector.register(self._notify, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        next_start: float | None = time.monotonic()
+        try:
+            while True:
+                if self.child is None and next_start is not None and time.monotonic() >= next_start:
+                    self._spawn()
+                    next_start = None
+                timeout = None if next_start is None else max(0, next_start - time.monotonic())
+                selector.select(timeout)
+                self._drain_wakeups()
+                self._read_notifications()  # always before a child's exit is handled
+                signals: list[int] = list(pending)
+                pending.clear()
+                for number in signals:
+                    self._on_signal(number)
+                if self.child is not None:
+                    status = self._reap()
+                    if status is not None:
+                        if self.stopping:
+                            self.exit_status = 0 if status == 0 else 1
+                            return self.exit_status
+                        next_start = self._after_exit(status)
+                        if next_start is None:
+                            return self.exit_status
+                elif self.stopping:
+                    return 0
+        finally:
+            self._close()
+
+    def _on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            log.info("supervisor_stopping", signal=signal.Signals(signum).name)
+            self.stopping = True
+            self._kill(signal.SIGTERM)
+        elif signum == signal.SIGHUP:
+            self._kill(signal.SIGHUP)
+        elif signum == signal.SIGUSR2:
+            log.info("daemon_restart_requested", pid=self.child)
+            self.restart_wanted = True
+            self._kill(signal.SIGTERM)
+
+    def _kill(self, signum: int) -> None:
+        if self.child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child, signum)
+
+    # -- the child --------------------------------------------------------------------
+    def _spawn(self) -> None:
+        names = [name for name, _ in self.kept]
+        fds = [fd for _, fd in self.kept]
+        env = dict(os.environ)
+        env.update(
+            NOTIFY_SOCKET=str(self.notify_path),
+            FDSTORE=str(self.store_max),
+            LISTEN_FDS=str(len(fds)),
+            LISTEN_FDNAMES=":".join(names),
+        )
+        if not fds:
+            for key in ("LISTEN_FDS", "LISTEN_FDNAMES"):
+                env.pop(key)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child runs until exec
+            try:
+                signal.set_wakeup_fd(-1)
+                # Move the kept fds to 3, 4, ... (above them first: they may overlap).
+                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(fds)) for fd in fds]
+                for i, fd in enumerate(high):
+                    os.dup2(fd, 3 + i, inheritable=True)
+                    os.close(fd)
+                if fds:
+                    env["LISTEN_PID"] = str(os.getpid())
+                os.execve(self.command[0], self.command, env)
+            finally:
+                os._exit(127)
+        self.child, self.ready, self.started_at = pid, False, time.monotonic()
+        log.info("daemon_started", pid=pid, fds_passed=len(fds))
+
+    def _reap(self) -> int | None:
+        assert self.child is not None
+        try:
+            pid, status = os.waitpid(self.child, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.child, 0
+        if pid == 0:
+            return None
+        self.child = None
+        return os.waitstatus_to_exitcode(status)
+
+    def _after_exit(self, code: int) -> float | None:
+        """When to start the next child; ``None``: give up (nothing kept, never ready)."""
+        died = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        if self.restart_wanted:
+            self.restart_wanted, self.failures = False, 0
+            log.info("daemon_restarting", how=died, fds_kept=len(self.kept))
+            return time.monotonic()
+        quick = time.monotonic() - self.started_at < _STARTUP_GRACE_S
+        if not self.ready and not self.kept:
+            log.error("daemon_failed_to_start", how=died)
+            self.exit_status = code if code > 0 else 1
+            return None
+        self.failures = self.failures + 1 if (quick or not self.ready) else 0
+        delay = 0.0 if self.failures <= 1 else min(_BACKOFF_MAX_S, 0.5 * 2**self.failures)
+        log.warning(
+            "daemon_exited", how=died, restart_in_s=delay, fds_kept=len(self.kept),
+            failures=self.failures,
+        )  # fmt: skip
+        return time.monotonic() + delay
+
+    # -- sd_notify --------------------------------------------------------------------
+    def _read_notifications(self) -> None:
+        while True:
+            try:
+                data, ancdata, _, _ = self._notify.recvmsg(
+                    4096, _ANCBUF, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                return
+            pid: int | None = None
+            fds: list[int] = []
+            for level, kind, payload in ancdata:
+                if level != socket.SOL_SOCKET:
+                    continue
+                if kind == socket.SCM_CREDENTIALS:
+                    pid = _UCRED.unpack(payload[: _UCRED.size])[0]
+                elif kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
+            if pid is None or pid != self.child:
+                log.warning("notification_ignored", sender_pid=pid, why="not the daemon")
+                _close(fds)
+                continue
+            self._apply(data.decode(errors="replace"), fds)
+
+    def _apply(self, text: str, fds: list[int]) -> None:
+        fields = dict(line.partition("=")[::2] for line in text.split("\n") if line)
+        name = fields.get("FDNAME", "stored")
+        if fields.get("FDSTORE") == "1":
+            for fd in fds:
+                if len(self.kept) >= self.store_max:
+                    log.error("fd_store_full", max=self.store_max, name=name)
+                    _close([fd])
+                    continue
+                self.kept.append((name, fd))
+            fds = []
+        if fields.get("FDSTOREREMOVE") == "1":
+            gone = [fd for n, fd in self.kept if n == name]
+            self.kept = [(n, fd) for n, fd in self.kept if n != name]
+            _close(gone)
+        if fields.get("READY") == "1" and not self.ready:
+            self.ready, self.failures = True, 0
+            log.info("daemon_ready", pid=self.child, fds_kept=len(self.kept))
+        _close(fds)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _close(self) -> None:
+        _close(fd for _, fd in self.kept)
+        self.kept.clear()
+        self._notify.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _close(fds: object) -> None:
+    for fd in fds:  # type: ignore[attr-defined]
+        try:
+            os.close(fd)
+        except OSError as err:
+            if err.errno != errno.EBADF:
+                raise
+
+
+def main(argv: Sequence[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE, end="")
+        return 0
+    fmt = "json" if _option(argv, "--log-format") == "json" else "console"
+    configure_logging(fmt, "info")  # type: ignore[arg-type]
+    command = [sys.executable, "-m", "vhost_user_balloon", *argv]
+    return Supervisor(command).run()
+
+
+def _option(argv: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
