@@ -31,6 +31,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import select
 import socket
 from typing import Final
 
@@ -108,6 +109,10 @@ class _Eof:
 _EOF: Final = _Eof()
 
 
+class _FrontendGone(Exception):
+    """The frontend closed its end while we were writing to it."""
+
+
 class AdoptError(Exception):
     """A stored connection cannot be taken up; the message says why."""
 
@@ -172,6 +177,8 @@ class VmConnection:
                         self._save(None)
                     await self._read_loop()
                     why = "frontend_closed"
+                except _FrontendGone:
+                    why = "frontend_closed"
                 except VhostUserError as err:
                     why = "protocol_error"
                     self.metrics.protocol_errors.labels(vm=self.vm, reason=err.reason).inc()
@@ -183,10 +190,13 @@ class VmConnection:
                     )
                 finally:
                     nursery.cancel_scope.cancel()
-        except Exception as err:
+        except* Exception as group:
+            # (except*: an error that comes with a cancellation is still logged, and
+            # the cancellation still goes on.)
             why = "internal_error"
             self.metrics.protocol_errors.labels(vm=self.vm, reason="internal_error").inc()
-            log.exception("connection_crashed", error=repr(err))
+            for problem in group.exceptions:
+                log.error("connection_crashed", error=repr(problem), exc_info=problem)
         finally:
             self._teardown(keep=why == "shutdown")
             log.info("frontend_disconnected", why=why, kept=why == "shutdown" and bool(self.keeper))
@@ -315,22 +325,31 @@ class VmConnection:
         owed, self._owed = self._owed, None
         if owed is not None:
             message = bytes.fromhex(owed.get("message") or "")
-            if message:
+            # Still at the head of the socket, or already taken out? (Nothing to read
+            # means taken: QEMU sends nothing more while it waits for a reply.)
+            readable = select.select([self.sock.fileno()], [], [], 0)[0]
+            still_there = False
+            if message and readable:
                 head, _, _, _ = await self.sock.recvmsg(len(message), 0, socket.MSG_PEEK)
-                if head == message:
+                still_there = head == message
+                if still_there:
                     await self._consume(len(message))
             reply = owed.get("reply")
             if reply:
                 await self._send(bytes.fromhex(reply))
-            log.info("owed_reply_sent" if reply else "owed_message_done", taken=bool(message))
-            self._save(None)
+            log.info(
+                "owed_reply_sent" if reply else "owed_message_done",
+                message_taken_out_now=still_there,
+            )
+        # Also lets go of fds stored by a process that died before naming them.
+        self._save(None)
         mem = self.memory.memory
         for v in self.session.vrings:
             if v.state is not QueueState.STARTED or v.queue is None or mem is None:
                 continue
             layout = self.session.layout
             role: QueueRole | None = layout[v.index] if v.index < len(layout) else None
-            again = v.queue.resume_from_used(mem)
+            waiting = v.queue.resume_from_used(mem)
             if role is None:
                 continue
             runner = QueueRunner(self, v.index, role, v.queue)
@@ -338,7 +357,7 @@ class VmConnection:
             self.runners[v.index] = runner
             assert self._nursery is not None
             await self._nursery.start(runner.run)
-            log.info("queue_resumed", queue=v.index, role=role.value, retaken=again)
+            log.info("queue_resumed", queue=v.index, role=role.value, outstanding=waiting)
             done = v.queue.used_idx
             async with self.ring_lock:
                 await runner.service()
@@ -614,7 +633,10 @@ class VmConnection:
     async def _send(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            sent = await self.sock.send(view)
+            try:
+                sent = await self.sock.send(view)
+            except (BrokenPipeError, ConnectionResetError) as err:
+                raise _FrontendGone from err
             view = view[sent:]
 
 

@@ -62,7 +62,8 @@ Run the daemon (vhost-user-balloon DAEMON OPTIONS) as a child process and keep a
 copy of every VM connection it hands over, so that when it dies or is restarted the
 next process takes each VM up again and QEMU notices nothing. The child is restarted
 whenever it exits (after a crash, at once the first time, then with a growing pause
-if it keeps failing to start).
+if it keeps failing to start). If the first daemon cannot start at all (bad options,
+a socket in use), the supervisor exits with the daemon's exit status.
 
 signals to the supervisor:
   SIGUSR2          restart the daemon on purpose, e.g. after installing a new version
@@ -256,7 +257,7 @@ class Supervisor:
             _close(gone)
         if fields.get("READY") == "1" and not self.ready:
             self.ready, self.failures = True, 0
-            log.info("daemon_ready", pid=self.child, fds_kept=len(self.kept))
+            log.info("daemon_reported_ready", pid=self.child, fds_kept=len(self.kept))
         _close(fds)
 
     def _drain_wakeups(self) -> None:
@@ -288,6 +289,7 @@ def main(argv: Sequence[str]) -> int:
         return 0
     fmt = "json" if _option(argv, "--log-format") == "json" else "console"
     configure_logging(fmt, "info")  # type: ignore[arg-type]
+    structlog.contextvars.bind_contextvars(process="supervisor")
     command = [sys.executable, "-m", "vhost_user_balloon", *argv]
     return Supervisor(command).run()
 

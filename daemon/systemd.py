@@ -23,6 +23,8 @@ __all__ = ["SD_LISTEN_FDS_START", "Notifier", "listen_fds"]
 
 log = structlog.get_logger()
 
+#: Seconds an FDSTORE message may wait for room in the keeper's socket queue.
+_FDSTORE_TIMEOUT_S = 5.0
 #: The first fd systemd passes (sd_listen_fds(3)).
 SD_LISTEN_FDS_START = 3
 
@@ -85,6 +87,7 @@ class Notifier:
         if self.address is None:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(_FDSTORE_TIMEOUT_S)  # a keeper that stops reading is an error
             s.sendmsg(
                 ["\n".join(lines).encode()],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],

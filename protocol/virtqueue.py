@@ -171,15 +171,16 @@ class SplitQueue:
         self.used_idx = _U16.unpack(mem.read_uva(self.used_addr + 2, 2))[0]
 
     def resume_from_used(self, mem: GuestMemory) -> int:
-        """Take up a ring another process was serving: chains it took but never handed
-        back are taken again. This is exact for a device that completes chains in the
-        order it takes them, as every balloon queue does; working on a chain twice is
-        harmless here (discarding freed memory twice frees nothing more). Returns how
-        many chains will be taken again."""
+        """Take up a ring another process was serving, from the used index alone (its
+        own next-avail index was not saved as it moved): every chain the guest made
+        available and has not got back, whether the other process took it or not, is
+        taken (again). This is exact for a device that completes chains in the order it
+        takes them, as every balloon queue does; working on a chain twice is harmless
+        here (discarding freed memory twice frees nothing more). Returns how many
+        chains the guest is waiting for."""
         self.load_used_index(mem)
-        again = (self.last_avail_idx - self.used_idx) & 0xFFFF
         self.last_avail_idx = self.used_idx
-        return again
+        return self.pending(mem)
 
     # -- avail side -------------------------------------------------------------
     def avail_idx(self, mem: GuestMemory) -> int:

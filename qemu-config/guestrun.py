@@ -99,6 +99,10 @@ class GuestSpec:
     #: (old, new) replacements in the attach options, e.g. ("config_size=16", "config_size=0")
     edits: tuple[tuple[str, str], ...] = ()
     daemon_args: tuple[str, ...] = ()
+    #: run the daemon under ``vhost-user-balloon supervise`` (restarts keep the VM)
+    supervise: bool = False
+    #: extra environment for the daemon, e.g. (("PYTHONPATH", "..."),)
+    daemon_env: tuple[tuple[str, str], ...] = ()
     #: more guest kernel parameters, e.g. "init_on_free=1"
     append: str = ""
     timeout_s: float = 300.0
@@ -205,6 +209,13 @@ class GuestRun:
     def daemon_events(self, event: str) -> list[dict[str, object]]:
         return [r for r in self.daemon_log if r.get("event") == event]
 
+    def daemon_pid(self) -> int:
+        """The serving daemon process now (under ``supervise``: its current child)."""
+        started = self.daemon_events("daemon_started")
+        if not started:
+            raise AssertionError("no daemon_started line: the daemon is not supervised")
+        return int(started[-1]["pid"])  # type: ignore[call-overload]
+
 
 def _split(key: str) -> tuple[str, dict[str, str]]:
     if "{" not in key:
@@ -310,14 +321,20 @@ def _start_daemon(run: GuestRun, sock: Path) -> subprocess.Popen[bytes]:
         except ValueError:
             record = {"event": "unparsed", "line": line}
         run.daemon_log.append(record)
-        if record.get("event") == "daemon_ready":
+        # The daemon's own line names its metrics URL (a supervisor's does not); a
+        # restarted daemon listens on a new port.
+        if record.get("event") == "daemon_ready" and "metrics" in record:
             run.metrics_url = str(record.get("metrics"))
             ready.set()
 
+    command = [sys.executable, "-m", "vhost_user_balloon"]
+    if run.spec.supervise:
+        command.append("supervise")
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "vhost_user_balloon.daemon.cli", "--vm", f"guest={sock}",
-         "--metrics-listen", "127.0.0.1:0", "--log-format", "json", *run.spec.daemon_args],
+        [*command, "--vm", f"guest={sock}", "--metrics-listen", "127.0.0.1:0",
+         "--log-format", "json", *run.spec.daemon_args],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, **dict(run.spec.daemon_env)},
     )  # fmt: skip
     _pump(daemon.stdout, on_line)
     if not ready.wait(20):

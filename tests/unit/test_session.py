@@ -483,6 +483,7 @@ def test_a_chain_taken_but_not_completed_is_taken_again_after_a_restore() -> Non
     s.handle(msg(Request.SET_VRING_ADDR, drv.vring_addr()))
     s.handle(msg(Request.SET_VRING_KICK, VringFile(3, False), (61,)))
     mem = ram.guest_memory()
+    saved = s.export_state()  # saved at set-up; the ring moves on without a new save
     queue = s.vrings[3].queue
     assert queue is not None
     done = drv.add_chain([(2 << 20, 2 << 20, True)])
@@ -491,12 +492,15 @@ def test_a_chain_taken_but_not_completed_is_taken_again_after_a_restore() -> Non
     queue.push(mem, chain.head, 0)
     in_flight = drv.add_chain([(3 << 20, 1 << 20, True)])
     assert queue.pop(mem) is not None  # taken... and the process dies here
-    restored = Session.restore(s.export_state())
+    never_seen = drv.add_chain([(4 << 20, 1 << 20, True)])
+    restored = Session.restore(saved)
     again_queue = restored.vrings[3].queue
     assert again_queue is not None
-    assert again_queue.resume_from_used(mem) == 1
+    assert again_queue.resume_from_used(mem) == 2
     again = again_queue.pop(mem)
     assert again is not None and again.head == in_flight != done
+    then = again_queue.pop(mem)
+    assert then is not None and then.head == never_seen
     assert again_queue.pop(mem) is None
 
 
