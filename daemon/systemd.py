@@ -23,8 +23,9 @@ __all__ = ["SD_LISTEN_FDS_START", "Notifier", "listen_fds"]
 
 log = structlog.get_logger()
 
-#: Seconds an FDSTORE message may wait for room in the keeper's socket queue.
-_FDSTORE_TIMEOUT_S = 5.0
+#: Seconds a notification may wait for room in the manager's socket queue (the kernel
+#: queues only net.unix.max_dgram_qlen datagrams, 10 by default, until it reads them).
+_NOTIFY_TIMEOUT_S = 5.0
 #: The first fd systemd passes (sd_listen_fds(3)).
 SD_LISTEN_FDS_START = 3
 
@@ -77,6 +78,7 @@ class Notifier:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.settimeout(_NOTIFY_TIMEOUT_S)  # a manager that stops reading: give up
                 s.sendto("\n".join(lines).encode(), self.address)
         except OSError as err:
             log.warning("sd_notify_failed", error=str(err))
@@ -87,7 +89,7 @@ class Notifier:
         if self.address is None:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.settimeout(_FDSTORE_TIMEOUT_S)  # a keeper that stops reading is an error
+            s.settimeout(_NOTIFY_TIMEOUT_S)  # a keeper that stops reading is an error
             s.sendmsg(
                 ["\n".join(lines).encode()],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],

@@ -8,15 +8,17 @@ at the ring and at the socket byte by byte, which QEMU cannot show us.
 from __future__ import annotations
 
 import array
+import inspect
 import json
 import os
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,9 @@ from frontend import FakeFrontend, GuestMemfd, MiB
 
 from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
 from vhost_user_balloon.daemon.connection import VmConnection
-from vhost_user_balloon.daemon.handover import stored_vms
+from vhost_user_balloon.daemon.handover import STATE_SLOT_BYTES, stored_vms
 from vhost_user_balloon.daemon.systemd import Notifier
-from vhost_user_balloon.protocol import Config, Request, encode_message
+from vhost_user_balloon.protocol import Config, Request, VringFile, encode_message
 
 SUPERVISE = [sys.executable, "-m", "vhost_user_balloon", "supervise"]
 
@@ -177,6 +179,8 @@ class CrashKeeper:
         self.sock.bind(str(path))
         self.sock.setblocking(False)
         self.kept: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._closed = False
 
     def notifier(self) -> Notifier:
         return Notifier({"NOTIFY_SOCKET": str(self.path)})
@@ -197,78 +201,195 @@ class CrashKeeper:
             elif fields.get("FDSTOREREMOVE") == "1":
                 os.close(self.kept.pop(fields["FDNAME"]))
 
-    async def serve(self) -> None:
-        while True:  # read as systemd does: at once (the daemon's sends would block)
-            await trio.lowlevel.wait_readable(self.sock)
+    def serve(self) -> None:
+        """Read as systemd does, at once and beside the daemon (in a thread): the
+        kernel queues only 10 datagrams before the daemon's sends block."""
+        while not self._closed:
+            select.select([self.sock], [], [], 0.05)
+            with self._lock:
+                if not self._closed:
+                    self.collect()
+
+    def names(self) -> set[str]:
+        with self._lock:
             self.collect()
+            return set(self.kept)
 
     def crash_copy(self) -> dict[str, int]:
         """What a keeper holds the instant the daemon dies."""
-        self.collect()
-        return {name: os.dup(fd) for name, fd in self.kept.items()}
+        with self._lock:
+            self.collect()
+            return {name: os.dup(fd) for name, fd in self.kept.items()}
 
     def close(self) -> None:
-        for fd in self.kept.values():
-            os.close(fd)
-        self.sock.close()
+        with self._lock:
+            self._closed = True
+            for fd in self.kept.values():
+                os.close(fd)
+            self.sock.close()
+
+
+class Crash:
+    """A daemon in this process that 'dies' the first time one of its connection
+    methods is called (optionally: with arguments that ``when`` accepts): the keeper's
+    holdings are copied at that instant, and the process never gets any further."""
+
+    def __init__(self, tmp_path: Path, nursery: trio.Nursery, mp: pytest.MonkeyPatch) -> None:
+        self.keeper = CrashKeeper(tmp_path / "notify")
+        threading.Thread(target=self.keeper.serve, daemon=True).start()
+        self.nursery, self.mp = nursery, mp
+        self.vm = VmSpec("web1", tmp_path / "web1.sock")
+        self.dead, self.buried = trio.Event(), trio.Event()
+        self.copy: dict[str, int] = {}
+
+    def daemon(self, **options: Any) -> Daemon:
+        return Daemon(
+            [self.vm], metrics=Metrics(), notifier=self.keeper.notifier(), fd_store=True,
+            **options,
+        )  # fmt: skip
+
+    async def start_first(self) -> None:
+        async def run(task_status: trio.TaskStatus[None]) -> None:
+            try:
+                await self.daemon().run(task_status=task_status)
+            except* _Gone:
+                pass  # died in a synchronous method: the whole process stops there
+
+        await self.nursery.start(run)
+
+    def arm(self, method: str, when: Any = lambda *args: True) -> None:
+        real = getattr(VmConnection, method)
+
+        async def dies(conn: VmConnection, *args: Any) -> Any:
+            if self.dead.is_set() or not when(*args):
+                return await real(conn, *args)
+            self.copy.update(self.keeper.crash_copy())
+            self.dead.set()
+            self.mp.setattr(VmConnection, method, real)
+            await self.buried.wait()  # gone: it does nothing more until the test ends
+            return None
+
+        def sync_dies(conn: VmConnection, *args: Any) -> Any:
+            if self.dead.is_set() or not when(*args):
+                return real(conn, *args)
+            self.copy.update(self.keeper.crash_copy())
+            self.dead.set()
+            self.mp.setattr(VmConnection, method, real)
+            raise _Gone
+
+        is_async = inspect.iscoroutinefunction(real)
+        self.mp.setattr(VmConnection, method, dies if is_async else sync_dies)
+
+    async def successor(self) -> Daemon:
+        """The next process, started from what the keeper held when the first died."""
+        with trio.fail_after(5):
+            await self.dead.wait()
+        second = self.daemon(stored=stored_vms(self.copy))
+        await self.nursery.start(second.run)
+        return second
+
+    def bury(self) -> None:
+        self.buried.set()
+        self.keeper.close()
+
+
+class _Gone(BaseException):
+    """Stops a 'dead' process's task in a synchronous method (it never returns)."""
+
+
+@pytest.fixture
+async def crash(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Crash]:
+    c = Crash(tmp_path, nursery, monkeypatch)
+    yield c
+    c.bury()
 
 
 @pytest.mark.parametrize("dies_in", ["_consume", "_send"])
 async def test_a_reply_owed_by_a_dead_process_is_sent_once(
-    tmp_path: Path,
-    nursery: trio.Nursery,
-    guests: list[GuestMemfd],
-    frontends: list[FakeFrontend],
-    monkeypatch: pytest.MonkeyPatch,
-    dies_in: str,
+    crash: Crash, guests: list[GuestMemfd], frontends: list[FakeFrontend], dies_in: str
 ) -> None:
     """The daemon has applied GET_CONFIG and saved that it owes the reply, then dies
     before taking the message out of the socket (``_consume``) or before sending the
     reply (``_send``). The next process sends the reply, exactly once."""
-    keeper = CrashKeeper(tmp_path / "notify")
-    nursery.start_soon(keeper.serve)
-    vm = VmSpec("web1", tmp_path / "web1.sock")
-    first = Daemon([vm], metrics=Metrics(), notifier=keeper.notifier(), fd_store=True)
-    await nursery.start(first.run)
+    await crash.start_first()
     guest = GuestMemfd(16 * MiB)
     guests.append(guest)
-    fe = await attach(str(vm.socket), guest, frontends)
+    fe = await attach(str(crash.vm.socket), guest, frontends)
     config = await fe.get_config()
-
-    dead, buried = trio.Event(), trio.Event()
-    copy: dict[str, int] = {}
-    real = getattr(VmConnection, dies_in)
-
-    async def dies(self: VmConnection, data: Any) -> None:
-        if not dead.is_set():
-            copy.update(keeper.crash_copy())
-            dead.set()
-            # This process is gone: it does nothing more until the test ends.
-            await buried.wait()
-            return
-        await real(self, data)
-
-    monkeypatch.setattr(VmConnection, dies_in, dies)
+    crash.arm(dies_in)
     await fe.send_raw(encode_message(Request.GET_CONFIG, Config(0, 16, 0, bytes(16))))
-    await dead.wait()
-    monkeypatch.setattr(VmConnection, dies_in, real)
-
-    second = Daemon(
-        [vm], metrics=Metrics(), notifier=keeper.notifier(), fd_store=True,
-        stored=stored_vms(copy),
-    )  # fmt: skip
-    await nursery.start(second.run)
+    second = await crash.successor()
     with trio.fail_after(5):
         head = await fe.recv_exact(12)
         assert struct.unpack("=III", head) == (Request.GET_CONFIG, 0x5, 12 + 16)
         assert (await fe.recv_exact(12 + 16))[12:] == config
     # Exactly once: the next reply on the socket answers the next request (request()
-    # checks the reply's request code), and the message was not applied twice.
+    # checks the reply's request code).
     assert await fe.request(Request.GET_FEATURES, expect_reply=True) is not None
     assert list(second.connections) == ["web1"]
     fe.sock.close()
-    buried.set()
-    keeper.close()
+
+
+async def test_a_message_the_dead_process_never_saved_is_applied_by_the_next(
+    crash: Crash, guests: list[GuestMemfd], frontends: list[FakeFrontend]
+) -> None:
+    """SET_VRING_CALL with a new eventfd: the first process applies it, stores the fd,
+    and dies before saving its state. The message is still in the socket (it was only
+    peeked), so the next process applies it (fd and all) and acknowledges it; the fd
+    the dead process stored but never named is let go."""
+    await crash.start_first()
+    guest = GuestMemfd(16 * MiB)
+    guests.append(guest)
+    fe = await attach(str(crash.vm.socket), guest, frontends)
+    crash.arm("_save", when=lambda owed: owed is not None)
+    new_call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    old_call, fe.fds[3].call = fe.fds[3].call, new_call
+    await fe.send_raw(
+        encode_message(Request.SET_VRING_CALL, VringFile(3, False), need_reply=True), [new_call]
+    )
+    second = await crash.successor()
+    with trio.fail_after(5):
+        head = await fe.recv_exact(12)
+        assert struct.unpack("=III", head) == (Request.SET_VRING_CALL, 0x5, 8)
+        assert await fe.recv_exact(8) == struct.pack("=Q", 0)
+    before = guest.allocated()
+    guest.populate(8 * MiB, 4 * MiB)
+    await fe.report(3, [(8 * MiB, 4 * MiB)])  # the interrupt comes on the new eventfd
+    assert guest.allocated() == before
+    os.close(old_call)
+    conn = second.connections["web1"]
+    assert conn.keeper is not None
+    # No orphan left: the keeper holds the listening socket and the connection's fds.
+    assert crash.keeper.names() == {"vub.web1.listen", *conn.keeper.stored}
+
+
+async def test_a_connection_whose_state_is_lost_is_closed_and_the_rest_go_on(
+    crash: Crash, guests: list[GuestMemfd], frontends: list[FakeFrontend]
+) -> None:
+    """The saved state is unreadable (both slots overwritten): that VM cannot be taken
+    up, so its fds are let go (its QEMU sees the end, as without a keeper) with an
+    error that says so; the daemon starts and serves new connections."""
+    await crash.start_first()
+    guest = GuestMemfd(16 * MiB)
+    guests.append(guest)
+    fe = await attach(str(crash.vm.socket), guest, frontends)
+    crash.arm("_save", when=lambda owed: owed is not None)
+    await fe.send_raw(encode_message(Request.GET_CONFIG, Config(0, 16, 0, bytes(16))))
+    with trio.fail_after(5):
+        await crash.dead.wait()
+    os.pwrite(crash.copy["vub.web1.state"], b"\0" * (2 * STATE_SLOT_BYTES), 0)
+    second = await crash.successor()
+    crash.buried.set()  # the first process is really gone now: its copies close
+    with trio.fail_after(5):
+        while "web1" in second.connections:
+            await trio.sleep(0.01)
+        assert crash.keeper.names() == {"vub.web1.listen"}
+    # A new QEMU can attach to the same socket, served by the new process.
+    fe2 = await attach(str(crash.vm.socket), GuestMemfd(16 * MiB), frontends)
+    guests.append(fe2.guest)
+    assert await fe2.get_config()
 
 
 def test_a_daemon_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None:
