@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks for vhost-user-balloon: each figure beside a baseline from the same run.
 
-    .venv/bin/python benchmarks/bench.py [service|responsiveness|scale|guest|all] [--quick]
+    .venv/bin/python benchmarks/bench.py [service|responsiveness|scale|guest|handover|all]
+                                         [--quick]
 
 service         the daemon's whole path (kick, ring walk, punch, used ring, call) for
                 reports of 32 x 2 MiB and 32 x 4 MiB of populated memory, against a raw
@@ -15,6 +16,10 @@ scale           64 VMs on one daemon, each reporting 128 MiB every 2 s: service 
                 8 idle VMs for 10 s (CPU time, wakeups)
 guest           a real guest under QEMU's built-in balloon and under the daemon, same
                 workload, alternating: time until the memory is back, final level
+handover        what keeping connections across restarts costs: GET_CONFIG round trips
+                without a keeper and under `supervise` (every message is then peeked
+                and its state saved twice); and how long a GET_CONFIG sent just after
+                kill -9 (or a planned restart) waits for the next process to answer it
 
 The daemon runs as its own process (the installed command), the Python frontend
 from tests/frontend.py plays QEMU. These machines are noisy: each figure is a
@@ -61,11 +66,14 @@ def p99(values: list[float]) -> float:
 
 # -- the daemon as a process ----------------------------------------------------------
 @contextlib.contextmanager
-def daemon_process(names: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def daemon_process(
+    names: list[str], *, supervise: bool = False
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     with tempfile.TemporaryDirectory(prefix="vub-bench-") as tmp:
         args = [a for n in names for a in ("--vm", f"{n}={tmp}/{n}.sock")]
+        command = [sys.executable, "-m", "vhost_user_balloon", *(["supervise"] * supervise)]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vhost_user_balloon.daemon.cli", *args,
+            [*command, *args,
              "--metrics-listen", "none", "--log-format", "json", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -253,6 +261,61 @@ async def responsiveness(samples: int) -> dict[str, object]:
     return {"idle_p99_ms": p99(idle) * 1e3, "loaded_p99_ms": p99(loaded) * 1e3, "ratio": ratio}
 
 
+# -- hand-over ---------------------------------------------------------------------------
+async def round_trips(fe: FakeFrontend, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fe.get_config()
+        out.append(time.perf_counter() - t0)
+        await trio.sleep(0.001)
+    return out
+
+
+def child_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+
+
+async def handover(samples: int, restarts: int) -> dict[str, object]:
+    with daemon_process(["vm"]) as (_, tmp):
+        async with attached(tmp / "vm.sock", 16 * MiB) as (fe, _):
+            plain = await round_trips(fe, samples)
+    stalls: dict[str, list[float]] = {"kill -9": [], "SIGUSR2": []}
+    with daemon_process(["vm"], supervise=True) as (sup, tmp):
+        async with attached(tmp / "vm.sock", REPORT_BASE + 16 * MiB) as (fe, guest):
+            kept = await round_trips(fe, samples)
+            for _ in range(restarts):
+                for how, signum in (("kill -9", 9), ("SIGUSR2", 12)):
+                    await trio.sleep(0.3)  # the previous restart is all done
+                    old = child_of(sup.pid)
+                    os.kill(old if signum == 9 else sup.pid, signum)
+                    # From the moment the old process is gone (a planned stop first
+                    # finishes what it has in hand), a vCPU reading the balloon's
+                    # config waits for the next process.
+                    while (
+                        Path(f"/proc/{old}/stat").exists()
+                        and " Z " not in Path(f"/proc/{old}/stat").read_text()
+                    ):
+                        await trio.sleep(0.0005)
+                    t0 = time.perf_counter()
+                    await fe.get_config()
+                    stalls[how].append(time.perf_counter() - t0)
+            populate(guest, REPORT_BASE, 4 * MiB)
+            await fe.report(3, [(REPORT_BASE, 4 * MiB)])  # still served after it all
+    ratio = p99(kept) / p99(plain)
+    print(f"GET_CONFIG, no keeper:       {spread(plain)}  p99 {p99(plain) * 1e3:.3f} ms")
+    print(f"GET_CONFIG, under supervise: {spread(kept)}  p99 {p99(kept) * 1e3:.3f} ms")
+    print(f"  p99 ratio kept/plain: {ratio:.2f}")
+    for how, values in stalls.items():
+        print(f"GET_CONFIG sent as the old process ends ({how}): answered in {spread(values)}")
+    return {
+        "plain_p99_ms": p99(plain) * 1e3,
+        "kept_p99_ms": p99(kept) * 1e3,
+        "ratio": ratio,
+        **{f"{how}_stall_s": statistics.median(v) for how, v in stalls.items()},
+    }
+
+
 # -- 3. scale ----------------------------------------------------------------------------
 async def scale(vms: int, seconds: float) -> dict[str, object]:
     names = [f"vm{i:02d}" for i in range(vms)]
@@ -374,7 +437,7 @@ def main() -> int:
         "which",
         nargs="?",
         default="all",
-        choices=("service", "responsiveness", "scale", "guest", "all"),
+        choices=("service", "responsiveness", "scale", "guest", "handover", "all"),
     )
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -395,6 +458,9 @@ def main() -> int:
     if args.which in ("scale", "all"):
         print("== scale")
         out["scale"] = trio.run(scale, 16 if q else 64, 6.0 if q else 20.0)
+    if args.which in ("handover", "all"):
+        print("== hand-over")
+        out["handover"] = trio.run(handover, 100 if q else 1000, 2 if q else 10)
     if args.which in ("guest", "all"):
         print("== real guest, side by side")
         out["guest"] = guest(1 if q else 3)

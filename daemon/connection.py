@@ -86,6 +86,11 @@ LOCK_FREE_REQUESTS: Final = frozenset(
     {Request.GET_CONFIG, Request.SET_CONFIG, Request.GET_FEATURES,
      Request.GET_PROTOCOL_FEATURES}
 )  # fmt: skip
+#: Requests that change nothing we save: after them only the owed reply is written.
+READ_ONLY_REQUESTS: Final = frozenset(
+    {Request.GET_CONFIG, Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES,
+     Request.GET_MAX_MEM_SLOTS}
+)  # fmt: skip
 #: Room for more fds than any message may carry: the kernel silently closes fds that
 #: do not fit, and we want to see (and refuse) a message that sent too many.
 _ANCBUF: Final = socket.CMSG_SPACE(253 * 4)
@@ -154,6 +159,8 @@ class VmConnection:
         #: set by ``adopt``: a message applied and a reply owed by the process before
         self._owed: dict[str, str | None] | None = None
         self._adopted = False
+        #: the last record saved (what ``_save`` writes again when nothing changed)
+        self._record: dict[str, object] | None = None
 
     # -- QueueHost ------------------------------------------------------------------
     def vring_fd(self, index: int, kind: FdKind) -> int | None:
@@ -228,11 +235,15 @@ class VmConnection:
         self.metrics.guest_stats.clear(self.vm)
 
     # -- hand-over --------------------------------------------------------------------
-    def _save(self, owed: dict[str, str | None] | None) -> None:
+    def _save(self, owed: dict[str, str | None] | None, *, changed: bool = True) -> None:
         """Write this connection's state for the next process (no-op without a keeper).
-        Called with every change applied and nothing of it sent to QEMU yet."""
+        Called with every change applied and nothing of it sent to QEMU yet. Without
+        ``changed`` (nothing but ``owed`` differs) the last record is written again."""
         keeper = self.keeper
         if keeper is None:
+            return
+        if not changed and self._record is not None:
+            keeper.state.write({**self._record, "owed": owed})
             return
         regions = [keeper.keep(m.fd) for m in self.memory.by_index]
         vrings = [(i, kind.value, keeper.keep(fd)) for (i, kind), fd in self._vring_fds.items()]
@@ -246,6 +257,7 @@ class VmConnection:
             "backend": backend,
             "owed": owed,
         }
+        self._record = record
         keeper.save(record, [*regions, *(v[2] for v in vrings), *([backend] if backend else [])])
 
     @classmethod
@@ -518,21 +530,22 @@ class VmConnection:
                         self.device.config.actual * GUEST_PAGE_SIZE
                     )
                 reply = outcome.reply
-        await self._finish(raw, reply)
+        await self._finish(raw, reply, changed=msg.request not in READ_ONLY_REQUESTS)
 
-    async def _finish(self, raw: bytes, reply: bytes | None) -> None:
+    async def _finish(self, raw: bytes, reply: bytes | None, *, changed: bool = False) -> None:
         """Save what the message changed with the reply it owes, take it out of the
         socket (if peeked), answer, and save that nothing is owed. Not cancellable:
         a stop in the middle would leave QEMU waiting."""
         with trio.CancelScope(shield=True):
             if self.keeper is not None:
-                self._save({"message": raw.hex(), "reply": None if reply is None else reply.hex()})
+                owed = {"message": raw.hex(), "reply": None if reply is None else reply.hex()}
+                self._save(owed, changed=changed)
             if raw:
                 await self._consume(len(raw))
             if reply is not None:
                 await self._send(reply)
             if self.keeper is not None:
-                self._save(None)
+                self._save(None, changed=False)
 
     async def _apply(self, effect: Effect) -> None:
         match effect:

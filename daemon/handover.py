@@ -137,6 +137,9 @@ class VmKeeper:
         self.state = state
         #: name -> our own copy of the fd the keeper holds under that name
         self.stored: dict[str, int] = {}
+        #: the connection's fd number -> the name it was last found under (a hint,
+        #: checked before use: fd numbers are reused)
+        self._hint: dict[int, str] = {}
         self._next = 0
 
     @classmethod
@@ -162,14 +165,19 @@ class VmKeeper:
 
     def keep(self, fd: int) -> str:
         """The name the keeper holds this open file under, storing it if new."""
+        hint = self._hint.get(fd)
+        if hint is not None and hint in self.stored and same_open_file(fd, self.stored[hint]):
+            return hint
         for name, ref in self.stored.items():
             if same_open_file(fd, ref):
+                self._hint[fd] = name
                 return name
         name = fd_name(self.vm, self._next)
         self._next += 1
         ref = os.dup(fd)
         self.store.put(name, ref)
         self.stored[name] = ref
+        self._hint[fd] = name
         return name
 
     def save(self, record: Mapping[str, Any], live: Iterable[str]) -> None:

@@ -260,18 +260,18 @@ class Crash:
     def arm(self, method: str, when: Any = lambda *args: True) -> None:
         real = getattr(VmConnection, method)
 
-        async def dies(conn: VmConnection, *args: Any) -> Any:
+        async def dies(conn: VmConnection, *args: Any, **kwargs: Any) -> Any:
             if self.dead.is_set() or not when(*args):
-                return await real(conn, *args)
+                return await real(conn, *args, **kwargs)
             self.copy.update(self.keeper.crash_copy())
             self.dead.set()
             self.mp.setattr(VmConnection, method, real)
             await self.buried.wait()  # gone: it does nothing more until the test ends
             return None
 
-        def sync_dies(conn: VmConnection, *args: Any) -> Any:
+        def sync_dies(conn: VmConnection, *args: Any, **kwargs: Any) -> Any:
             if self.dead.is_set() or not when(*args):
-                return real(conn, *args)
+                return real(conn, *args, **kwargs)
             self.copy.update(self.keeper.crash_copy())
             self.dead.set()
             self.mp.setattr(VmConnection, method, real)
