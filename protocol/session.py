@@ -305,42 +305,47 @@ class Session:
     def restore(cls, state: Mapping[str, Any]) -> Session:
         """A session in the state ``export_state`` described, every value checked again:
         the state crossed a process boundary."""
+        u32, u64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
         try:
             if state["version"] != STATE_VERSION:
                 raise ValueError(f"state version {state['version']!r}, expected {STATE_VERSION}")
-            device = BalloonDevice(int(state["device_features"]))
+            device = BalloonDevice(_whole(state["device_features"], u64))
+            config = state["config"]
+            if not isinstance(config, list) or len(config) != 4:
+                raise ValueError(f"config {config!r} is not 4 numbers")
             (
                 device.config.num_pages,
                 device.config.actual,
                 device.config.free_page_hint_cmd_id,
                 device.config.poison_val,
-            ) = (int(x) for x in state["config"])
+            ) = (_whole(x, u32) for x in config)
             session = cls(
                 device,
-                protocol_features=int(state["offered_protocol_features"]),
-                max_queues=int(state["queues"]),
+                protocol_features=_whole(state["offered_protocol_features"], u64),
+                max_queues=_whole(state["queues"], MAX_QUEUES),
             )
             session.state = SessionState(state["state"])
-            session.features = int(state["features"])
-            session.protocol_features = int(state["protocol_features"])
+            session.features = _whole(state["features"], u64)
+            session.protocol_features = _whole(state["protocol_features"], u64)
             session.layout = queue_layout(session.features)
             if state["memory"] is not None:
                 session.memory = GuestMemory(
-                    [MemoryRegion(*(int(x) for x in r)) for r in state["memory"]],
+                    [MemoryRegion(*(_whole(x, u64) for x in r)) for r in state["memory"]],
                     limit=MAX_MEM_SLOTS,
                 )
             for item in state["vrings"]:
-                v = session.vrings[int(item["index"])]
-                v.size = None if item["size"] is None else check_queue_size(int(item["size"]))
-                v.base = int(item["base"]) & 0xFFFF
-                v.enabled = bool(item["enabled"])
+                v = session.vrings[_whole(item["index"], MAX_QUEUES - 1)]
+                size = item["size"]
+                v.size = None if size is None else check_queue_size(_whole(size, u32))
+                v.base = _whole(item["base"], _MAX_VRING_BASE)
+                v.enabled = item["enabled"] is True
                 if item["addr"] is not None:
-                    v.addr = VringAddr(v.index, *(int(x) for x in item["addr"]))
+                    v.addr = VringAddr(v.index, *(_whole(x, u64) for x in item["addr"]))
                 if QueueState(item["state"]) is QueueState.STARTED:
                     session._start(v)
         except VhostUserError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError) as err:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise LocalProtocolError(f"cannot restore a session from this state: {err!r}") from err
         return session
 
@@ -664,3 +669,10 @@ class Session:
         assert isinstance(cfg, Config)
         self.device.write_config(cfg.offset, cfg.data)
         return self._ack(msg)
+
+
+def _whole(value: object, most: int) -> int:
+    """A saved number: an int (not a bool, not a float) from 0 to ``most``."""
+    if type(value) is not int or not 0 <= value <= most:
+        raise ValueError(f"{value!r} is not a whole number from 0 to {most:#x}")
+    return value

@@ -519,3 +519,48 @@ def test_a_damaged_state_is_refused(breakage: object) -> None:
     breakage(state)  # type: ignore[operator]
     with pytest.raises((LocalProtocolError, QueueError)):
         Session.restore(state)
+
+
+def _paths(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Every place in a JSON tree where a value can be swapped."""
+    out: list[tuple[object, ...]] = [prefix] if prefix else []
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, child in items:
+        out += _paths(child, (*prefix, key))
+    return out
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+
+
+@pytest.mark.fuzz
+@given(st.data())
+def test_any_damage_to_a_saved_state_is_refused_or_restored_never_a_crash(
+    data: st.DataObject,
+) -> None:
+    """The state crosses a process boundary (the keeper); a restore of a damaged one
+    raises a protocol error or gives a session that re-checked every value."""
+    state = json.loads(json.dumps(started_session().export_state()))
+    path = data.draw(st.sampled_from(_paths(state)))
+    node = state
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = data.draw(_JSON_VALUES)
+    try:
+        restored = Session.restore(state)
+    except VhostUserError:
+        return
+    for v in restored.vrings:
+        assert v.size is None or 1 <= v.size <= 32768
