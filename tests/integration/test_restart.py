@@ -411,3 +411,37 @@ def test_a_daemon_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None
 def test_supervise_help_explains_the_signals() -> None:
     done = subprocess.run([*SUPERVISE, "--help"], check=True, capture_output=True, text=True)
     assert done.returncode == 0 and "SIGUSR2" in done.stdout and "restart" in done.stdout
+
+
+def test_every_vm_is_taken_up_after_a_kill(supervise: Any, tmp_path: Path) -> None:
+    """Two VMs attached, one of them with a report posted and not yet kicked: after
+    kill -9 both go on, each with its own memory and rings."""
+    socks = [tmp_path / "a.sock", tmp_path / "b.sock"]
+    logs = supervise(*(f"--vm={s.stem}={s}" for s in socks), "--metrics-listen=none")
+    logs.wait_for("daemon_ready")
+
+    async def frontends() -> None:
+        guests = [GuestMemfd(32 * MiB), GuestMemfd(32 * MiB)]
+        fes = [await FakeFrontend.connect(str(s), g) for s, g in zip(socks, guests, strict=True)]
+        try:
+            for fe in fes:
+                await fe.handshake()
+                await fe.start()
+            before = guests[0].allocated()
+            guests[0].populate(8 * MiB, 4 * MiB)
+            head = fes[0].rings[3].add_chain([(8 * MiB, 4 * MiB, True)])
+            os.kill(logs.wait_for("daemon_started")["pid"], signal.SIGKILL)
+            await trio.to_thread.run_sync(logs.wait_for, "frontend_adopted", 2)
+            await fes[0].wait_call(3)
+            assert (head, 0) in fes[0].rings[3].take_used()
+            assert guests[0].allocated() == before
+            await give_back(fes[1], 12 * MiB)
+            await give_back(fes[0], 16 * MiB)
+            assert sorted(r["vm"] for r in logs.events("frontend_adopted")) == ["a", "b"]
+        finally:
+            for fe in fes:
+                await fe.aclose()
+            for g in guests:
+                g.close()
+
+    trio.run(frontends)
