@@ -210,6 +210,18 @@ class Metrics:
             ["version"], namespace=ns, registry=r,
         )  # fmt: skip
         self.build_info.labels(version=__version__).set(1)
+        self.start_time = Gauge(
+            "start_time_seconds",
+            "When this daemon process started, in Unix time: every counter starts again "
+            "from 0 in a new process (a restart that keeps the VMs attached included).",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.start_time.set(time.time())
+        self.adopted = Counter(
+            "connections_adopted", "Connections taken up from the process before this one "
+            "(a restart under a keeper; QEMU noticed nothing).",
+            ["vm"], namespace=ns, registry=r,
+        )  # fmt: skip
         self.guest_stats = GuestStats()
         self.registry.register(self.guest_stats)
 

@@ -262,6 +262,7 @@ class Daemon:
                 log.error("adopt_failed", vm=name, error=str(err))
                 continue
             self.connections[name] = conn
+            self.metrics.adopted.labels(vm=name).inc()
             assert self._nursery is not None
             self._nursery.start_soon(self._serve, conn)
         self.stored.clear()

@@ -124,6 +124,8 @@ async def kill_9(fe: FakeFrontend, config: bytes, logs: Logs, port: int) -> None
     # Counters start again in the new process (a reset Prometheus handles): it served
     # the report posted before the kill and the one after.
     assert 'vhost_user_balloon_reported_bytes_total{order="10",vm="web1"} 8.388608e+06' in text
+    assert 'vhost_user_balloon_connections_adopted_total{vm="web1"} 1.0' in text
+    assert "vhost_user_balloon_start_time_seconds " in text
 
 
 async def planned_restart(fe: FakeFrontend, config: bytes, logs: Logs) -> None:
