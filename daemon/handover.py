@@ -56,7 +56,12 @@ _MAGIC: Final = b"VUBS"
 _PREFIX: Final = "vub."
 _NUMBERED: Final = re.compile(r"[0-9]+")
 #: Names with a fixed meaning; every other stored fd has a number.
-FIXED_KINDS: Final = ("conn", "state", "listen")
+FIXED_KINDS: Final = ("conn", "state", "listen", "metrics")
+#: Not a VM (no VM name has an "@"): the daemon's own stored fds, e.g. the saved totals.
+DAEMON: Final = "@daemon"
+#: Bytes per slot of the saved metric totals (~5 KiB per VM; a memfd holds only what
+#: is written).
+TOTALS_SLOT_BYTES: Final = 4 * 1024 * 1024
 
 
 def fd_name(vm: str, kind: str | int) -> str:
@@ -90,29 +95,30 @@ class FdStore:
 class StateFile:
     """A VM's saved state: a memfd with two alternately written, checksummed slots."""
 
-    def __init__(self, fd: int, seq: int = 0) -> None:
+    def __init__(self, fd: int, seq: int = 0, slot_bytes: int = STATE_SLOT_BYTES) -> None:
         self.fd = fd
         self.seq = seq
+        self.slot_bytes = slot_bytes
 
     @classmethod
-    def create(cls, vm: str) -> StateFile:
+    def create(cls, vm: str, slot_bytes: int = STATE_SLOT_BYTES) -> StateFile:
         fd = os.memfd_create(f"vhost-user-balloon-state-{vm}", os.MFD_CLOEXEC)
-        os.ftruncate(fd, 2 * STATE_SLOT_BYTES)
-        return cls(fd)
+        os.ftruncate(fd, 2 * slot_bytes)
+        return cls(fd, slot_bytes=slot_bytes)
 
     def write(self, record: Mapping[str, Any]) -> None:
         data = json.dumps(record, separators=(",", ":")).encode()
-        if len(data) > STATE_SLOT_BYTES - _SLOT_HEADER.size:
-            raise ValueError(f"VM state of {len(data)} bytes does not fit a state slot")
+        if len(data) > self.slot_bytes - _SLOT_HEADER.size:
+            raise ValueError(f"a state of {len(data)} bytes does not fit a state slot")
         self.seq += 1
         header = _SLOT_HEADER.pack(_MAGIC, self.seq, len(data), zlib.crc32(data))
-        os.pwrite(self.fd, header + data, (self.seq % 2) * STATE_SLOT_BYTES)
+        os.pwrite(self.fd, header + data, (self.seq % 2) * self.slot_bytes)
 
     def read(self) -> dict[str, Any] | None:
         """The newest intact record, or ``None`` if neither slot holds one."""
         best: tuple[int, bytes] | None = None
         for slot in range(2):
-            raw = os.pread(self.fd, STATE_SLOT_BYTES, slot * STATE_SLOT_BYTES)
+            raw = os.pread(self.fd, self.slot_bytes, slot * self.slot_bytes)
             if len(raw) < _SLOT_HEADER.size:
                 continue
             magic, seq, length, crc = _SLOT_HEADER.unpack_from(raw)

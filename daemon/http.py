@@ -7,6 +7,7 @@ anything for long. No threads: the collector's fstat calls are cheap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import structlog
@@ -55,7 +56,11 @@ def _response(status: str, content_type: str, body: bytes, head_only: bool) -> b
     return head if head_only else head + body
 
 
-async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+async def _handle(
+    stream: trio.SocketStream,
+    registry: CollectorRegistry,
+    before_scrape: Callable[[], None] | None = None,
+) -> None:
     try:
         data = await receive_until(stream, b"\r\n\r\n", MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S)
         parts = data.split(b"\r\n", 1)[0].split()
@@ -65,6 +70,8 @@ async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> Non
             head_only = parts[0] == b"HEAD"
             path = parts[1].split(b"?", 1)[0]
             if path == b"/metrics":
+                if before_scrape is not None:
+                    before_scrape()  # nothing runs between this and the rendering
                 reply = _response(
                     "200 OK", CONTENT_TYPE_LATEST, generate_latest(registry), head_only
                 )
@@ -85,10 +92,14 @@ async def open_metrics_listeners(host: str, port: int) -> list[trio.SocketListen
     return await trio.open_tcp_listeners(port, host=host)
 
 
-async def serve_metrics(listeners: list[trio.SocketListener], registry: CollectorRegistry) -> None:
-    """Answer scrapes on ``listeners`` forever."""
+async def serve_metrics(
+    listeners: list[trio.SocketListener],
+    registry: CollectorRegistry,
+    before_scrape: Callable[[], None] | None = None,
+) -> None:
+    """Answer scrapes on ``listeners`` forever; ``before_scrape`` runs before each."""
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, registry)
+        await _handle(stream, registry, before_scrape)
 
     await trio.serve_listeners(handler, listeners)

@@ -212,8 +212,8 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         self.start_time = Gauge(
             "start_time_seconds",
-            "When this daemon process started, in Unix time: every counter starts again "
-            "from 0 in a new process (a restart that keeps the VMs attached included).",
+            "When this daemon process started, in Unix time. Counters start again from 0 "
+            "in a new process unless a keeper carried the totals over.",
             namespace=ns, registry=r,
         )  # fmt: skip
         self.start_time.set(time.time())
@@ -224,6 +224,85 @@ class Metrics:
         )  # fmt: skip
         self.guest_stats = GuestStats()
         self.registry.register(self.guest_stats)
+
+    def carried(self) -> list[Counter | Histogram]:
+        """The totals that go on across a restart under a keeper (not the guest's own
+        statistics: the guest sends those again)."""
+        return [
+            self.reported_blocks, self.reported_bytes, self.discarded_bytes,
+            self.discard_skipped_bytes, self.reports, self.report_entries,
+            self.report_service_seconds, self.protocol_errors, self.connections_refused,
+            self.balloon_inflated_bytes, self.balloon_deflated_bytes, self.adopted,
+        ]  # fmt: skip
+
+    def export_totals(self) -> list[list[Any]]:
+        """``[sample name, labels, value]`` of every carried series, JSON-able."""
+        return [
+            [s.name, s.labels, s.value]
+            for metric in self.carried()
+            for family in metric.collect()
+            for s in family.samples
+            if s.name.endswith(("_total", "_bucket", "_sum"))
+        ]
+
+    def restore_totals(self, samples: object) -> int:
+        """Add the totals a previous process exported to this process's (fresh) series,
+        so that counters go on instead of starting again. Everything is checked first
+        and nothing applied if anything is wrong (``ValueError``). Returns the number
+        of series restored."""
+        kinds: dict[str, tuple[Counter | Histogram, str]] = {}
+        for metric in self.carried():
+            family = next(iter(metric.collect()))
+            kinds[family.name] = (metric, family.type)
+        counters: list[tuple[Any, float]] = []
+        histograms: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
+        if not isinstance(samples, list):
+            raise ValueError("saved totals are not a list")
+        for item in samples:
+            if not (isinstance(item, list) and len(item) == 3):
+                raise ValueError(f"saved total {item!r} is not [name, labels, value]")
+            name, labels, value = item
+            if not (
+                isinstance(name, str)
+                and isinstance(labels, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+                and type(value) in (int, float)
+                and 0 <= value < float("inf")
+            ):
+                raise ValueError(f"saved total {item!r} is malformed")
+            base, _, suffix = name.rpartition("_")
+            if base not in kinds:
+                raise ValueError(f"saved total {name!r} is not a carried series")
+            metric, kind = kinds[base]
+            if kind == "counter" and suffix == "total":
+                counters.append((metric.labels(**labels), value))
+            elif kind == "histogram" and suffix in ("bucket", "sum"):
+                series = {k: v for k, v in labels.items() if k != "le"}
+                entry = histograms.setdefault(
+                    (base, tuple(sorted(series.items()))),
+                    {"child": metric.labels(**series), "buckets": {}, "sum": 0.0},
+                )
+                if suffix == "sum":
+                    entry["sum"] = value
+                elif "le" in labels:
+                    entry["buckets"][float(labels["le"])] = value
+                else:
+                    raise ValueError(f"saved bucket {item!r} has no le label")
+            else:
+                raise ValueError(f"saved total {name!r} is not a carried series")
+        steps: list[tuple[Any, float]] = list(counters)
+        for entry in histograms.values():
+            child, cumulative, before = entry["child"], entry["buckets"], 0.0
+            for i, bound in enumerate(child._upper_bounds):
+                count = cumulative.get(bound, before)
+                if count < before:
+                    raise ValueError("saved histogram buckets are not cumulative")
+                steps.append((child._buckets[i], count - before))
+                before = count
+            steps.append((child._sum, entry["sum"]))
+        for target, amount in steps:
+            target.inc(amount)
+        return len(counters) + len(histograms)
 
     def for_vm(self, vm: str) -> VmMetrics:
         """The metrics of one VM with their label children bound once (the hot path)."""

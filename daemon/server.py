@@ -34,7 +34,7 @@ from .config import Access, VmSpec
 from .connection import DEFAULT_STATS_INTERVAL_S, AdoptError, VmConnection
 from .control import serve_control
 from .guestram import close_fds
-from .handover import FdStore, StoredVm, VmKeeper, fd_name
+from .handover import DAEMON, TOTALS_SLOT_BYTES, FdStore, StateFile, StoredVm, VmKeeper, fd_name
 from .http import open_metrics_listeners, serve_metrics
 from .metrics import Metrics, VmMemoryStats
 from .systemd import Notifier
@@ -178,6 +178,8 @@ class Daemon:
         self.store = FdStore(self.notifier, enabled=fd_store)
         #: what the keeper passed us from the process before, by VM name
         self.stored = dict(stored or {})
+        #: where the metric totals are saved for the next process (with a keeper)
+        self._totals: StateFile | None = None
         if self.stored and not self.store.enabled:
             log.warning(
                 "stored_fds_without_keeper",
@@ -231,6 +233,38 @@ class Daemon:
             listener.owned = True
         listener.close()
 
+    def _carry_totals(self) -> None:
+        """Go on from the metric totals the process before us saved, and keep saving
+        ours where the next process will find them."""
+        entry = self.stored.pop(DAEMON, None)
+        fd = entry.take("metrics") if entry is not None else None
+        if fd is None:
+            self._totals = StateFile.create("metrics", TOTALS_SLOT_BYTES)
+            self.store.put(fd_name(DAEMON, "metrics"), self._totals.fd)
+            return
+        self._totals = StateFile(fd, slot_bytes=TOTALS_SLOT_BYTES)
+        record = self._totals.read()
+        try:
+            if record is None or record.get("format") != 1:
+                raise ValueError("unreadable or from another version")
+            series = self.metrics.restore_totals(record["totals"])
+        except (ValueError, KeyError) as err:
+            log.warning("metrics_not_carried_over", error=str(err),
+                        message="counters start again from 0 (a counter reset)")  # fmt: skip
+        else:
+            log.info("metrics_carried_over", series=series)
+
+    def save_totals(self) -> None:
+        """Save the metric totals for the next process. Called just before every scrape,
+        so that what Prometheus has seen is never more than what the next process starts
+        from (a counter never goes down), and at a clean stop."""
+        if self._totals is None:
+            return
+        try:
+            self._totals.write({"format": 1, "totals": self.metrics.export_totals()})
+        except (ValueError, OSError) as err:
+            log.warning("metrics_not_saved", error=str(err))
+
     async def _adopt_connections(self) -> None:
         """Take up the connections the process before us served."""
         known = {vm.name for vm in self.vms}
@@ -272,6 +306,8 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
+            if self.store.enabled:
+                self._carry_totals()
             for vm in self.vms:
                 self._listeners[vm.name] = (self._open_listener(vm), trio.CancelScope())
             http: list[trio.SocketListener] = []
@@ -300,7 +336,7 @@ class Daemon:
                         serve_control, trio.SocketListener(control.sock), self._vm_connections
                     )
                 if http:
-                    nursery.start_soon(serve_metrics, http, self.metrics.registry)
+                    nursery.start_soon(serve_metrics, http, self.metrics.registry, self.save_totals)
                 nursery.start_soon(self.notifier.watchdog)
                 await self._adopt_connections()
                 for listener, scope in self._listeners.values():
@@ -318,6 +354,10 @@ class Daemon:
                 self.notifier.ready(self._status())
                 task_status.started()
         finally:
+            self.save_totals()
+            if self._totals is not None:
+                close_fds([self._totals.fd])
+                self._totals = None
             self.notifier.stopping()
             for listener, _ in self._listeners.values():
                 self._close_listener(listener, for_good=False)

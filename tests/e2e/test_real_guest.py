@@ -378,9 +378,12 @@ def test_restarts_under_the_supervisor_go_unnoticed(env: Env) -> None:
         assert secs is not None and secs <= 45, (round_, secs, floor, run.final())
         print(f"round {round_}: back within 64 MiB of the floor {secs:.1f} s after the free")
     assert run.final() <= floor + SLACK
-    # Counters restart with each process (documented); the last one saw round 3.
-    assert run.metric(name) >= 0.9 * 512 * MiB
-    print(f"restarted at {restarts}; outstanding after the kill {after_kill}")
+    # Counters go on across both restarts: the last process's total covers all rounds.
+    assert run.metric(name) >= 0.9 * 3 * 512 * MiB, run.metric(name) / MiB
+    print(
+        f"restarted at {restarts}; outstanding after the kill {after_kill}; reported in "
+        f"total {run.metric(name) / MiB:.0f} MiB"
+    )
     print(f"hand-over (old process gone -> connection taken up): {_handover_seconds(run)}")
 
 

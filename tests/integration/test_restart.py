@@ -34,6 +34,7 @@ from vhost_user_balloon.daemon.systemd import Notifier
 from vhost_user_balloon.protocol import Config, Request, VringFile, encode_message
 
 SUPERVISE = [sys.executable, "-m", "vhost_user_balloon", "supervise"]
+REPORTED = 'vhost_user_balloon_reported_bytes_total{order="10",vm="web1"}'
 
 
 class Logs:
@@ -106,6 +107,9 @@ async def give_back(fe: FakeFrontend, gpa: int) -> None:
 async def kill_9(fe: FakeFrontend, config: bytes, logs: Logs, port: int) -> None:
     """kill -9 the daemon with a report the guest posted but never kicked: only the
     next process, reading the ring as it takes the connection up, can serve it."""
+    # Prometheus scrapes (4 MiB reported so far): the totals are saved as it does.
+    assert f"{REPORTED} 4.194304e+06" in await trio.to_thread.run_sync(scrape, port)
+    await give_back(fe, 24 * MiB)  # counted after the last scrape: lost with the kill
     before = fe.guest.allocated()
     fe.guest.populate(12 * MiB, 4 * MiB)
     head = fe.rings[3].add_chain([(12 * MiB, 4 * MiB, True)])
@@ -121,19 +125,21 @@ async def kill_9(fe: FakeFrontend, config: bytes, logs: Logs, port: int) -> None
     await give_back(fe, 16 * MiB)
     text = await trio.to_thread.run_sync(scrape, port)
     assert 'vhost_user_balloon_connected{vm="web1"} 1.0' in text
-    # Counters start again in the new process (a reset Prometheus handles): it served
-    # the report posted before the kill and the one after.
-    assert 'vhost_user_balloon_reported_bytes_total{order="10",vm="web1"} 8.388608e+06' in text
+    # Counters go on from what Prometheus last saw (4 MiB), plus the report posted
+    # before the kill and the one after: never less than a scrape showed.
+    assert f"{REPORTED} 1.2582912e+07" in text
     assert 'vhost_user_balloon_connections_adopted_total{vm="web1"} 1.0' in text
     assert "vhost_user_balloon_start_time_seconds " in text
 
 
-async def planned_restart(fe: FakeFrontend, config: bytes, logs: Logs) -> None:
+async def planned_restart(fe: FakeFrontend, config: bytes, logs: Logs, port: int) -> None:
     """SIGUSR2 to the supervisor: the daemon hands over and a new one takes up."""
     logs.proc.send_signal(signal.SIGUSR2)
     await trio.to_thread.run_sync(logs.wait_for, "frontend_adopted", 2)
     await give_back(fe, 20 * MiB)
     assert await fe.get_config() == config
+    # A clean stop saves the totals exactly: 12 MiB before, 4 MiB since.
+    assert f"{REPORTED} 1.6777216e+07" in await trio.to_thread.run_sync(scrape, port)
     stopped = logs.events("frontend_disconnected")
     assert [r["why"] for r in stopped] == ["shutdown"] and stopped[0]["kept"]
 
@@ -153,7 +159,7 @@ def test_kill_9_and_a_planned_restart_keep_the_connection(supervise: Any, tmp_pa
             config = await fe.get_config()
             await give_back(fe, 8 * MiB)
             await kill_9(fe, config, logs, port)
-            await planned_restart(fe, config, logs)
+            await planned_restart(fe, config, logs, port)
             # Stopping the supervisor ends the connection for real.
             logs.proc.send_signal(signal.SIGTERM)
             assert await trio.to_thread.run_sync(lambda: logs.proc.wait(10)) == 0
@@ -363,8 +369,9 @@ async def test_a_message_the_dead_process_never_saved_is_applied_by_the_next(
     os.close(old_call)
     conn = second.connections["web1"]
     assert conn.keeper is not None
-    # No orphan left: the keeper holds the listening socket and the connection's fds.
-    assert crash.keeper.names() == {"vub.web1.listen", *conn.keeper.stored}
+    # No orphan left: the keeper holds the listening socket, the daemon's metric
+    # totals and the connection's fds.
+    assert crash.keeper.names() == {"vub.web1.listen", "vub.@daemon.metrics", *conn.keeper.stored}
 
 
 async def test_a_connection_whose_state_is_lost_is_closed_and_the_rest_go_on(
@@ -387,7 +394,7 @@ async def test_a_connection_whose_state_is_lost_is_closed_and_the_rest_go_on(
     with trio.fail_after(5):
         while "web1" in second.connections:
             await trio.sleep(0.01)
-        assert crash.keeper.names() == {"vub.web1.listen"}
+        assert crash.keeper.names() == {"vub.web1.listen", "vub.@daemon.metrics"}
     # A new QEMU can attach to the same socket, served by the new process.
     fe2 = await attach(str(crash.vm.socket), GuestMemfd(16 * MiB), frontends)
     guests.append(fe2.guest)

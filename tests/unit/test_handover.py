@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import array
+import json
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,7 @@ from vhost_user_balloon.daemon.handover import (
     parse_fd_name,
     stored_vms,
 )
+from vhost_user_balloon.daemon.metrics import Metrics
 from vhost_user_balloon.daemon.syscalls import same_open_file
 from vhost_user_balloon.daemon.systemd import Notifier
 
@@ -166,3 +169,54 @@ def test_one_open_file_sent_twice_is_stored_once(recorder: Recorder) -> None:
 def test_without_a_keeper_nothing_is_stored(tmp_path: Path) -> None:
     assert not FdStore(Notifier({}), enabled=True).enabled
     assert not FdStore(Notifier({"NOTIFY_SOCKET": str(tmp_path / "x")}), enabled=False).enabled
+
+
+def _busy_metrics() -> Metrics:
+    m = Metrics()
+    vm = m.for_vm("web1")
+    vm.record_report({9: (3, 6 << 20), 10: (1, 4 << 20)}, 10 << 20, {"unaligned": 4096}, 0.003)
+    vm.record_report({10: (32, 128 << 20)}, 128 << 20, {}, 0.02)
+    m.protocol_errors.labels(vm="web2", reason="bad_flags").inc()
+    m.balloon_inflated_bytes.labels(vm="web1").inc(1 << 30)
+    return m
+
+
+def test_metric_totals_go_on_in_the_next_process() -> None:
+    before = _busy_metrics()
+    saved = json.loads(json.dumps(before.export_totals()))  # crosses a process boundary
+    after = Metrics()
+    assert after.restore_totals(saved) == len(
+        {
+            (n.rsplit("_", 1)[0], str({k: v for k, v in labels.items() if k != "le"}))
+            for n, labels, _ in saved
+        }
+    )
+    assert after.export_totals() == before.export_totals()
+    after.for_vm("web1").record_report({10: (1, 4 << 20)}, 4 << 20, {}, 0.001)
+    value = after.registry.get_sample_value(
+        "vhost_user_balloon_reported_bytes_total", {"vm": "web1", "order": "10"}
+    )
+    assert value == (128 + 4 + 4) << 20
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s.append(["vhost_user_balloon_nonsense_total", {"vm": "x"}, 1]),
+        lambda s: s.append(["vhost_user_balloon_reports_total", {"vm": "x"}, -1]),
+        lambda s: s.append(["vhost_user_balloon_reports_total", {"vm": "x"}, float("inf")]),
+        lambda s: s.append(["vhost_user_balloon_reports_total", {"nope": "x"}, 1]),
+        lambda s: s.append(["vhost_user_balloon_reports_total", {"vm": 7}, 1]),
+        lambda s: s.append(["vhost_user_balloon_report_entries_bucket", {"vm": "x"}, 1]),
+        lambda s: s.append("not a triple"),
+    ],
+)
+def test_damaged_totals_are_refused_whole(damage: Any) -> None:
+    """One bad entry and nothing is applied: counters then start from 0, which
+    Prometheus reads as a reset, never as a counter going down."""
+    saved = _busy_metrics().export_totals()
+    damage(saved)
+    fresh = Metrics()
+    with pytest.raises(ValueError):
+        fresh.restore_totals(saved)
+    assert all(value == 0 for _, _, value in fresh.export_totals())
