@@ -134,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fd-store", action="store_true",
         help="hand every VM's connection to the service manager's file descriptor "
-        "store (sd_notify FDSTORE=1), so that a restarted daemon takes it up again; "
-        "on by itself when $FDSTORE is set (systemd >= 254, vhost-user-balloon "
-        "supervise)",
+        "store (sd_notify FDSTORE=1), so that a restarted daemon takes it up again "
+        "(the unit needs FileDescriptorStoreMax=, or systemd ignores the fds); on by "
+        "itself when $FDSTORE is set (systemd >= 254, vhost-user-balloon supervise)",
     )  # fmt: skip
     p.add_argument(
         "--control-socket", metavar="PATH",
