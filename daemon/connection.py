@@ -28,7 +28,6 @@ read the ordinary way and is lost if the process dies while handling it.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import select
@@ -71,7 +70,8 @@ from vhost_user_balloon.protocol import (
     encode_backend_request,
 )
 
-from .guestram import VmMemory, close_fds
+from .fds import close_fds, take_fds
+from .guestram import VmMemory
 from .handover import FdStore, StateFile, StoredVm, VmKeeper
 from .metrics import Metrics
 from .queues import QueueRunner
@@ -427,7 +427,7 @@ class VmConnection:
         data, ancdata, flags, _ = await self.sock.recvmsg(
             total, _ANCBUF, socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC
         )
-        fds = _take_fds(ancdata)
+        fds = take_fds(ancdata)
         if len(data) < total or flags & socket.MSG_CTRUNC:
             close_fds(fds)
             return None
@@ -447,7 +447,7 @@ class VmConnection:
         """Take a peeked message out of the socket; the fds it carries again are dups."""
         while length > 0:
             data, ancdata, _, _ = await self.sock.recvmsg(length, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
-            close_fds(_take_fds(ancdata))
+            close_fds(take_fds(ancdata))
             if not data:
                 raise HeaderError(
                     "the frontend's socket ended inside a message already read",
@@ -481,7 +481,7 @@ class VmConnection:
                 f"the frontend sent part of a message and nothing more for {MESSAGE_TIMEOUT_S:g} s",
                 reason="message_timeout",
             )
-        fds = _take_fds(ancdata)
+        fds = take_fds(ancdata)
         if flags & socket.MSG_CTRUNC:
             close_fds(fds)
             raise FdCountError(
@@ -651,13 +651,3 @@ class VmConnection:
             except (BrokenPipeError, ConnectionResetError) as err:
                 raise _FrontendGone from err
             view = view[sent:]
-
-
-def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds

@@ -19,19 +19,20 @@ guest's RAM really takes.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import mmap
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from vhost_user_balloon.protocol import GuestMemory, MemoryRegion, MemoryTableError
 
-__all__ = ["MappedRegion", "VmMemory", "close_fds"]
+from .fds import close_fds
+
+__all__ = ["MappedRegion", "VmMemory"]
 
 log = structlog.get_logger()
 
@@ -42,13 +43,6 @@ def _seals(fd: int) -> int:
         return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         return 0
-
-
-def close_fds(fds: Iterable[int]) -> None:
-    """Close fds we own, ignoring ones already gone (teardown must not stop halfway)."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 @dataclass(eq=False)

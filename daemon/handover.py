@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import structlog
 
-from .guestram import close_fds
+from .fds import close_fds
 from .syscalls import same_open_file
 from .systemd import Notifier
 

@@ -33,7 +33,7 @@ from vhost_user_balloon.protocol import DEFAULT_FEATURES, BalloonFeature
 from .config import Access, VmSpec
 from .connection import DEFAULT_STATS_INTERVAL_S, AdoptError, VmConnection
 from .control import serve_control
-from .guestram import close_fds
+from .fds import close_fds
 from .handover import DAEMON, TOTALS_SLOT_BYTES, FdStore, StateFile, StoredVm, VmKeeper, fd_name
 from .http import open_metrics_listeners, serve_metrics
 from .metrics import Metrics, VmMemoryStats

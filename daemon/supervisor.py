@@ -10,8 +10,8 @@ one and passes every kept fd to it the way systemd does (fds 3.. with
 ``$LISTEN_FDS``, ``$LISTEN_PID``, ``$LISTEN_FDNAMES``). Because the supervisor holds
 a copy of each connection, QEMU never sees a hang-up.
 
-It does no vhost-user work and imports nothing of the daemon but its logging, so
-there is little in it to crash or to upgrade. Datagrams from the child are all read
+It does no vhost-user work and imports nothing of the daemon but its logging and fd
+helpers, so there is little in it to crash or to upgrade. Datagrams from the child are all read
 before its exit is handled, so an fd stored just before a crash is not lost (systemd
 orders the two the same way).
 
@@ -22,9 +22,7 @@ restarts the child on purpose (to run newly installed code: an upgrade).
 
 from __future__ import annotations
 
-import array
 import contextlib
-import errno
 import fcntl
 import os
 import selectors
@@ -41,6 +39,7 @@ from typing import Final
 
 import structlog
 
+from .fds import close_fds, take_fds
 from .logconfig import configure_logging
 
 __all__ = ["Supervisor", "main"]
@@ -223,20 +222,16 @@ class Supervisor:
                 )
             except BlockingIOError:
                 return
-            pid: int | None = None
-            fds: list[int] = []
-            for level, kind, payload in ancdata:
-                if level != socket.SOL_SOCKET:
-                    continue
-                if kind == socket.SCM_CREDENTIALS:
-                    pid = _UCRED.unpack(payload[: _UCRED.size])[0]
-                elif kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                    fds.extend(arr)
+            fds = take_fds(ancdata)
+            pid = next(
+                (_UCRED.unpack(payload[: _UCRED.size])[0]
+                 for level, kind, payload in ancdata
+                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS),
+                None,
+            )  # fmt: skip
             if pid is None or pid != self.child:
                 log.warning("notification_ignored", sender_pid=pid, why="not the daemon")
-                _close(fds)
+                close_fds(fds)
                 continue
             self._apply(data.decode(errors="replace"), fds)
 
@@ -247,18 +242,18 @@ class Supervisor:
             for fd in fds:
                 if len(self.kept) >= self.store_max:
                     log.error("fd_store_full", max=self.store_max, name=name)
-                    _close([fd])
+                    close_fds([fd])
                     continue
                 self.kept.append((name, fd))
             fds = []
         if fields.get("FDSTOREREMOVE") == "1":
             gone = [fd for n, fd in self.kept if n == name]
             self.kept = [(n, fd) for n, fd in self.kept if n != name]
-            _close(gone)
+            close_fds(gone)
         if fields.get("READY") == "1" and not self.ready:
             self.ready, self.failures = True, 0
             log.info("daemon_reported_ready", pid=self.child, fds_kept=len(self.kept))
-        _close(fds)
+        close_fds(fds)
 
     def _drain_wakeups(self) -> None:
         try:
@@ -268,19 +263,10 @@ class Supervisor:
             pass
 
     def _close(self) -> None:
-        _close(fd for _, fd in self.kept)
+        close_fds(fd for _, fd in self.kept)
         self.kept.clear()
         self._notify.close()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _close(fds: object) -> None:
-    for fd in fds:  # type: ignore[attr-defined]
-        try:
-            os.close(fd)
-        except OSError as err:
-            if err.errno != errno.EBADF:
-                raise
 
 
 def main(argv: Sequence[str]) -> int:

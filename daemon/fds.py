@@ -1,0 +1,29 @@
+"""File descriptors as they come off a unix socket, and closing the ones we own."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+from collections.abc import Iterable
+
+__all__ = ["close_fds", "take_fds"]
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close fds we own, ignoring ones already gone (teardown must not stop halfway)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS message carried (now ours to close)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
