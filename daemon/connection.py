@@ -55,7 +55,6 @@ from vhost_user_balloon.protocol import (
     Message,
     MessageDecoder,
     Notice,
-    QueueRole,
     QueueState,
     RemoveRegion,
     Request,
@@ -112,6 +111,13 @@ class _Eof:
 
 
 _EOF: Final = _Eof()
+
+
+class _Refused:
+    """A message the decoder refused, already answered."""
+
+
+_REFUSED: Final = _Refused()
 
 
 class _FrontendGone(Exception):
@@ -359,8 +365,7 @@ class VmConnection:
         for v in self.session.vrings:
             if v.state is not QueueState.STARTED or v.queue is None or mem is None:
                 continue
-            layout = self.session.layout
-            role: QueueRole | None = layout[v.index] if v.index < len(layout) else None
+            role = self.session.queue_role(v.index)
             waiting = v.queue.resume_from_used(mem)
             if role is None:
                 continue
@@ -395,17 +400,10 @@ class VmConnection:
                     return None
                 if peeked is not None:
                     decoder, raw = peeked
-                    try:
-                        msg = decoder.next_message()
-                    except VhostUserError as err:
-                        close_fds(err.fds)
-                        if not err.recoverable:
-                            raise
-                        reply = self._refusal(err, err.values.get("request", 0), err.need_reply)
-                        await self._finish(raw, reply)
-                        continue
-                    assert msg is not None
-                    return msg, raw
+                    msg = await self._decode(decoder, raw)
+                    if isinstance(msg, Message):
+                        return msg, raw
+                    continue  # refused and answered
             piece = await self._read_piece()
             if isinstance(piece, _Eof):
                 return None
@@ -455,18 +453,25 @@ class VmConnection:
                 )
             length -= len(data)
 
-    async def _read_piece(self) -> Message | _Eof | None:
-        """A message, ``_EOF``, or ``None`` when more bytes are needed."""
+    async def _decode(self, decoder: MessageDecoder, raw: bytes) -> Message | _Refused | None:
+        """The decoder's next message, ``None`` if it has none yet, or ``_REFUSED`` for
+        one we can carry on after (answered here)."""
         try:
-            msg = self.decoder.next_message()
+            return decoder.next_message()
         except VhostUserError as err:
             close_fds(err.fds)
             if not err.recoverable:
                 raise
             await self._finish(
-                b"", self._refusal(err, err.values.get("request", 0), err.need_reply)
+                raw, self._refusal(err, err.values.get("request", 0), err.need_reply)
             )
-            return None
+            return _REFUSED
+
+    async def _read_piece(self) -> Message | _Eof | None:
+        """A message, ``_EOF``, or ``None`` when more bytes are needed."""
+        msg = await self._decode(self.decoder, b"")
+        if isinstance(msg, _Refused):
+            return None  # the next message may be peeked again
         if msg is not None:
             return msg
         deadline = (

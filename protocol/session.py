@@ -349,6 +349,10 @@ class Session:
             raise LocalProtocolError(f"cannot restore a session from this state: {err!r}") from err
         return session
 
+    def queue_role(self, index: int) -> QueueRole | None:
+        """What queue ``index`` is for under the negotiated features (``None``: none)."""
+        return self.layout[index] if index < len(self.layout) else None
+
     def failure_reply(self, request: int, need_reply: bool) -> bytes | None:
         """The REPLY_ACK failure for a request we rejected but can carry on after."""
         return encode_reply(request, U64(1)) if need_reply else None
@@ -624,7 +628,7 @@ class Session:
         queue.check_layout(self.memory)
         vring.queue = queue
         vring.state = QueueState.STARTED
-        role = self.layout[vring.index] if vring.index < len(self.layout) else None
+        role = self.queue_role(vring.index)
         effects: list[Effect] = [StartQueue(vring.index, role, queue)]
         if role is None:
             effects.append(
