@@ -214,23 +214,24 @@ async def service(repeats: int) -> dict[str, object]:
 
 
 # -- 2. responsiveness under load --------------------------------------------------------
+async def round_trips(fe: FakeFrontend, n: int) -> list[float]:
+    """GET_CONFIG round trips, what a vCPU reading the balloon's config waits for."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fe.get_config()
+        out.append(time.perf_counter() - t0)
+        await trio.sleep(0.001)
+    return out
+
+
 async def responsiveness(samples: int) -> dict[str, object]:
     with daemon_process(["busy", "probe"]) as (_, tmp):
         async with (
             attached(tmp / "busy.sock", REPORT_BASE + 128 * MiB) as (busy, bguest),
             attached(tmp / "probe.sock", 16 * MiB) as (probe, _),
         ):
-
-            async def round_trips(n: int) -> list[float]:
-                out = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    await probe.get_config()
-                    out.append(time.perf_counter() - t0)
-                    await trio.sleep(0.001)
-                return out
-
-            idle = await round_trips(samples)
+            idle = await round_trips(probe, samples)
             blocks = [(REPORT_BASE + i * 4 * MiB, 4 * MiB) for i in range(32)]
             stop = trio.Event()
             reports = 0
@@ -247,7 +248,7 @@ async def responsiveness(samples: int) -> dict[str, object]:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(hammer)
                     await trio.sleep(0.2)
-                    loaded = await round_trips(samples)
+                    loaded = await round_trips(probe, samples)
                     stop.set()
             finally:
                 filler.close()
@@ -262,16 +263,6 @@ async def responsiveness(samples: int) -> dict[str, object]:
 
 
 # -- hand-over ---------------------------------------------------------------------------
-async def round_trips(fe: FakeFrontend, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await fe.get_config()
-        out.append(time.perf_counter() - t0)
-        await trio.sleep(0.001)
-    return out
-
-
 def child_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
 
