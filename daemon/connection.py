@@ -272,7 +272,7 @@ class VmConnection:
     ) -> VmConnection:
         """Take up a connection a previous process served, from the fds the keeper
         passed. On failure every fd is closed and the keeper told to let go."""
-        state_fd, conn_fd = stored.take("state"), stored.take("conn")
+        state_fd, conn_fd = stored.get("state"), stored.get("conn")
         keeper = VmKeeper(store, stored.vm, StateFile(state_fd if state_fd is not None else -1))
         for name, fd in stored.fds.items():
             keeper.adopt(name, fd)

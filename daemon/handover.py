@@ -221,7 +221,8 @@ class StoredVm:
     vm: str
     fds: dict[str, int] = field(default_factory=dict)
 
-    def take(self, kind: str) -> int | None:
+    def get(self, kind: str) -> int | None:
+        """The fd stored under this kind of name (it stays in ``fds``)."""
         return self.fds.get(fd_name(self.vm, kind))
 
 

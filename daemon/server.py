@@ -48,6 +48,8 @@ log = structlog.get_logger()
 DISCARD_THREADS: Final = max(2, os.cpu_count() or 2)
 #: Pending connections per VM socket; QEMU connects once, anything else is refused.
 _BACKLOG: Final = 4
+#: Version of the saved metric totals.
+_TOTALS_FORMAT: Final = 1
 #: struct ucred: pid, uid, gid (socket(7) SO_PEERCRED)
 _PEERCRED: Final = struct.Struct("=iII")
 
@@ -237,7 +239,7 @@ class Daemon:
         """Go on from the metric totals the process before us saved, and keep saving
         ours where the next process will find them."""
         entry = self.stored.pop(DAEMON, None)
-        fd = entry.take("metrics") if entry is not None else None
+        fd = entry.get("metrics") if entry is not None else None
         if fd is None:
             self._totals = StateFile.create("metrics", TOTALS_SLOT_BYTES)
             self.store.put(fd_name(DAEMON, "metrics"), self._totals.fd)
@@ -245,7 +247,7 @@ class Daemon:
         self._totals = StateFile(fd, slot_bytes=TOTALS_SLOT_BYTES)
         record = self._totals.read()
         try:
-            if record is None or record.get("format") != 1:
+            if record is None or record.get("format") != _TOTALS_FORMAT:
                 raise ValueError("unreadable or from another version")
             series = self.metrics.restore_totals(record["totals"])
         except (ValueError, KeyError) as err:
@@ -261,7 +263,7 @@ class Daemon:
         if self._totals is None:
             return
         try:
-            self._totals.write({"format": 1, "totals": self.metrics.export_totals()})
+            self._totals.write({"format": _TOTALS_FORMAT, "totals": self.metrics.export_totals()})
         except (ValueError, OSError) as err:
             log.warning("metrics_not_saved", error=str(err))
 

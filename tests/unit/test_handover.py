@@ -91,7 +91,7 @@ def test_stored_fds_are_sorted_by_vm_and_the_rest_left_for_socket_activation() -
         "a": {"vub.a.conn": 3, "vub.a.7": 4},
         "b": {"vub.b.state": 6},
     }
-    assert stored["a"].take("conn") == 3 and stored["a"].take("state") is None
+    assert stored["a"].get("conn") == 3 and stored["a"].get("state") is None
 
 
 class Recorder:
