@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import threading
 import urllib.request
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -13,6 +16,38 @@ from frontend import FakeFrontend, GuestMemfd
 from vhost_user_balloon.daemon import Daemon
 
 StartDaemon = Callable[..., Coroutine[Any, Any, Daemon]]
+
+
+class Logs:
+    """A command's JSON log lines (the daemon's, a supervisor's and its daemons'),
+    read in a thread as they come."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # JSON lines: stdout is not a terminal
+            with self._cond:
+                self.lines.append(json.loads(line))
+                self._cond.notify_all()
+
+    def wait_for(self, event: str, count: int = 1, timeout: float = 15.0) -> dict[str, Any]:
+        """The ``count``-th line with this event."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self.events(event)) >= count, timeout)
+            assert ok, f"no {count} x {event} in {[r['event'] for r in self.lines]}"
+            return self.events(event)[count - 1]
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.lines if r["event"] == event]
+
+
+#: ``run_command(*argv)``: ``vhost-user-balloon *argv`` as its own process
+RunCommand = Callable[..., Logs]
 
 
 def free_port() -> int:

@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from daemon_helpers import StartDaemon
+from daemon_helpers import Logs, RunCommand, StartDaemon
 from frontend import FakeFrontend, GuestMemfd
 
 from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
+
+
+@pytest.fixture
+def run_command(tmp_path: Path) -> Iterator[RunCommand]:
+    """Run the installed command (``python -m vhost_user_balloon ARGS``) in its own
+    process; whatever is still running when the test ends is killed, children too."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> Logs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vhost_user_balloon", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        procs.append(proc)
+        return Logs(proc)
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            for child in _children(p.pid):
+                os.kill(child, signal.SIGKILL)
+        p.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
 
 
 @pytest.fixture

@@ -2,66 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
-from daemon_helpers import free_port, scrape
+from daemon_helpers import RunCommand, free_port, scrape
 from frontend import FakeFrontend, GuestMemfd, MiB
 
 COMMAND = [sys.executable, "-m", "vhost_user_balloon.daemon.cli"]
 
 
-class Running:
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[dict[str, object]] = []
-
-    def wait_for(self, event: str, timeout: float = 10.0) -> dict[str, object]:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:  # JSON lines: stdout is not a terminal
-            record = json.loads(line)
-            self.lines.append(record)
-            if record["event"] == event:
-                return record
-        raise AssertionError(f"no {event} in {self.lines}")
-
-
-@pytest.fixture
-def run_cli(tmp_path: Path) -> Iterator[object]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> Running:
-        proc = subprocess.Popen(
-            [*COMMAND, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=tmp_path,
-        )
-        procs.append(proc)
-        return Running(proc)
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
 def test_serves_reports_metrics_and_stops_cleanly_on_sigterm(
-    run_cli: object, tmp_path: Path
+    run_command: RunCommand, tmp_path: Path
 ) -> None:
     sock = tmp_path / "web1.sock"
     port = free_port()
-    d = run_cli(f"--vm=web1={sock}", f"--metrics-listen=127.0.0.1:{port}")  # type: ignore[operator]
+    d = run_command(f"--vm=web1={sock}", f"--metrics-listen=127.0.0.1:{port}")
     ready = d.wait_for("daemon_ready")
     assert ready["vms"] == ["web1"] and ready["level"] == "info"
     assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
@@ -98,55 +58,55 @@ def test_serves_reports_metrics_and_stops_cleanly_on_sigterm(
     assert "queue_started" in events and "memory_table_set" in events
 
 
-def test_bad_options_fail_fast_with_a_message(run_cli: object, tmp_path: Path) -> None:
-    d = run_cli("--vm", "web1")  # type: ignore[operator]
+def test_bad_options_fail_fast_with_a_message(run_command: RunCommand, tmp_path: Path) -> None:
+    d = run_command("--vm", "web1")
     assert d.proc.wait(timeout=10) == 2
     assert "expected NAME=SOCKET_PATH" in d.proc.stderr.read()
-    d = run_cli("--vm", f"a={tmp_path}/nodir/a.sock")  # type: ignore[operator]
+    d = run_command("--vm", f"a={tmp_path}/nodir/a.sock")
     assert d.proc.wait(timeout=10) == 2
     assert "does not exist" in d.proc.stderr.read()
-    d = run_cli("--vm", f"a={tmp_path}/a.sock", "--metrics-listen", "nowhere")  # type: ignore[operator]
+    d = run_command("--vm", f"a={tmp_path}/a.sock", "--metrics-listen", "nowhere")
     assert d.proc.wait(timeout=10) == 2
     assert "HOST:PORT" in d.proc.stderr.read()
 
 
-def test_a_socket_in_use_is_not_stolen(run_cli: object, tmp_path: Path) -> None:
+def test_a_socket_in_use_is_not_stolen(run_command: RunCommand, tmp_path: Path) -> None:
     path = tmp_path / "busy.sock"
     holder = socket.socket(socket.AF_UNIX)
     holder.bind(str(path))
     holder.listen(1)
     try:
-        d = run_cli("--vm", f"busy={path}", "--metrics-listen", "none")  # type: ignore[operator]
+        d = run_command("--vm", f"busy={path}", "--metrics-listen", "none")
         assert d.proc.wait(timeout=10) == 1
         assert "in use by a running process" in d.proc.stderr.read()
     finally:
         holder.close()
     # Left behind by a dead daemon: replaced.
-    d = run_cli("--vm", f"busy={path}", "--metrics-listen", "none")  # type: ignore[operator]
+    d = run_command("--vm", f"busy={path}", "--metrics-listen", "none")
     d.wait_for("daemon_ready")
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(timeout=10) == 0
 
 
-def test_config_file(run_cli: object, tmp_path: Path) -> None:
+def test_config_file(run_command: RunCommand, tmp_path: Path) -> None:
     conf = tmp_path / "vub.toml"
     conf.write_text(
         'metrics_listen = "none"\nlog_level = "debug"\n'
         f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\n'
         f'[[vm]]\nname = "b"\nsocket = "{tmp_path}/b.sock"\ndiscard = false\n'
     )
-    d = run_cli("--config", str(conf))  # type: ignore[operator]
+    d = run_command("--config", str(conf))
     assert d.wait_for("daemon_ready")["vms"] == ["a", "b"]
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(timeout=10) == 0
     conf.write_text('[[vm]]\nname = "a"\nsockt = "/x"\n')
-    d = run_cli("--config", str(conf))  # type: ignore[operator]
+    d = run_command("--config", str(conf))
     assert d.proc.wait(timeout=10) == 2
     assert "needs name" in d.proc.stderr.read()
 
 
 def test_sighup_adds_and_removes_vms_without_touching_the_others(
-    run_cli: object, tmp_path: Path
+    run_command: RunCommand, tmp_path: Path
 ) -> None:
     conf = tmp_path / "vub.toml"
 
@@ -157,7 +117,7 @@ def test_sighup_adds_and_removes_vms_without_touching_the_others(
         )
 
     write("a", "b")
-    d = run_cli("--config", str(conf))  # type: ignore[operator]
+    d = run_command("--config", str(conf))
     d.wait_for("daemon_ready")
 
     async def scenario() -> None:

@@ -18,13 +18,13 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from daemon_helpers import attach, free_port, scrape
+from daemon_helpers import Logs, RunCommand, attach, free_port, scrape
 from frontend import FakeFrontend, GuestMemfd, MiB
 
 from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
@@ -35,65 +35,6 @@ from vhost_user_balloon.protocol import Config, Request, VringFile, encode_messa
 
 SUPERVISE = [sys.executable, "-m", "vhost_user_balloon", "supervise"]
 REPORTED = 'vhost_user_balloon_reported_bytes_total{order="10",vm="web1"}'
-
-
-class Logs:
-    """The JSON log lines of the supervisor and its daemons, read in a thread."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(json.loads(line))
-                self._cond.notify_all()
-
-    def wait_for(self, event: str, count: int = 1, timeout: float = 15.0) -> dict[str, Any]:
-        """The ``count``-th line with this event."""
-        with self._cond:
-            ok = self._cond.wait_for(lambda: len(self.events(event)) >= count, timeout)
-            assert ok, f"no {count} x {event} in {[r['event'] for r in self.lines]}"
-            return self.events(event)[count - 1]
-
-    def events(self, event: str) -> list[dict[str, Any]]:
-        return [r for r in self.lines if r["event"] == event]
-
-
-@pytest.fixture
-def supervise(tmp_path: Path) -> Iterator[Any]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> Logs:
-        proc = subprocess.Popen(
-            [*SUPERVISE, "--log-format=json", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=tmp_path,
-        )
-        procs.append(proc)
-        return Logs(proc)
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            for child in _children(p.pid):
-                os.kill(child, signal.SIGKILL)
-        p.wait()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
 
 
 async def give_back(fe: FakeFrontend, gpa: int) -> None:
@@ -144,10 +85,14 @@ async def planned_restart(fe: FakeFrontend, config: bytes, logs: Logs, port: int
     assert [r["why"] for r in stopped] == ["shutdown"] and stopped[0]["kept"]
 
 
-def test_kill_9_and_a_planned_restart_keep_the_connection(supervise: Any, tmp_path: Path) -> None:
+def test_kill_9_and_a_planned_restart_keep_the_connection(
+    run_command: RunCommand, tmp_path: Path
+) -> None:
     sock = tmp_path / "web1.sock"
     port = free_port()
-    logs = supervise(f"--vm=web1={sock}", f"--metrics-listen=127.0.0.1:{port}")
+    logs = run_command(
+        "supervise", "--log-format=json", f"--vm=web1={sock}", f"--metrics-listen=127.0.0.1:{port}"
+    )
     logs.wait_for("daemon_ready")
 
     async def frontend() -> None:
@@ -422,11 +367,16 @@ def test_supervise_help_explains_the_signals() -> None:
     assert done.returncode == 0 and "SIGUSR2" in done.stdout and "restart" in done.stdout
 
 
-def test_every_vm_is_taken_up_after_a_kill(supervise: Any, tmp_path: Path) -> None:
+def test_every_vm_is_taken_up_after_a_kill(run_command: RunCommand, tmp_path: Path) -> None:
     """Two VMs attached, one of them with a report posted and not yet kicked: after
     kill -9 both go on, each with its own memory and rings."""
     socks = [tmp_path / "a.sock", tmp_path / "b.sock"]
-    logs = supervise(*(f"--vm={s.stem}={s}" for s in socks), "--metrics-listen=none")
+    logs = run_command(
+        "supervise",
+        "--log-format=json",
+        *(f"--vm={s.stem}={s}" for s in socks),
+        "--metrics-listen=none",
+    )
     logs.wait_for("daemon_ready")
 
     async def frontends() -> None:
