@@ -253,9 +253,18 @@ def balloon_command(argv: Sequence[str]) -> int:
             s.settimeout(10)
             s.connect(args.control_socket)
             s.sendall(json.dumps(request).encode() + b"\n")
-            reply = json.loads(s.makefile("rb").readline())
-    except (OSError, ValueError) as err:
+            line = s.makefile("rb").readline()
+    except OSError as err:
         print(f"vhost-user-balloon balloon: {args.control_socket}: {err}", file=sys.stderr)
+        return 1
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        why = "closed the connection without an answer" if not line else f"answered {line[:200]!r}"
+        print(
+            f"vhost-user-balloon balloon: the daemon at {args.control_socket} {why}; see its log",
+            file=sys.stderr,
+        )
         return 1
     if not reply.get("ok"):
         print(f"vhost-user-balloon balloon: {reply.get('error')}", file=sys.stderr)

@@ -18,9 +18,9 @@ from typing import Any, Final
 import structlog
 import trio
 
-from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, VhostUserError
+from vhost_user_balloon.protocol import GUEST_PAGE_SIZE
 
-from .connection import VmConnection
+from .connection import BalloonTargetError, VmConnection
 from .http import receive_until
 
 __all__ = ["MAX_CONTROL_REQUEST", "handle_request", "serve_control"]
@@ -54,7 +54,7 @@ async def handle_request(
             return {"ok": False, "error": f"VM {name} is not attached"}
         try:
             await conn.set_target(target)
-        except VhostUserError as err:
+        except BalloonTargetError as err:
             return {"ok": False, "error": str(err)}
     config = conn.device.config if conn is not None else None
     return {
@@ -72,7 +72,11 @@ async def serve_control(
     async def handler(stream: trio.SocketStream) -> None:
         try:
             data = await receive_until(stream, b"\n", MAX_CONTROL_REQUEST, _TIMEOUT_S)
-            reply = await handle_request(data.split(b"\n", 1)[0], vms)
+            try:
+                reply = await handle_request(data.split(b"\n", 1)[0], vms)
+            except Exception as err:
+                log.error("control_request_crashed", error=repr(err), exc_info=err)
+                reply = {"ok": False, "error": f"the daemon failed to carry this out: {err!r}"}
             log.info(
                 "control_request",
                 request=data[:200].decode(errors="replace").strip(),

@@ -151,7 +151,12 @@ class VmKeeper:
     @classmethod
     def start(cls, store: FdStore, vm: str) -> VmKeeper:
         keeper = cls(store, vm, StateFile.create(vm))
-        keeper.put_fixed("state", keeper.state.fd)
+        try:
+            keeper.put_fixed("state", keeper.state.fd)
+        except BaseException:
+            keeper.close()
+            close_fds([keeper.state.fd])
+            raise
         return keeper
 
     def adopt(self, name: str, fd: int) -> None:

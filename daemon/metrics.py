@@ -1,4 +1,4 @@
-"""Prometheus metrics: the names in DESIGN.md section 4 are a contract; keep them.
+"""Prometheus metrics: the names (README "Metrics") are a contract; keep them.
 
 One registry (injected, so tests get their own), one prefix, base units, ``_total``
 on counters, and labels from bounded sets only: ``vm`` (from the configuration),
@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from vhost_user_balloon import __version__
-from vhost_user_balloon.protocol import BalloonStat
+from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonStat
 
 __all__ = ["GUEST_STAT_METRICS", "PREFIX", "GuestStats", "Metrics", "VmMemoryStats", "VmMetrics"]
 
@@ -144,13 +144,15 @@ class Metrics:
             ["vm", "order"], namespace=ns, registry=r,
         )  # fmt: skip
         self.discarded_bytes = Counter(
-            "discarded_bytes", "Reported bytes given back to the host (holes punched).",
+            "discarded_bytes",
+            "Bytes given back to the host (holes punched in guest RAM): reported free "
+            "pages and pages the guest put into the balloon (inflate).",
             ["vm"], namespace=ns, registry=r,
         )  # fmt: skip
         self.discard_skipped_bytes = Counter(
             "discard_skipped_bytes",
-            "Reported bytes not given back, by reason: poison, inhibited, unaligned, "
-            "outside_ram, error.",
+            "Reported or inflated bytes not given back, by reason: poison, inhibited, "
+            "unaligned, outside_ram, error.",
             ["vm", "reason"], namespace=ns, registry=r,
         )  # fmt: skip
         self.reports = Counter(
@@ -183,13 +185,13 @@ class Metrics:
             "peer_not_allowed (its uid/gid is not in the allow list).",
             ["vm", "reason"], namespace=ns, registry=r,
         )  # fmt: skip
-        self.balloon_target_bytes = Gauge(
-            "balloon_target_bytes",
+        self.target_bytes = Gauge(
+            "target_bytes",
             "Memory the daemon asks the guest to give up (the balloon's target size).",
             ["vm"], namespace=ns, registry=r,
         )  # fmt: skip
-        self.balloon_actual_bytes = Gauge(
-            "balloon_actual_bytes", "Memory the guest says is in the balloon now.",
+        self.actual_bytes = Gauge(
+            "actual_bytes", "Memory the guest says is in the balloon now (its config's actual).",
             ["vm"], namespace=ns, registry=r,
         )  # fmt: skip
         self.balloon_inflated_bytes = Counter(
@@ -202,7 +204,9 @@ class Metrics:
         )  # fmt: skip
         self.negotiated_features = Gauge(
             "negotiated_features",
-            "Virtio feature bits the guest driver accepted (a bitmask; 0 while detached).",
+            "Virtio feature bits the guest driver accepted (a bitmask; 0 while detached). "
+            "Bit 30, vhost-user's protocol-features bit between QEMU and the daemon, is "
+            "never included: the guest does not see it.",
             ["vm"], namespace=ns, registry=r,
         )  # fmt: skip
         self.build_info = Gauge(
@@ -330,9 +334,34 @@ class VmMetrics:
         self._orders: dict[int, tuple[Any, Any]] = {}
         self._skipped: dict[str, Any] = {}
         self.discarded = metrics.discarded_bytes.labels(vm=vm)
+        self._errors: dict[str, Any] = {}
         self.reports = metrics.reports.labels(vm=vm)
         self.entries = metrics.report_entries.labels(vm=vm)
         self.service = metrics.report_service_seconds.labels(vm=vm)
+
+    def set_connected(self, connected: bool) -> None:
+        self._m.connected.labels(vm=self.vm).set(1 if connected else 0)
+
+    def set_features(self, guest_features: int) -> None:
+        self._m.negotiated_features.labels(vm=self.vm).set(guest_features)
+
+    def set_balloon(self, target_pages: int, actual_pages: int) -> None:
+        """The balloon's target and actual size, in 4 KiB pages (the config's units)."""
+        self._m.target_bytes.labels(vm=self.vm).set(target_pages * GUEST_PAGE_SIZE)
+        self._m.actual_bytes.labels(vm=self.vm).set(actual_pages * GUEST_PAGE_SIZE)
+
+    def detached(self) -> None:
+        """The VM's frontend went away: its levels are 0, its guest statistics gone."""
+        self.set_connected(False)
+        self.set_features(0)
+        self.set_balloon(0, 0)
+        self._m.guest_stats.clear(self.vm)
+
+    def protocol_error(self, reason: str) -> None:
+        child = self._errors.get(reason)
+        if child is None:
+            child = self._errors[reason] = self._m.protocol_errors.labels(vm=self.vm, reason=reason)
+        child.inc()
 
     def record_report(
         self,

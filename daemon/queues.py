@@ -49,6 +49,7 @@ from vhost_user_balloon.protocol import (
 from .discard import DiscardResult, execute, plan_discards
 from .guestram import VmMemory
 from .metrics import Metrics
+from .problems import report_problem
 
 __all__ = ["QueueHost", "QueueRunner"]
 
@@ -80,7 +81,8 @@ class QueueRunner:
         self.queue = queue
         self.enabled = False
         self.broken = False
-        #: The stats buffer the guest posted; held until stats are wanted (DESIGN.md 6).
+        #: The stats buffer the guest posted; held until stats are wanted (handing it
+        #: back is how the device asks for fresh statistics).
         self.held: Chain | None = None
         self.cancel_scope = trio.CancelScope()
         self.vm_metrics = host.metrics.for_vm(host.vm)
@@ -189,8 +191,7 @@ class QueueRunner:
 
     def _reject(self, event: str, err: RemoteProtocolError) -> None:
         """Log and count a buffer the guest got wrong."""
-        log.warning(event, queue=self.index, reason=err.reason, error=str(err), **err.values)
-        self.host.metrics.protocol_errors.labels(vm=self.host.vm, reason=err.reason).inc()
+        report_problem(self.vm_metrics, event, err, queue=self.index)
 
     async def _report(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
         try:
@@ -254,13 +255,12 @@ class QueueRunner:
 
     def _fail(self, err: RemoteProtocolError) -> None:
         self.broken = True
-        log.error(
+        report_problem(
+            self.vm_metrics,
             "queue_failed",
+            err,
+            level="error",
             queue=self.index,
             role=self.role.value,
-            reason=err.reason,
-            error=str(err),
-            **err.values,
         )
-        self.host.metrics.protocol_errors.labels(vm=self.host.vm, reason=err.reason).inc()
         self._signal(FdKind.ERR)

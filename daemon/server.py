@@ -28,10 +28,11 @@ from typing import Final
 import structlog
 import trio
 
-from vhost_user_balloon.protocol import DEFAULT_FEATURES, BalloonFeature
+from vhost_user_balloon.protocol import DEFAULT_FEATURES, BalloonFeature, VhostUserError
 
+from .adoption import AdoptError, HandOver, take_up
 from .config import Access, VmSpec
-from .connection import DEFAULT_STATS_INTERVAL_S, AdoptError, VmConnection
+from .connection import DEFAULT_STATS_INTERVAL_S, ConnectionOptions, VmConnection
 from .control import serve_control
 from .fds import close_fds
 from .handover import DAEMON, TOTALS_SLOT_BYTES, FdStore, StateFile, StoredVm, VmKeeper, fd_name
@@ -286,15 +287,9 @@ class Daemon:
                 )
                 self.metrics.add_vm(name)
             try:
-                conn = VmConnection.adopt(
-                    entry,
-                    self.metrics,
-                    self.store,
-                    discard=self._vm_discard(name),
-                    discard_limiter=self.discard_limiter,
-                    stats_interval=self.stats_interval,
-                )
-            except AdoptError as err:
+                stored = take_up(entry, self.store)
+                conn = VmConnection.adopt(stored, self.metrics, self._options(name))
+            except (AdoptError, VhostUserError, OSError) as err:
                 log.error("adopt_failed", vm=name, error=str(err))
                 continue
             self.connections[name] = conn
@@ -303,8 +298,27 @@ class Daemon:
             self._nursery.start_soon(self._serve, conn)
         self.stored.clear()
 
-    def _vm_discard(self, name: str) -> bool:
-        return next((vm.discard for vm in self.vms if vm.name == name), True)
+    def _options(self, name: str) -> ConnectionOptions:
+        """How VM ``name``'s connection is served (a VM no longer configured: defaults)."""
+        return ConnectionOptions(
+            discard=next((vm.discard for vm in self.vms if vm.name == name), True),
+            discard_limiter=self.discard_limiter,
+            stats_interval=self.stats_interval,
+            features=self.features,
+        )
+
+    def _handover(self, name: str) -> HandOver:
+        """The hand-over of a new connection: with a keeper if there is one and it
+        answers (if not, the VM is served all the same, without a hand-over)."""
+        if not self.store.enabled:
+            return HandOver(name, None)
+        try:
+            return HandOver(name, VmKeeper.start(self.store, name))
+        except OSError as err:
+            log.error("handover_disabled", vm=name, error=str(err),
+                      message="the keeper did not take this VM's fds; it is served without "
+                      "a hand-over across restarts")  # fmt: skip
+            return HandOver(name, None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -457,11 +471,8 @@ class Daemon:
                 vm.name,
                 sock,
                 self.metrics,
-                discard=vm.discard,
-                discard_limiter=self.discard_limiter,
-                stats_interval=self.stats_interval,
-                features=self.features,
-                keeper=VmKeeper.start(self.store, vm.name) if self.store.enabled else None,
+                self._options(vm.name),
+                handover=self._handover(vm.name),
             )
             self.connections[vm.name] = conn
             assert self._nursery is not None

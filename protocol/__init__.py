@@ -40,9 +40,11 @@ from .codes import (
 )
 from .effects import (
     AddRegion,
+    BalloonChanged,
     Effect,
     EnableQueue,
     FdKind,
+    FeaturesSet,
     Notice,
     Outcome,
     RemoveRegion,
@@ -74,11 +76,9 @@ from .errors import (
 )
 from .memory import GuestMemory, Location, MemoryAccess, validate_regions
 from .messages import (
-    REQUEST_RULES,
     Header,
     Message,
     MessageDecoder,
-    RequestRule,
     decode_payload,
     encode_backend_request,
     encode_message,
@@ -102,16 +102,13 @@ from .payloads import (
     VringFile,
     VringState,
 )
+from .requests import REQUESTS, QueueState, RequestSpec, SessionState
+from .saved import SAVED_FORMAT, SavedSession, SavedVring
 from .session import (
     CONFIG_MISSING_HELP,
     DEFAULT_PROTOCOL_FEATURES,
     MAX_MEM_SLOTS,
-    QUEUE_TRANSITIONS,
-    SESSION_TRANSITIONS,
-    STATE_VERSION,
-    QueueState,
     Session,
-    SessionState,
     Vring,
 )
 from .stats import MAX_STATS_BYTES, STAT_SIZE, BalloonStat, read_stats
@@ -142,16 +139,15 @@ __all__ = [
     "MAX_REGIONS",
     "MAX_REPORT_ORDER",
     "MAX_STATS_BYTES",
-    "QUEUE_TRANSITIONS",
-    "REQUEST_RULES",
-    "SESSION_TRANSITIONS",
-    "STATE_VERSION",
+    "REQUESTS",
+    "SAVED_FORMAT",
     "STAT_SIZE",
     "U64",
     "VERSION",
     "AddRegion",
     "AddressError",
     "BackendRequest",
+    "BalloonChanged",
     "BalloonConfig",
     "BalloonDevice",
     "BalloonFeature",
@@ -168,6 +164,7 @@ __all__ = [
     "EnableQueue",
     "FdCountError",
     "FdKind",
+    "FeaturesSet",
     "GuestMemory",
     "Header",
     "HeaderError",
@@ -198,9 +195,11 @@ __all__ = [
     "ReportError",
     "ReportedRange",
     "Request",
-    "RequestRule",
+    "RequestSpec",
     "ResetDevice",
     "RingError",
+    "SavedSession",
+    "SavedVring",
     "Session",
     "SessionState",
     "SetBackendChannel",

@@ -17,9 +17,11 @@ from .virtqueue import SplitQueue
 
 __all__ = [
     "AddRegion",
+    "BalloonChanged",
     "Effect",
     "EnableQueue",
     "FdKind",
+    "FeaturesSet",
     "Notice",
     "Outcome",
     "RemoveRegion",
@@ -111,6 +113,24 @@ class ResetDevice:
 
 
 @dataclass(frozen=True, slots=True)
+class FeaturesSet:
+    """The virtio feature bits the guest driver accepted (0 after a reset). Bit 30,
+    vhost-user's protocol-features bit, is between QEMU and us: the guest never sees it
+    and it is not here."""
+
+    guest_features: int
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonChanged:
+    """The balloon config changed: what we ask the guest to give up, and what it says
+    the balloon holds now, both in 4 KiB pages."""
+
+    target_pages: int
+    actual_pages: int
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """Something the user should see in the log that is not an error."""
 
@@ -128,6 +148,8 @@ Effect = (
     | StopQueue
     | EnableQueue
     | ResetDevice
+    | FeaturesSet
+    | BalloonChanged
     | Notice
 )
 

@@ -9,8 +9,8 @@ reasons is bounded and documented here, in one place.
 ``RemoteProtocolError`` means the peer (QEMU or the guest) broke the protocol;
 ``ConfigurationError`` means the peer is misconfigured in a way a user must fix;
 ``LocalProtocolError`` means our own code asked for something invalid (a bug).
-After any of them the session is broken, except where ``recoverable`` is true:
-then the daemon answers the request with a failure and carries on.
+After any of them the session is broken, except where ``keeps_connection`` is
+true: then the daemon answers the request with a failure and carries on.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class VhostUserError(Exception):
 
     #: Stable slug for metrics and logs; leaves override it.
     reason: str = "protocol_error"
-    #: True when the connection can go on after answering the request with a failure.
-    recoverable: bool = False
+    #: True when the connection goes on after the request is answered with a failure.
+    keeps_connection: bool = False
 
     def __init__(self, message: str, *, reason: str | None = None, **values: object) -> None:
         super().__init__(message)
@@ -55,6 +55,9 @@ class VhostUserError(Exception):
         self.fds: tuple[int, ...] = ()
         #: Whether the rejected message asked for a reply (REPLY_ACK), when known.
         self.need_reply = False
+        #: The rejected message's request code as sent (it may be one we do not know),
+        #: when known; the failure reply echoes it.
+        self.request_code: int | None = None
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -88,14 +91,14 @@ class UnknownRequestError(RemoteProtocolError):
     """A request code this implementation does not know. The payload was skipped."""
 
     reason = "unknown_request"
-    recoverable = True
+    keeps_connection = True
 
 
 class UnsupportedRequestError(RemoteProtocolError):
     """A known request for a feature we never offered; answered with a failure."""
 
     reason = "unsupported_request"
-    recoverable = True
+    keeps_connection = True
 
 
 class PayloadError(RemoteProtocolError):

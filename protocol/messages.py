@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import NoReturn
 
 from .codes import (
     HEADER_SIZE,
@@ -27,30 +27,14 @@ from .codes import (
     Request,
 )
 from .errors import FdCountError, HeaderError, UnknownRequestError, VhostUserError
-from .payloads import (
-    U64,
-    Config,
-    DeviceStateTransfer,
-    Empty,
-    Inflight,
-    IotlbMsg,
-    LogArea,
-    MemoryRegionMsg,
-    MemoryTable,
-    Payload,
-    Raw,
-    SharedObject,
-    VringAddr,
-    VringFile,
-    VringState,
-)
+from .payloads import MemoryTable, Payload, VringFile
+from .requests import REQUESTS
 
 __all__ = [
-    "REQUEST_RULES",
     "Header",
     "Message",
     "MessageDecoder",
-    "RequestRule",
+    "decode_payload",
     "encode_backend_request",
     "encode_message",
     "encode_reply",
@@ -59,67 +43,6 @@ __all__ = [
 _HEADER = struct.Struct("=III")
 # int(): the complement of an IntFlag stays inside its members and would hide bits.
 _KNOWN_FLAGS = int(HeaderFlag.VERSION_MASK | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRule:
-    """How one request is framed: its payload type and how many fds it may carry.
-
-    ``fds`` is ``(min, max)``; ``None`` means the count depends on the payload
-    (SET_MEM_TABLE: one per region; vring fds: none when the no-fd bit is set).
-    """
-
-    payload: type[Payload]
-    fds: tuple[int, int] | None = (0, 0)
-
-
-#: Framing of every front-end request (vhost-user.rst "Front-end message types").
-REQUEST_RULES: Final[dict[Request, RequestRule]] = {
-    Request.GET_FEATURES: RequestRule(Empty),
-    Request.SET_FEATURES: RequestRule(U64),
-    Request.SET_OWNER: RequestRule(Empty),
-    Request.RESET_OWNER: RequestRule(Empty),
-    Request.SET_MEM_TABLE: RequestRule(MemoryTable, None),
-    Request.SET_LOG_BASE: RequestRule(LogArea, (1, 1)),
-    Request.SET_LOG_FD: RequestRule(Empty, (1, 1)),
-    Request.SET_VRING_NUM: RequestRule(VringState),
-    Request.SET_VRING_ADDR: RequestRule(VringAddr),
-    Request.SET_VRING_BASE: RequestRule(VringState),
-    Request.GET_VRING_BASE: RequestRule(VringState),
-    Request.SET_VRING_KICK: RequestRule(VringFile, None),
-    Request.SET_VRING_CALL: RequestRule(VringFile, None),
-    Request.SET_VRING_ERR: RequestRule(VringFile, None),
-    Request.GET_PROTOCOL_FEATURES: RequestRule(Empty),
-    Request.SET_PROTOCOL_FEATURES: RequestRule(U64),
-    Request.GET_QUEUE_NUM: RequestRule(Empty),
-    Request.SET_VRING_ENABLE: RequestRule(VringState),
-    Request.SEND_RARP: RequestRule(U64),
-    Request.NET_SET_MTU: RequestRule(U64),
-    Request.SET_BACKEND_REQ_FD: RequestRule(Empty, (1, 1)),
-    Request.IOTLB_MSG: RequestRule(IotlbMsg),
-    Request.SET_VRING_ENDIAN: RequestRule(VringState),
-    Request.GET_CONFIG: RequestRule(Config),
-    Request.SET_CONFIG: RequestRule(Config),
-    Request.CREATE_CRYPTO_SESSION: RequestRule(Raw),
-    Request.CLOSE_CRYPTO_SESSION: RequestRule(U64),
-    Request.POSTCOPY_ADVISE: RequestRule(Empty),
-    Request.POSTCOPY_LISTEN: RequestRule(Empty),
-    Request.POSTCOPY_END: RequestRule(Empty),
-    Request.GET_INFLIGHT_FD: RequestRule(Inflight),
-    Request.SET_INFLIGHT_FD: RequestRule(Inflight, (1, 1)),
-    Request.GPU_SET_SOCKET: RequestRule(Empty, (1, 1)),
-    Request.RESET_DEVICE: RequestRule(Empty),
-    Request.VRING_KICK: RequestRule(VringState),
-    Request.GET_MAX_MEM_SLOTS: RequestRule(Empty),
-    Request.ADD_MEM_REG: RequestRule(MemoryRegionMsg, (1, 1)),
-    # QEMU may attach the region's fd to a removal; it is not used (libvhost-user closes it).
-    Request.REM_MEM_REG: RequestRule(MemoryRegionMsg, (0, 1)),
-    Request.SET_STATUS: RequestRule(U64),
-    Request.GET_STATUS: RequestRule(Empty),
-    Request.GET_SHARED_OBJECT: RequestRule(SharedObject),
-    Request.SET_DEVICE_STATE_FD: RequestRule(DeviceStateTransfer, (1, 1)),
-    Request.CHECK_DEVICE_STATE: RequestRule(Empty),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +116,7 @@ class Message:
 
 
 def _check_fds(request: Request, payload: Payload, nfds: int) -> None:
-    rule = REQUEST_RULES[request].fds
+    rule = REQUESTS[request].fds
     if rule is not None:
         low, high = rule
     elif isinstance(payload, MemoryTable):
@@ -222,7 +145,7 @@ def decode_payload(header: Header, body: bytes, fds: tuple[int, ...]) -> Message
             request=header.request,
             size=header.size,
         ) from None
-    payload = REQUEST_RULES[request].payload.from_bytes(body)
+    payload = REQUESTS[request].payload.from_bytes(body)
     _check_fds(request, payload, len(fds))
     return Message(request, header.flags, payload, fds)
 
@@ -231,8 +154,9 @@ class MessageDecoder:
     """Feed-style decoder: bytes and fds in, messages or typed errors out.
 
     Fds fed while a message is being read belong to that message; fds fed at a
-    message boundary belong to the next one. After an error that is not
-    ``recoverable`` the decoder refuses further use (the stream is out of sync).
+    message boundary belong to the next one. After an error that leaves the stream
+    out of step (a bad header: where the next message starts is unknown) the decoder
+    refuses further use.
     """
 
     def __init__(self) -> None:
@@ -274,7 +198,8 @@ class MessageDecoder:
             try:
                 self._header = Header.from_bytes(bytes(self._buffer[:HEADER_SIZE]))
             except VhostUserError as err:
-                self._fail(err, recoverable=False)
+                err.request_code = _HEADER.unpack_from(self._buffer)[0]
+                self._fail(err, in_step=False)
             del self._buffer[:HEADER_SIZE]
         header = self._header
         if len(self._buffer) < header.size:
@@ -290,7 +215,7 @@ class MessageDecoder:
                     nfds=len(self._fds),
                     limit=MAX_FDS,
                 ),
-                recoverable=True,
+                in_step=True,
             )
         fds = self.take_fds()
         try:
@@ -298,16 +223,20 @@ class MessageDecoder:
         except VhostUserError as err:
             err.fds = fds
             err.need_reply = header.need_reply
-            # The payload was consumed whole, so the stream is still in step.
-            self._broken = None if err.recoverable else err
+            err.request_code = header.request
+            # The payload was consumed whole, so the stream is still in step; the
+            # connection goes on only if the error allows it.
+            self._broken = None if err.keeps_connection else err
             raise
 
-    def _fail(self, err: VhostUserError, *, recoverable: bool) -> NoReturn:
+    def _fail(self, err: VhostUserError, *, in_step: bool) -> NoReturn:
+        """Raise ``err`` with the fds read so far. ``in_step``: the message was skipped
+        whole and the next one starts where the decoder stands."""
         err.fds = self.take_fds()
-        if not recoverable:
-            self._broken = err
-        else:
+        if in_step:
             self._header = None
+        else:
+            self._broken = err
         raise err
 
 

@@ -1,19 +1,13 @@
 """The backend side of one vhost-user connection, as a state machine without I/O.
 
 Theory of operation. ``Session.handle`` takes one decoded ``Message`` and returns an
-``Outcome``: the reply bytes and the effects the daemon must carry out. Two tables
-decide what is allowed:
-
-* ``SESSION_TRANSITIONS``: ``(state, request) -> next state`` for the connection as a
-  whole. QEMU 11 sends GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES,
-  SET_OWNER, then device requests; other frontends own the device first, so both
-  orders lead to ACTIVE, where the device requests live.
-* ``QUEUE_TRANSITIONS``: ``(queue state, request) -> next queue state`` for each vring.
-  A ring's size, base and addresses are fixed while it is started.
-
-A miss in either table is a ``StateError`` naming the state and the request. A known
-request that needs a protocol feature we did not negotiate (or that no balloon
-uses) is an ``UnsupportedRequestError``: recoverable, answered with a failure.
+``Outcome``: the reply bytes and the effects the daemon must carry out. What is
+allowed when comes from the request's entry in ``REQUESTS`` (requests.py): the
+session states it may arrive in and the state after it, the queue states it may
+find its queue in, and the protocol feature it needs. A request in the wrong state
+is a ``StateError`` naming the state and what was allowed. A known request that
+needs a protocol feature we did not negotiate (or that no balloon uses) is an
+``UnsupportedRequestError``: answered with a failure, and the connection goes on.
 
 A ring starts when its kick fd arrives (vhost-user.rst "Starting and stopping rings")
 and stops on GET_VRING_BASE, whose reply carries the next avail index. The daemon
@@ -23,18 +17,18 @@ message that changes memory or queues) to the session, so that reply is exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Final
 
-from .balloon import BalloonDevice, QueueRole, queue_layout
+from .balloon import BalloonConfig, BalloonDevice, QueueRole, queue_layout
 from .codes import MAX_QUEUES, ProtocolFeature, Request, VirtioFeature
 from .effects import (
     AddRegion,
+    BalloonChanged,
     Effect,
     EnableQueue,
     FdKind,
+    FeaturesSet,
     Notice,
     Outcome,
     RemoveRegion,
@@ -47,20 +41,17 @@ from .effects import (
 )
 from .errors import (
     ConfigurationError,
-    LocalProtocolError,
     MemoryTableError,
     PayloadError,
     QueueError,
     StateError,
     UnsupportedRequestError,
-    VhostUserError,
 )
 from .memory import GuestMemory
 from .messages import Message, encode_reply
 from .payloads import (
     U64,
     Config,
-    MemoryRegion,
     MemoryRegionMsg,
     MemoryTable,
     Payload,
@@ -68,22 +59,17 @@ from .payloads import (
     VringFile,
     VringState,
 )
+from .requests import REQUESTS, QueueState, SessionState
+from .saved import SavedSession, SavedVring
 from .virtqueue import SplitQueue, check_queue_size
 
 __all__ = [
     "DEFAULT_PROTOCOL_FEATURES",
     "MAX_MEM_SLOTS",
-    "QUEUE_TRANSITIONS",
-    "SESSION_TRANSITIONS",
-    "STATE_VERSION",
-    "QueueState",
     "Session",
-    "SessionState",
     "Vring",
 ]
 
-#: Version of the ``export_state`` format.
-STATE_VERSION = 1
 #: CONFIG (the guest reads the balloon config through us; without it the guest sees
 #: num_pages = 0xffffffff) and REPLY_ACK (QEMU then waits for each fd message to land).
 DEFAULT_PROTOCOL_FEATURES = (
@@ -103,83 +89,6 @@ CONFIG_MISSING_HELP = (
     "over all its memory. Give the QEMU device config_size=16: "
     "-device vhost-user-test-device-pci,chardev=...,virtio-id=5,num_vqs=5,config_size=16"
 )
-
-
-class SessionState(Enum):
-    """Where the connection is in the handshake."""
-
-    CONNECTED = "connected"  #: nothing negotiated yet
-    OWNED = "owned"  #: SET_OWNER seen, protocol features not yet
-    NEGOTIATED = "negotiated"  #: protocol features set, no owner yet
-    ACTIVE = "active"  #: both: device requests are allowed
-
-
-class QueueState(Enum):
-    """Whether a vring is being served."""
-
-    IDLE = "idle"
-    STARTED = "started"
-
-
-_ANY_TIME = (Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES)
-#: Requests that configure and drive the device once the handshake is done.
-_DEVICE_REQUESTS = (
-    Request.SET_FEATURES,
-    Request.SET_MEM_TABLE,
-    Request.SET_VRING_NUM,
-    Request.SET_VRING_ADDR,
-    Request.SET_VRING_BASE,
-    Request.GET_VRING_BASE,
-    Request.SET_VRING_KICK,
-    Request.SET_VRING_CALL,
-    Request.SET_VRING_ERR,
-    Request.SET_VRING_ENABLE,
-    Request.GET_CONFIG,
-    Request.SET_CONFIG,
-    Request.GET_MAX_MEM_SLOTS,
-    Request.ADD_MEM_REG,
-    Request.REM_MEM_REG,
-)
-
-SESSION_TRANSITIONS: Final[dict[tuple[SessionState, Request], SessionState]] = {
-    **{(s, r): s for s in SessionState for r in _ANY_TIME},
-    (SessionState.CONNECTED, Request.SET_OWNER): SessionState.OWNED,
-    (SessionState.NEGOTIATED, Request.SET_OWNER): SessionState.ACTIVE,
-    (SessionState.CONNECTED, Request.SET_PROTOCOL_FEATURES): SessionState.NEGOTIATED,
-    (SessionState.OWNED, Request.SET_PROTOCOL_FEATURES): SessionState.ACTIVE,
-    **{(SessionState.ACTIVE, r): SessionState.ACTIVE for r in _DEVICE_REQUESTS},
-    (SessionState.ACTIVE, Request.RESET_OWNER): SessionState.NEGOTIATED,
-    # QEMU sets up the backend channel right after the protocol features, before SET_OWNER.
-    (SessionState.NEGOTIATED, Request.SET_BACKEND_REQ_FD): SessionState.NEGOTIATED,
-    (SessionState.ACTIVE, Request.SET_BACKEND_REQ_FD): SessionState.ACTIVE,
-}
-
-_IDLE, _STARTED = QueueState.IDLE, QueueState.STARTED
-QUEUE_TRANSITIONS: Final[dict[tuple[QueueState, Request], QueueState]] = {
-    (_IDLE, Request.SET_VRING_NUM): _IDLE,
-    (_IDLE, Request.SET_VRING_BASE): _IDLE,
-    (_IDLE, Request.SET_VRING_ADDR): _IDLE,
-    (_IDLE, Request.SET_VRING_KICK): _STARTED,
-    (_STARTED, Request.SET_VRING_KICK): _STARTED,
-    (_IDLE, Request.GET_VRING_BASE): _IDLE,
-    (_STARTED, Request.GET_VRING_BASE): _IDLE,
-    **{
-        (s, r): s
-        for s in QueueState
-        for r in (Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.SET_VRING_ENABLE)
-    },
-}
-
-#: Requests that only make sense with a protocol feature; we answer them only if it
-#: was negotiated. Any request in neither table is one no balloon backend serves.
-_NEEDS_FEATURE: Final[dict[Request, ProtocolFeature]] = {
-    Request.GET_CONFIG: ProtocolFeature.CONFIG,
-    Request.SET_CONFIG: ProtocolFeature.CONFIG,
-    Request.GET_MAX_MEM_SLOTS: ProtocolFeature.CONFIGURE_MEM_SLOTS,
-    Request.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
-    Request.ADD_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
-    Request.REM_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
-}
 
 
 @dataclass(slots=True)
@@ -213,46 +122,22 @@ class Session:
         self.memory: GuestMemory | None = None
         self.vrings = [Vring(i) for i in range(max_queues)]
         self.layout: tuple[QueueRole, ...] = queue_layout(0)
-        self._handlers: dict[Request, Callable[[Message], Outcome]] = {
-            Request.GET_FEATURES: self._get_features,
-            Request.SET_FEATURES: self._set_features,
-            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
-            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
-            Request.SET_OWNER: self._ack_only,
-            Request.RESET_OWNER: self._reset,
-            Request.SET_MEM_TABLE: self._set_mem_table,
-            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
-            Request.ADD_MEM_REG: self._add_mem_reg,
-            Request.REM_MEM_REG: self._rem_mem_reg,
-            Request.SET_VRING_NUM: self._set_vring_num,
-            Request.SET_VRING_BASE: self._set_vring_base,
-            Request.SET_VRING_ADDR: self._set_vring_addr,
-            Request.GET_VRING_BASE: self._get_vring_base,
-            Request.SET_VRING_KICK: self._set_vring_kick,
-            Request.SET_VRING_CALL: self._set_vring_fd,
-            Request.SET_VRING_ERR: self._set_vring_fd,
-            Request.SET_VRING_ENABLE: self._set_vring_enable,
-            Request.GET_CONFIG: self._get_config,
-            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
-            Request.SET_CONFIG: self._set_config,
-        }
 
     # -- public ------------------------------------------------------------------
     def handle(self, msg: Message) -> Outcome:
         """Apply one message. Raises a ``VhostUserError`` leaf if it is not acceptable."""
-        needed = _NEEDS_FEATURE.get(msg.request)
-        if msg.request not in self._handlers or (
-            needed is not None and not self.protocol_features & needed
-        ):
+        spec = REQUESTS[msg.request]
+        needed = spec.feature
+        if spec.handler is None or (needed is not None and not self.protocol_features & needed):
             why = (
                 f"needs protocol feature {needed.name}, which was not negotiated"
                 if needed is not None
                 else "is not used by a balloon backend"
             )
             raise UnsupportedRequestError(f"{msg.request.name} {why}", request=msg.request.name)
-        next_state = SESSION_TRANSITIONS.get((self.state, msg.request))
+        next_state = spec.session.get(self.state)
         if next_state is None:
-            allowed = sorted(r.name for (s, r) in SESSION_TRANSITIONS if s is self.state)
+            allowed = sorted(r.name for r, s in REQUESTS.items() if self.state in s.session)
             raise StateError(
                 f"{msg.request.name} is not allowed in session state {self.state.value} "
                 f"(allowed: {', '.join(allowed)})",
@@ -260,93 +145,81 @@ class Session:
                 request=msg.request.name,
                 state=self.state.value,
             )
-        outcome = self._handlers[msg.request](msg)
+        handler: Callable[[Message], Outcome] = getattr(self, spec.handler)
+        outcome = handler(msg)
         self.state = next_state
         return outcome
 
     # -- hand-over ---------------------------------------------------------------
-    def export_state(self) -> dict[str, Any]:
-        """What another process needs to go on serving this connection, as JSON-able
-        values (the fds travel beside it: the connection, one per region in ``memory``
-        order, and each vring's kick/call/err). The receiving side rebuilds the session
-        with ``Session.restore`` and calls ``SplitQueue.resume_from_used`` on each
-        started queue before serving it."""
-        vrings = []
-        for v in self.vrings:
-            if v.size is None and v.addr is None and not v.enabled and v.base == 0:
-                continue
-            vrings.append({
-                "index": v.index,
-                "state": v.state.value,
-                "size": v.size,
-                "base": v.queue.last_avail_idx if v.queue is not None else v.base,
-                "addr": None if v.addr is None else [
-                    v.addr.flags, v.addr.desc_user_addr, v.addr.used_user_addr,
-                    v.addr.avail_user_addr, v.addr.log_guest_addr],
-                "enabled": v.enabled,
-            })  # fmt: skip
+    def export_state(self) -> SavedSession:
+        """What another process needs to go on serving this connection (the fds travel
+        beside it). The receiving side rebuilds the session with ``Session.restore``
+        and calls ``SplitQueue.resume_from_used`` on each started queue before
+        serving it."""
         c = self.device.config
-        return {
-            "version": STATE_VERSION,
-            "state": self.state.value,
-            "features": self.features,
-            "protocol_features": self.protocol_features,
-            "offered_protocol_features": self.offered_protocol_features,
-            "device_features": self.device.features,
-            "config": [c.num_pages, c.actual, c.free_page_hint_cmd_id, c.poison_val],
-            "memory": None if self.memory is None else [
-                [r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset]
-                for r in self.memory.regions],
-            "queues": len(self.vrings),
-            "vrings": vrings,
-        }  # fmt: skip
+        return SavedSession(
+            state=self.state,
+            features=self.features,
+            protocol_features=self.protocol_features,
+            offered_protocol_features=self.offered_protocol_features,
+            device_features=self.device.features,
+            config=BalloonConfig(c.num_pages, c.actual, c.free_page_hint_cmd_id, c.poison_val),
+            memory=None if self.memory is None else tuple(self.memory.regions),
+            queues=len(self.vrings),
+            vrings=tuple(
+                SavedVring(
+                    index=v.index,
+                    state=v.state,
+                    size=v.size,
+                    base=v.queue.last_avail_idx if v.queue is not None else v.base,
+                    addr=v.addr,
+                    enabled=v.enabled,
+                )
+                for v in self.vrings
+                if not (v.size is None and v.addr is None and not v.enabled and v.base == 0)
+            ),
+        )
 
     @classmethod
-    def restore(cls, state: Mapping[str, Any]) -> Session:
-        """A session in the state ``export_state`` described, every value checked again:
-        the state crossed a process boundary."""
-        u32, u64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
-        try:
-            if state["version"] != STATE_VERSION:
-                raise ValueError(f"state version {state['version']!r}, expected {STATE_VERSION}")
-            device = BalloonDevice(_whole(state["device_features"], u64))
-            config = state["config"]
-            if not isinstance(config, list) or len(config) != 4:
-                raise ValueError(f"config {config!r} is not 4 numbers")
-            (
-                device.config.num_pages,
-                device.config.actual,
-                device.config.free_page_hint_cmd_id,
-                device.config.poison_val,
-            ) = (_whole(x, u32) for x in config)
-            session = cls(
-                device,
-                protocol_features=_whole(state["offered_protocol_features"], u64),
-                max_queues=_whole(state["queues"], MAX_QUEUES),
-            )
-            session.state = SessionState(state["state"])
-            session.features = _whole(state["features"], u64)
-            session.protocol_features = _whole(state["protocol_features"], u64)
-            session.layout = queue_layout(session.features)
-            if state["memory"] is not None:
-                session.memory = GuestMemory(
-                    [MemoryRegion(*(_whole(x, u64) for x in r)) for r in state["memory"]],
-                    limit=MAX_MEM_SLOTS,
+    def restore(cls, saved: SavedSession) -> Session:
+        """A session in the state ``export_state`` described. The record may come from
+        another process (``SavedSession.from_json`` checked its numbers); everything
+        that depends on them together is checked again here (memory table, ring sizes
+        and layouts)."""
+        device = BalloonDevice(saved.device_features)
+        device.config = BalloonConfig(
+            saved.config.num_pages,
+            saved.config.actual,
+            saved.config.free_page_hint_cmd_id,
+            saved.config.poison_val,
+        )
+        session = cls(
+            device,
+            protocol_features=saved.offered_protocol_features,
+            max_queues=saved.queues,
+        )
+        session.state = saved.state
+        session.features = saved.features
+        session.protocol_features = saved.protocol_features
+        session.layout = queue_layout(saved.features)
+        if saved.memory is not None:
+            session.memory = GuestMemory(saved.memory, limit=MAX_MEM_SLOTS)
+        for item in saved.vrings:
+            if item.index >= len(session.vrings):
+                raise QueueError(
+                    f"saved queue {item.index} does not exist on a device of "
+                    f"{len(session.vrings)} queues",
+                    reason="bad_queue_index",
+                    index=item.index,
+                    limit=len(session.vrings),
                 )
-            for item in state["vrings"]:
-                v = session.vrings[_whole(item["index"], MAX_QUEUES - 1)]
-                size = item["size"]
-                v.size = None if size is None else check_queue_size(_whole(size, u32))
-                v.base = _whole(item["base"], _MAX_VRING_BASE)
-                v.enabled = item["enabled"] is True
-                if item["addr"] is not None:
-                    v.addr = VringAddr(v.index, *(_whole(x, u64) for x in item["addr"]))
-                if QueueState(item["state"]) is QueueState.STARTED:
-                    session._start(v)
-        except VhostUserError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-            raise LocalProtocolError(f"cannot restore a session from this state: {err!r}") from err
+            v = session.vrings[item.index]
+            v.size = None if item.size is None else check_queue_size(item.size)
+            v.base = item.base
+            v.enabled = item.enabled
+            v.addr = item.addr
+            if item.state is QueueState.STARTED:
+                session._start(v)
         return session
 
     def queue_role(self, index: int) -> QueueRole | None:
@@ -385,8 +258,8 @@ class Session:
                 limit=len(self.vrings),
             )
         vring = self.vrings[index]
-        next_state = QUEUE_TRANSITIONS.get((vring.state, msg.request))
-        if next_state is None:
+        allowed = REQUESTS[msg.request].queue
+        if allowed is None or vring.state not in allowed:
             raise StateError(
                 f"{msg.request.name} is not allowed on queue {index} while it is "
                 f"{vring.state.value}",
@@ -396,6 +269,9 @@ class Session:
                 state=vring.state.value,
             )
         return vring
+
+    def _features_set(self) -> FeaturesSet:
+        return FeaturesSet(self.features & ~VirtioFeature.PROTOCOL_FEATURES)
 
     def _started(self) -> list[Vring]:
         return [v for v in self.vrings if v.state is QueueState.STARTED]
@@ -446,7 +322,7 @@ class Session:
             )
         self.features = value
         self.layout = queue_layout(value)
-        return self._ack(msg)
+        return self._ack(msg, self._features_set())
 
     def _get_protocol_features(self, msg: Message) -> Outcome:
         return self._reply(msg, U64(self.offered_protocol_features))
@@ -478,7 +354,7 @@ class Session:
         self.features = 0
         self.layout = queue_layout(0)
         self.vrings = [Vring(i) for i in range(len(self.vrings))]
-        effects.append(ResetDevice())
+        effects += [ResetDevice(), self._features_set()]
         return self._ack(msg, *effects)
 
     # -- memory ------------------------------------------------------------------
@@ -672,11 +548,5 @@ class Session:
         cfg = msg.payload
         assert isinstance(cfg, Config)
         self.device.write_config(cfg.offset, cfg.data)
-        return self._ack(msg)
-
-
-def _whole(value: object, most: int) -> int:
-    """A saved number: an int (not a bool, not a float) from 0 to ``most``."""
-    if type(value) is not int or not 0 <= value <= most:
-        raise ValueError(f"{value!r} is not a whole number from 0 to {most:#x}")
-    return value
+        config = self.device.config
+        return self._ack(msg, BalloonChanged(config.num_pages, config.actual))

@@ -259,7 +259,7 @@ def test_inflate_and_deflate_a_real_guest(env: Env, tmp_path: Path) -> None:
             assert balloon(ctl, "guest", 512 * MiB)["ok"]
             steps["inflate"] = run.now()
         elif "inflate" in steps and "deflate" not in steps and run.now() > steps["inflate"] + 15:
-            steps["actual"] = run.metric("vhost_user_balloon_balloon_actual_bytes")
+            steps["actual"] = run.metric("vhost_user_balloon_actual_bytes")
             assert balloon(ctl, "guest", 0)["ok"]
             steps["deflate"] = run.now()
 
@@ -297,7 +297,7 @@ def test_a_guest_short_of_memory_deflates_by_itself(env: Env, tmp_path: Path) ->
             assert balloon(ctl, "guest", 1536 * MiB)["ok"]
             steps["inflate"] = run.now()
         if "inflate" in steps and "inflated" not in steps:
-            actual = run.metric("vhost_user_balloon_balloon_actual_bytes")
+            actual = run.metric("vhost_user_balloon_actual_bytes")
             if actual >= 1536 * MiB:
                 steps["inflated"] = run.now()
 
@@ -314,9 +314,7 @@ def test_a_guest_short_of_memory_deflates_by_itself(env: Env, tmp_path: Path) ->
     assert max(m for _, m in totals) - min(m for _, m in totals) < 16 * MiB  # MemTotal stays
     assert "allocated round=1" in run.markers  # the workload got its 1 GiB
     deflated = run.metric("vhost_user_balloon_balloon_deflated_bytes_total")
-    actual = metric_at(
-        run, run.marker("allocated round=1"), "vhost_user_balloon_balloon_actual_bytes"
-    )
+    actual = metric_at(run, run.marker("allocated round=1"), "vhost_user_balloon_actual_bytes")
     print(
         f"\nballoon 1536 MiB -> {actual / MiB:.0f} MiB while the guest allocated 1 GiB; "
         f"deflated {deflated / MiB:.0f} MiB by itself"

@@ -8,10 +8,12 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
 import trio
 from daemon_helpers import StartDaemon, sample
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
+from vhost_user_balloon.daemon.cli import balloon_command
 from vhost_user_balloon.protocol import Config, Request
 
 PFNS_AT = 12 * MiB  # where the test guest writes its page frame arrays
@@ -76,9 +78,9 @@ async def test_inflate_frees_the_guests_pages_and_deflate_gives_them_back(
         assert before - guest.allocated() == 2 * MiB
         assert guest.file_page_present(18 * MiB)  # the canary
         await fe.ack(Request.SET_CONFIG, Config(0, 16, 0, struct.pack("<IIII", 512, 512, 0, 0)))
-        assert sample(daemon, "balloon_actual_bytes", vm="vm") == 2 * MiB
+        assert sample(daemon, "actual_bytes", vm="vm") == 2 * MiB
         assert sample(daemon, "balloon_inflated_bytes_total", vm="vm") == 2 * MiB
-        assert sample(daemon, "balloon_target_bytes", vm="vm") == 2 * MiB
+        assert sample(daemon, "target_bytes", vm="vm") == 2 * MiB
 
         # Deflate: back to 0; the pages simply come back when the guest touches them.
         await control(ctl, {"vm": "vm", "target_bytes": 0})
@@ -115,3 +117,55 @@ async def test_without_a_backend_channel_the_target_is_refused(
     finally:
         await fe.aclose()
         guest.close()
+
+
+async def test_a_balloon_target_for_an_unplugged_device_fails_alone(
+    start_daemon: StartDaemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """QEMU closes the backend channel when the device is unplugged (device_del) but the
+    vhost-user socket stays until chardev-remove. A balloon command in that window is
+    refused with a message that says why; the daemon, this VM's connection and the
+    other VM go on (it used to kill the whole daemon with BrokenPipeError)."""
+    ctl = tmp_path / "control.sock"
+    daemon = await start_daemon("gone", "other", control_socket=ctl)
+    frontends: list[FakeFrontend] = []
+    channels: list[socket.socket] = []
+    guests = [GuestMemfd(16 * MiB), GuestMemfd(16 * MiB)]
+    try:
+        for vm, guest in zip(daemon.vms, guests, strict=True):
+            ours, qemus = socket.socketpair()
+            fe = await FakeFrontend.connect(str(vm.socket), guest)
+            frontends.append(fe)
+            await fe.handshake(protocol=0x228, backend_fd=ours.fileno())
+            ours.close()
+            await fe.start()
+            channels.append(qemus)
+        channels[0].close()  # device_del: QEMU's end of the channel is gone
+
+        reply = await control(ctl, {"vm": "gone", "target_bytes": 128 * MiB})
+        assert not reply["ok"] and "closed the balloon's backend channel" in str(reply["error"])
+        # The command line prints the daemon's words.
+        code = await trio.to_thread.run_sync(
+            balloon_command, ["gone", "64M", f"--control-socket={ctl}"]
+        )
+        assert code == 1
+        assert "backend channel" in capsys.readouterr().err
+
+        # This VM's connection goes on: its guest still reads its config.
+        assert len(await frontends[0].get_config()) == 16
+        # The other VM is untouched: targets and reports work as before.
+        assert (await control(ctl, {"vm": "other", "target_bytes": 2 * MiB}))["ok"]
+        channels[1].settimeout(5)
+        assert struct.unpack("=III", channels[1].recv(12)) == (2, 1, 0)
+        guests[1].populate(8 * MiB, 2 * MiB)
+        before = guests[1].allocated()
+        await frontends[1].report(3, [(8 * MiB, 2 * MiB)])
+        assert before - guests[1].allocated() == 2 * MiB
+        assert set(daemon.connections) == {"gone", "other"}
+    finally:
+        for fe in frontends:
+            await fe.aclose()
+        for c in channels:
+            c.close()
+        for g in guests:
+            g.close()

@@ -13,9 +13,9 @@ import trio
 from daemon_helpers import StartDaemon, sample, wait_disconnected
 from frontend import FakeFrontend, GuestMemfd, MiB, region_uva
 
-from vhost_user_balloon.daemon import connection
+from vhost_user_balloon.daemon import framing
 from vhost_user_balloon.protocol import (
-    REQUEST_RULES,
+    REQUESTS,
     U64,
     MemoryRegion,
     MemoryTable,
@@ -184,16 +184,16 @@ async def test_hostile_message(
     await run_case(start_daemon, prelude, sends, reason, capsys)
 
 
-FIXED_SIZE = sorted(r for r, rule in REQUEST_RULES.items() if rule.payload.SIZE is not None)
+FIXED_SIZE = sorted(r for r, rule in REQUESTS.items() if rule.payload.SIZE is not None)
 
 
 @pytest.mark.parametrize("request_", FIXED_SIZE, ids=[r.name for r in FIXED_SIZE])
 async def test_every_request_with_a_wrong_payload_size(
     start_daemon: StartDaemon, capsys: pytest.CaptureFixture[str], request_: Request
 ) -> None:
-    size = REQUEST_RULES[request_].payload.SIZE
+    size = REQUESTS[request_].payload.SIZE
     assert size is not None
-    rule = REQUEST_RULES[request_].fds
+    rule = REQUESTS[request_].fds
     nfds = rule[0] if rule is not None else 1
 
     def sends(g: GuestMemfd, f: list[int]) -> list[Send]:
@@ -218,7 +218,7 @@ async def test_a_connection_closed_mid_message(
 async def test_half_a_header_then_silence(
     start_daemon: StartDaemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(connection, "MESSAGE_TIMEOUT_S", 0.3)  # 10 s in production
+    monkeypatch.setattr(framing, "MESSAGE_TIMEOUT_S", 0.3)  # 10 s in production
     await run_case(
         start_daemon, "owned", lambda g, f: [(raw(1, 1, b"")[:6], [])], "message_timeout", capsys
     )

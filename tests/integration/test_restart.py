@@ -29,6 +29,7 @@ from frontend import FakeFrontend, GuestMemfd, MiB
 
 from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
 from vhost_user_balloon.daemon.connection import VmConnection
+from vhost_user_balloon.daemon.framing import FrontendStream
 from vhost_user_balloon.daemon.handover import STATE_SLOT_BYTES, stored_vms
 from vhost_user_balloon.daemon.systemd import Notifier
 from vhost_user_balloon.protocol import Config, Request, VringFile, encode_message
@@ -210,28 +211,29 @@ class Crash:
 
         await self.nursery.start(run)
 
-    def arm(self, method: str, when: Any = lambda *args: True) -> None:
-        real = getattr(VmConnection, method)
+    def arm(self, method: str, when: Any = lambda *args: True, on: type = VmConnection) -> None:
+        """Die in ``on.method`` (a method of the connection, or of its ``FrontendStream``)."""
+        real = getattr(on, method)
 
-        async def dies(conn: VmConnection, *args: Any, **kwargs: Any) -> Any:
+        async def dies(conn: Any, *args: Any, **kwargs: Any) -> Any:
             if self.dead.is_set() or not when(*args):
                 return await real(conn, *args, **kwargs)
             self.copy.update(self.keeper.crash_copy())
             self.dead.set()
-            self.mp.setattr(VmConnection, method, real)
+            self.mp.setattr(on, method, real)
             await self.buried.wait()  # gone: it does nothing more until the test ends
             return None
 
-        def sync_dies(conn: VmConnection, *args: Any, **kwargs: Any) -> Any:
+        def sync_dies(conn: Any, *args: Any, **kwargs: Any) -> Any:
             if self.dead.is_set() or not when(*args):
                 return real(conn, *args, **kwargs)
             self.copy.update(self.keeper.crash_copy())
             self.dead.set()
-            self.mp.setattr(VmConnection, method, real)
+            self.mp.setattr(on, method, real)
             raise _Gone
 
         is_async = inspect.iscoroutinefunction(real)
-        self.mp.setattr(VmConnection, method, dies if is_async else sync_dies)
+        self.mp.setattr(on, method, dies if is_async else sync_dies)
 
     async def successor(self) -> Daemon:
         """The next process, started from what the keeper held when the first died."""
@@ -259,19 +261,19 @@ async def crash(
     c.bury()
 
 
-@pytest.mark.parametrize("dies_in", ["_consume", "_send"])
+@pytest.mark.parametrize("dies_in", ["consume", "send"])
 async def test_a_reply_owed_by_a_dead_process_is_sent_once(
     crash: Crash, guests: list[GuestMemfd], frontends: list[FakeFrontend], dies_in: str
 ) -> None:
     """The daemon has applied GET_CONFIG and saved that it owes the reply, then dies
-    before taking the message out of the socket (``_consume``) or before sending the
-    reply (``_send``). The next process sends the reply, exactly once."""
+    before taking the message out of the socket (``consume``) or before sending the
+    reply (``send``). The next process sends the reply, exactly once."""
     await crash.start_first()
     guest = GuestMemfd(16 * MiB)
     guests.append(guest)
     fe = await attach(str(crash.vm.socket), guest, frontends)
     config = await fe.get_config()
-    crash.arm(dies_in)
+    crash.arm(dies_in, on=FrontendStream)
     await fe.send_raw(encode_message(Request.GET_CONFIG, Config(0, 16, 0, bytes(16))))
     second = await crash.successor()
     with trio.fail_after(5):
@@ -313,10 +315,11 @@ async def test_a_message_the_dead_process_never_saved_is_applied_by_the_next(
     assert guest.allocated() == before
     os.close(old_call)
     conn = second.connections["web1"]
-    assert conn.keeper is not None
+    keeper = conn.handover.keeper
+    assert keeper is not None
     # No orphan left: the keeper holds the listening socket, the daemon's metric
     # totals and the connection's fds.
-    assert crash.keeper.names() == {"vub.web1.listen", "vub.@daemon.metrics", *conn.keeper.stored}
+    assert crash.keeper.names() == {"vub.web1.listen", "vub.@daemon.metrics", *keeper.stored}
 
 
 async def test_a_connection_whose_state_is_lost_is_closed_and_the_rest_go_on(

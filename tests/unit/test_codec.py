@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from vhost_user_balloon.protocol import (
     MAX_FDS,
     MAX_PAYLOAD_SIZE,
-    REQUEST_RULES,
+    REQUESTS,
     U64,
     Config,
     DeviceStateTransfer,
@@ -202,13 +202,13 @@ def test_bad_headers_are_typed_errors_and_break_the_stream(
     assert again.value.reason == "decoder_broken"
 
 
-def test_unknown_request_is_recoverable_and_the_stream_stays_in_step() -> None:
+def test_unknown_request_keeps_the_connection_and_the_stream_stays_in_step() -> None:
     dec = MessageDecoder()
     dec.feed(header(999, 1 | 8, 4) + b"abcd", (5,))
     dec.feed(FIRST_OF_EACH["GET_FEATURES"].raw)
     with pytest.raises(UnknownRequestError) as err:
         dec.next_message()
-    assert err.value.recoverable and err.value.fds == (5,)
+    assert err.value.keeps_connection and err.value.fds == (5,)
     assert err.value.values["request"] == 999
     msg = dec.next_message()
     assert msg is not None and msg.request is Request.GET_FEATURES
@@ -291,7 +291,7 @@ def test_take_fds_hands_back_what_is_held() -> None:
 
 
 def test_every_request_has_a_rule() -> None:
-    assert set(REQUEST_RULES) == set(Request)
+    assert set(REQUESTS) == set(Request)
 
 
 # -- anything at all ----------------------------------------------------------------

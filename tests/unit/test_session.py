@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from vhost_user_balloon.protocol import (
     DEFAULT_PROTOCOL_FEATURES,
-    REQUEST_RULES,
+    REQUESTS,
     U64,
+    BalloonChanged,
     BalloonFeature,
     Config,
     ConfigurationError,
@@ -22,6 +23,7 @@ from vhost_user_balloon.protocol import (
     Empty,
     EnableQueue,
     FdKind,
+    FeaturesSet,
     LocalProtocolError,
     MemoryRegion,
     MemoryRegionMsg,
@@ -36,6 +38,7 @@ from vhost_user_balloon.protocol import (
     QueueRole,
     Request,
     ResetDevice,
+    SavedSession,
     Session,
     SessionState,
     SetMemory,
@@ -220,11 +223,11 @@ def test_unoffered_features_are_refused() -> None:
         Session().handle(msg(Request.SET_PROTOCOL_FEATURES, U64(1 << 0 | 0x208)))  # MQ
 
 
-def test_unsupported_and_unnegotiated_requests_are_recoverable() -> None:
+def test_unsupported_and_unnegotiated_requests_keep_the_connection() -> None:
     s = active()
     with pytest.raises(UnsupportedRequestError) as err:
         s.handle(msg(Request.GET_QUEUE_NUM))
-    assert err.value.recoverable
+    assert err.value.keeps_connection
     plain = Session()
     plain.handle(msg(Request.SET_PROTOCOL_FEATURES, U64(0x208)))
     plain.handle(msg(Request.SET_OWNER))
@@ -384,7 +387,7 @@ def test_layout_follows_features() -> None:
 
 
 # -- anything at all ----------------------------------------------------------------------
-SESSION_REQUESTS = sorted(REQUEST_RULES)
+SESSION_REQUESTS = sorted(REQUESTS)
 
 
 @pytest.mark.fuzz
@@ -463,8 +466,9 @@ def test_exported_state_restores_the_same_session() -> None:
     q = session.vrings[3].queue
     assert q is not None
     q.last_avail_idx = 42
-    state = json.loads(json.dumps(session.export_state()))  # crosses a process boundary
-    restored = Session.restore(state)
+    # crosses a process boundary
+    state = json.loads(json.dumps(session.export_state().to_json()))
+    restored = Session.restore(SavedSession.from_json(state))
     assert restored.export_state() == session.export_state()
     assert restored.state is SessionState.ACTIVE and restored.features == 0x1_4000_0022
     assert [v.index for v in restored.vrings if v.queue is not None] == [0, 1, 2, 3]
@@ -515,10 +519,10 @@ def test_a_chain_taken_but_not_completed_is_taken_again_after_a_restore() -> Non
     ],
 )
 def test_a_damaged_state_is_refused(breakage: object) -> None:
-    state = started_session().export_state()
+    state = started_session().export_state().to_json()
     breakage(state)  # type: ignore[operator]
     with pytest.raises((LocalProtocolError, QueueError)):
-        Session.restore(state)
+        Session.restore(SavedSession.from_json(state))
 
 
 def _paths(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -552,15 +556,60 @@ def test_any_damage_to_a_saved_state_is_refused_or_restored_never_a_crash(
 ) -> None:
     """The state crosses a process boundary (the keeper); a restore of a damaged one
     raises a protocol error or gives a session that re-checked every value."""
-    state = json.loads(json.dumps(started_session().export_state()))
+    state = json.loads(json.dumps(started_session().export_state().to_json()))
     path = data.draw(st.sampled_from(_paths(state)))
     node = state
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = data.draw(_JSON_VALUES)
     try:
-        restored = Session.restore(state)
+        restored = Session.restore(SavedSession.from_json(state))
     except VhostUserError:
         return
     for v in restored.vrings:
         assert v.size is None or 1 <= v.size <= 32768
+
+
+def test_format_1_states_written_by_the_previous_release_are_read() -> None:
+    """An upgrade in place hands over state written in format 1 (positional lists for
+    the config, the regions and the ring addresses); the new process reads it."""
+    session = started_session()
+    session.device.config.num_pages = 1234
+    new = json.loads(json.dumps(session.export_state().to_json()))
+    old = {
+        **new,
+        "version": 1,
+        "config": list(new["config"].values()),
+        "memory": [list(r.values()) for r in new["memory"]],
+        "vrings": [
+            {**v, "addr": None if v["addr"] is None else list(v["addr"].values())}
+            for v in new["vrings"]
+        ],
+    }
+    assert isinstance(old["config"][0], int) and isinstance(old["memory"][0], list)
+    restored = Session.restore(SavedSession.from_json(old))
+    assert restored.export_state() == session.export_state()
+    assert restored.device.config.num_pages == 1234
+
+
+def test_every_request_with_a_handler_names_a_method_of_the_session() -> None:
+    """REQUESTS is the one place a request is described; its handler must exist."""
+    session = Session()
+    for request, spec in REQUESTS.items():
+        if spec.handler is not None:
+            assert callable(getattr(session, spec.handler)), request
+            assert spec.session, f"{request.name} is served but allowed in no state"
+        else:
+            assert not spec.session and spec.queue is None, request
+
+
+def test_features_and_balloon_changes_come_out_as_effects() -> None:
+    """The daemon's gauges follow these effects, not the request type."""
+    s = active()
+    offered = s.device.features
+    out = s.handle(msg(Request.SET_FEATURES, U64(offered), need_reply=True))
+    assert FeaturesSet(offered & ~VirtioFeature.PROTOCOL_FEATURES) in out.effects
+    assert offered & VirtioFeature.PROTOCOL_FEATURES  # offered to QEMU, never to the guest
+    actual = struct.pack("<I", 77)
+    out = s.handle(msg(Request.SET_CONFIG, Config(4, 4, 0, actual)))
+    assert BalloonChanged(0, 77) in out.effects
