@@ -276,8 +276,16 @@ def main(argv: Sequence[str]) -> int:
     fmt = "json" if _option(argv, "--log-format") == "json" else "console"
     configure_logging(fmt, "info")  # type: ignore[arg-type]
     structlog.contextvars.bind_contextvars(process="supervisor")
-    command = [sys.executable, "-m", "vhost_user_balloon", *argv]
+    command = daemon_command(argv)
     return Supervisor(command).run()
+
+
+def daemon_command(argv: Sequence[str]) -> list[str]:
+    """How the daemon is started: by this interpreter, with ``-P`` so that the working
+    directory is not put on ``sys.path``. (A root daemon must never import code from
+    wherever it was started: from a source checkout, ``-m`` alone would import the
+    checkout's half-built package instead of the installed one.)"""
+    return [sys.executable, "-P", "-m", "vhost_user_balloon", *argv]
 
 
 def _option(argv: Sequence[str], name: str) -> str | None:

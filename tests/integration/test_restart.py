@@ -365,6 +365,30 @@ def test_a_daemon_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None
     assert events == ["daemon_started", "daemon_failed_to_start"], events
 
 
+def test_supervise_never_imports_code_from_its_working_directory(tmp_path: Path) -> None:
+    """Started from a source checkout (with a regular install), the daemon must run the
+    installed package, not the checkout's: a ``vhost_user_balloon`` folder in the
+    working directory that fails on import stands in for the checkout."""
+    decoy = tmp_path / "vhost_user_balloon"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise SystemExit('imported from the working directory')\n")
+    (decoy / "__main__.py").write_text("raise SystemExit('imported from the working directory')\n")
+    command = Path(sys.executable).with_name("vhost-user-balloon")  # the entry point
+    proc = subprocess.Popen(
+        [command, "supervise", "--log-format=json", "--metrics-listen=none",
+         f"--vm=web1={tmp_path / 'web1.sock'}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        logs = Logs(proc)
+        logs.wait_for("daemon_ready")
+        assert not logs.events("daemon_failed_to_start")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert "working directory" not in err, err
+
+
 def test_supervise_help_explains_the_signals() -> None:
     done = subprocess.run([*SUPERVISE, "--help"], check=True, capture_output=True, text=True)
     assert done.returncode == 0 and "SIGUSR2" in done.stdout and "restart" in done.stdout
