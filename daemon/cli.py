@@ -18,7 +18,16 @@ import trio
 from vhost_user_balloon import __version__
 
 from . import status, supervisor
-from .config import DEFAULT_METRICS_LISTEN, ConfigError, Settings, load_settings
+from .config import (
+    DEFAULT_METRICS_LISTEN,
+    DEFAULT_STATS_INTERVAL_S,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    Settings,
+    config_keys_help,
+    load_settings,
+)
 from .handover import StoredVm, stored_vms
 from .logconfig import configure_logging
 from .server import Daemon, StartupError
@@ -75,10 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--config", type=Path, metavar="FILE",
-        help="TOML file with [[vm]] tables (name, socket, discard) and the keys "
-        "metrics_listen, log_format, log_level, socket_mode, socket_group, allow_users, "
-        "allow_groups, discard; "
-        "command-line options override it",
+        help="TOML file with these keys (command-line options override them): "
+        + config_keys_help(),
     )  # fmt: skip
     p.add_argument(
         "--metrics-listen", metavar="HOST:PORT",
@@ -86,13 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'none' to disable; [::1]:PORT for IPv6)",
     )  # fmt: skip
     p.add_argument(
-        "--log-format", choices=("auto", "json", "console"),
+        "--log-format", choices=LOG_FORMATS,
         help="log lines as JSON or for people (default auto: JSON unless stdout is a "
         "terminal)",
     )  # fmt: skip
     p.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
+        choices=LOG_LEVELS,
         help="least severe level logged (default info; debug logs every report)",
     )
     p.add_argument(
@@ -123,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stats-interval", type=float, metavar="SECONDS",
         help="how often to ask guests for fresh memory statistics, exported as "
-        "vhost_user_balloon_guest_* metrics (default 5; 0 keeps the first numbers)",
+        f"vhost_user_balloon_guest_* metrics (default {DEFAULT_STATS_INTERVAL_S:g}; 0 keeps "
+        "the first numbers)",
     )  # fmt: skip
     p.add_argument(
         "--deflate-on-oom", action="store_true",

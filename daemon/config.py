@@ -17,23 +17,99 @@ from typing import Final
 
 __all__ = [
     "DEFAULT_METRICS_LISTEN",
+    "DEFAULT_STATS_INTERVAL_S",
+    "KEYS",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
     "MAX_VMS",
     "Access",
     "ConfigError",
     "Settings",
     "VmSpec",
+    "config_keys_help",
     "load_settings",
     "parse_listen",
     "parse_vm",
 ]
 
 DEFAULT_METRICS_LISTEN: Final = "127.0.0.1:9584"
+#: How often the guest is asked for fresh statistics (QEMU's guest-stats-polling-interval
+#: has no default; 5 s keeps the gauges current at a negligible cost to the guest).
+DEFAULT_STATS_INTERVAL_S: Final = 5.0
 #: VMs one daemon serves: each holds a socket, guest RAM mappings and eventfds; past
 #: this, run a second daemon rather than one that is hard to reason about.
 MAX_VMS: Final = 256
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_LOG_FORMATS = ("auto", "json", "console")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("auto", "json", "console")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One setting of the TOML file: its type, its default and what it does. The
+    command line's options and ``--help`` take their defaults and words from here."""
+
+    name: str
+    #: the TOML types accepted (a bool is never taken for a number)
+    types: tuple[type, ...]
+    default: object
+    help: str
+
+    @property
+    def type_name(self) -> str:
+        names = {bool: "true or false", str: "a string", int: "a whole number",
+                 float: "a number", list: "an array"}  # fmt: skip
+        return " or ".join(names[t] for t in self.types)
+
+
+#: Every key of the configuration file, in the order ``--help`` lists them.
+KEYS: Final = {k.name: k for k in (
+    Key("vm", (list,), [], "[[vm]] tables, each with name, socket and optionally discard"),
+    Key("metrics_listen", (str,), DEFAULT_METRICS_LISTEN,
+        "HOST:PORT for /metrics, [::1]:PORT for IPv6, or 'none'"),
+    Key("log_format", (str,), "auto", f"one of {', '.join(LOG_FORMATS)}"),
+    Key("log_level", (str,), "info", f"one of {', '.join(LOG_LEVELS)}"),
+    Key("socket_mode", (str, int), "0600", 'permissions of the VM sockets, "0660" or 0o660'),
+    Key("socket_group", (str, int), None, "group of the VM sockets, by name or number"),
+    Key("allow_users", (list,), [], "users (names or uids) whose processes may connect"),
+    Key("allow_groups", (list,), [],
+        "primary groups (names or gids) whose processes may connect"),
+    Key("discard", (bool,), True, "false: complete reports but never free guest memory"),
+    Key("stats_interval", (int, float), DEFAULT_STATS_INTERVAL_S,
+        "seconds between requests for guest statistics (0: ask once)"),
+    Key("deflate_on_oom", (bool,), False, "offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM"),
+    Key("control_socket", (str,), None, "path of the balloon control socket"),
+)}  # fmt: skip
+#: Keys of one [[vm]] table.
+VM_KEYS: Final = {k.name: k for k in (
+    Key("name", (str,), None, "the VM's name (its metric label)"),
+    Key("socket", (str,), None, "the socket QEMU connects to"),
+    Key("discard", (bool,), True, "false for this VM alone (VFIO passthrough)"),
+)}  # fmt: skip
+
+
+def config_keys_help() -> str:
+    """One line per key of the configuration file, for ``--help``."""
+    return "; ".join(f"{k.name} ({k.help})" for k in KEYS.values())
+
+
+def _typed(data: Mapping[str, object], key: Key, where: str) -> object:
+    """The value of ``key`` in ``data``, or its default; a value of another type is an
+    error naming the key, the value and the type expected."""
+    if key.name not in data:
+        return key.default
+    value = data[key.name]
+    if (isinstance(value, bool) and bool not in key.types) or not isinstance(value, key.types):
+        raise ConfigError(
+            f"{where}: {key.name} = {value!r} is {_article(value)}; expected {key.type_name}"
+        )
+    return value
+
+
+def _article(value: object) -> str:
+    kind = {bool: "a boolean", str: "a string", int: "a whole number", float: "a number",
+            list: "an array", dict: "a table"}  # fmt: skip
+    return kind.get(type(value), type(value).__name__)
 
 
 class ConfigError(Exception):
@@ -74,7 +150,7 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     access: Access = Access()
-    stats_interval: float = 5.0
+    stats_interval: float = DEFAULT_STATS_INTERVAL_S
     deflate_on_oom: bool = False
     control_socket: Path | None = None
 
@@ -124,8 +200,9 @@ def parse_listen(text: str) -> tuple[str, int] | None:
 
 
 def _mode(value: object, where: str) -> int:
+    """An octal mode: a string such as "0660", or a TOML number such as 0o660."""
     try:
-        mode = int(str(value), 8)
+        mode = value if isinstance(value, int) else int(str(value), 8)
     except ValueError:
         raise ConfigError(f"{where}: {value!r} is not an octal file mode such as 0600") from None
     if mode & ~0o777:
@@ -169,46 +246,21 @@ def load_settings(
 ) -> Settings:
     """Merge the TOML file (if any) and the command line; the command line wins."""
     data: dict[str, object] = {}
+    where = f"--config {str(config_file)!r}"
     if config_file is not None:
         try:
             data = tomllib.loads(config_file.read_text())
         except OSError as err:
-            raise ConfigError(f"--config {str(config_file)!r}: {err.strerror}") from None
+            raise ConfigError(f"{where}: {err.strerror}") from None
         except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"--config {str(config_file)!r}: not valid TOML: {err}") from None
-    known = {
-        "vm",
-        "metrics_listen",
-        "log_format",
-        "log_level",
-        "socket_mode",
-        "discard",
-        "socket_group",
-        "stats_interval",
-        "deflate_on_oom",
-        "control_socket",
-        "allow_users",
-        "allow_groups",
-    }
-    unknown = sorted(set(data) - known)
+            raise ConfigError(f"{where}: not valid TOML: {err}") from None
+    unknown = sorted(set(data) - set(KEYS))
     if unknown:
-        raise ConfigError(
-            f"{config_file}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-        )
-    discard_default = bool(data.get("discard", True)) and not no_discard
-    vms: list[VmSpec] = []
-    file_vms = data.get("vm", [])
-    if not isinstance(file_vms, list):
-        raise ConfigError(f"{config_file}: 'vm' must be an array of tables ([[vm]])")
-    for i, entry in enumerate(file_vms):
-        where = f"{config_file}: vm[{i}]"
-        if not isinstance(entry, dict) or not {"name", "socket"} <= set(entry):
-            raise ConfigError(f'{where}: needs name = "..." and socket = "/path"')
-        extra = sorted(set(entry) - {"name", "socket", "discard"})
-        if extra:
-            raise ConfigError(f"{where}: unknown keys {', '.join(extra)}")
-        discard = bool(entry.get("discard", True)) and discard_default
-        vms.append(_vm(str(entry["name"]), str(entry["socket"]), discard, where))
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(KEYS)})")
+    file = {name: _typed(data, key, where) for name, key in KEYS.items()}
+    discard_default = bool(file["discard"]) and not no_discard
+    vms = [_file_vm(entry, discard_default, f"{where}: vm[{i}]")
+           for i, entry in enumerate(_list(file, "vm", where))]  # fmt: skip
     vms.extend(parse_vm(text, discard=discard_default) for text in vm_args)
     # Socket activation: a socket systemd passed under a name nobody configured is a VM
     # of that name (FileDescriptorName= in the .socket unit).
@@ -216,6 +268,54 @@ def load_settings(
     for name, path in (activated or {}).items():
         if name not in named:
             vms.append(VmSpec(name, Path(path), discard_default))
+    _check_vms(vms)
+    interval = stats_interval if stats_interval is not None else file["stats_interval"]
+    if not isinstance(interval, int | float) or isinstance(interval, bool) or interval < 0:
+        raise ConfigError(f"stats interval {interval!r}: give seconds >= 0 (0: ask once)")
+    control = control_socket or file["control_socket"]
+    control_path = Path(str(control)).absolute() if control else None
+    if control_path is not None and not control_path.parent.is_dir():
+        raise ConfigError(
+            f"control socket {str(control_path)!r}: directory "
+            f"{str(control_path.parent)!r} does not exist"
+        )
+    group = socket_group if socket_group is not None else file["socket_group"]
+    return Settings(
+        control_socket=control_path,
+        stats_interval=float(interval),
+        deflate_on_oom=deflate_on_oom or bool(file["deflate_on_oom"]),
+        vms=tuple(vms),
+        metrics_listen=parse_listen(str(metrics_listen or file["metrics_listen"])),
+        log_format=_choice(log_format or file["log_format"], LOG_FORMATS, "log format"),
+        log_level=_choice(log_level or file["log_level"], LOG_LEVELS, "log level"),
+        access=Access(
+            socket_mode=_mode(socket_mode or file["socket_mode"], "socket mode"),
+            socket_gid=None if group is None else _id(group, "socket group", "group"),
+            allow_uids=frozenset(
+                _id(u, "allowed user", "user")
+                for u in [*_list(file, "allow_users", where), *allow_users]
+            ),
+            allow_gids=frozenset(
+                _id(g, "allowed group", "group")
+                for g in [*_list(file, "allow_groups", where), *allow_groups]
+            ),
+        ),
+    )
+
+
+def _file_vm(entry: object, discard_default: bool, where: str) -> VmSpec:
+    """One [[vm]] table of the configuration file."""
+    if not isinstance(entry, dict) or not {"name", "socket"} <= set(entry):
+        raise ConfigError(f'{where}: needs name = "..." and socket = "/path"')
+    extra = sorted(set(entry) - set(VM_KEYS))
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {', '.join(extra)}")
+    values = {name: _typed(entry, key, where) for name, key in VM_KEYS.items()}
+    discard = bool(values["discard"]) and discard_default
+    return _vm(str(values["name"]), str(values["socket"]), discard, where)
+
+
+def _check_vms(vms: Sequence[VmSpec]) -> None:
     if not vms:
         raise ConfigError(
             "no VM to serve: give --vm NAME=SOCKET_PATH (repeatable), a --config file "
@@ -230,51 +330,14 @@ def load_settings(
             if value in seen:
                 raise ConfigError(f"two VMs share the {attr} {str(value)!r}; each needs its own")
             seen.add(value)
-    listen = (
-        metrics_listen
-        if metrics_listen is not None
-        else data.get("metrics_listen", DEFAULT_METRICS_LISTEN)
-    )
-    interval = stats_interval if stats_interval is not None else data.get("stats_interval", 5.0)
-    if not isinstance(interval, int | float) or isinstance(interval, bool) or interval < 0:
-        raise ConfigError(f"stats interval {interval!r}: give seconds >= 0 (0: ask once)")
-    control = control_socket or data.get("control_socket")
-    control_path = Path(str(control)).absolute() if control else None
-    if control_path is not None and not control_path.parent.is_dir():
+
+
+def _list(values: Mapping[str, object], key: str, where: str) -> list[object]:
+    """An array setting whose items are names or numbers (users, groups, vm tables)."""
+    value = values[key]
+    assert isinstance(value, list)  # _typed checked it
+    if key != "vm" and not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
         raise ConfigError(
-            f"control socket {str(control_path)!r}: directory "
-            f"{str(control_path.parent)!r} does not exist"
+            f'{where}: {key} = {value!r}: give names or numbers, e.g. {key} = ["kvm"]'
         )
-    return Settings(
-        control_socket=control_path,
-        stats_interval=float(interval),
-        deflate_on_oom=deflate_on_oom or bool(data.get("deflate_on_oom", False)),
-        vms=tuple(vms),
-        metrics_listen=parse_listen(str(listen)),
-        log_format=_choice(
-            log_format or data.get("log_format", "auto"), _LOG_FORMATS, "log format"
-        ),
-        log_level=_choice(log_level or data.get("log_level", "info"), _LOG_LEVELS, "log level"),
-        access=Access(
-            socket_mode=_mode(socket_mode or data.get("socket_mode", "0600"), "socket mode"),
-            socket_gid=(
-                None
-                if (g := socket_group or data.get("socket_group")) is None
-                else _id(g, "socket group", "group")
-            ),
-            allow_uids=frozenset(
-                _id(u, "allowed user", "user") for u in [*_list(data, "allow_users"), *allow_users]
-            ),
-            allow_gids=frozenset(
-                _id(g, "allowed group", "group")
-                for g in [*_list(data, "allow_groups"), *allow_groups]
-            ),
-        ),
-    )
-
-
-def _list(data: dict[str, object], key: str) -> list[object]:
-    value = data.get(key, [])
-    if not isinstance(value, list):
-        raise ConfigError(f'{key} must be a list, e.g. {key} = ["kvm"]')
     return value

@@ -62,6 +62,7 @@ from vhost_user_balloon.protocol import (
 )
 
 from .adoption import HandOver, LiveFds, OwedReply, Stored
+from .config import DEFAULT_STATS_INTERVAL_S
 from .fds import close_fds
 from .framing import BackendChannel, FrontendStream, PeerGone, Received
 from .guestram import VmMemory
@@ -69,13 +70,9 @@ from .metrics import Metrics
 from .problems import report_problem
 from .queues import QueueRunner
 
-__all__ = ["DEFAULT_STATS_INTERVAL_S", "BalloonTargetError", "ConnectionOptions", "VmConnection"]
+__all__ = ["BalloonTargetError", "ConnectionOptions", "VmConnection"]
 
 log = structlog.get_logger()
-
-#: How often the guest is asked for fresh statistics (QEMU's guest-stats-polling-interval
-#: has no default; 5 s keeps the gauges current at a negligible cost to the guest).
-DEFAULT_STATS_INTERVAL_S = 5.0
 
 
 class BalloonTargetError(Exception):

@@ -31,8 +31,8 @@ import trio
 from vhost_user_balloon.protocol import DEFAULT_FEATURES, BalloonFeature, VhostUserError
 
 from .adoption import AdoptError, HandOver, take_up
-from .config import Access, VmSpec
-from .connection import DEFAULT_STATS_INTERVAL_S, ConnectionOptions, VmConnection
+from .config import DEFAULT_STATS_INTERVAL_S, Access, VmSpec
+from .connection import ConnectionOptions, VmConnection
 from .control import serve_control
 from .fds import close_fds
 from .handover import DAEMON, TOTALS_SLOT_BYTES, FdStore, StateFile, StoredVm, VmKeeper, fd_name

@@ -99,6 +99,10 @@ def test_config_file(run_command: RunCommand, tmp_path: Path) -> None:
     assert d.wait_for("daemon_ready")["vms"] == ["a", "b"]
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(timeout=10) == 0
+    conf.write_text(f'discard = "false"\n[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\n')
+    d = run_command("--config", str(conf))
+    assert d.proc.wait(timeout=10) == 2
+    assert "discard = 'false' is a string; expected true or false" in d.proc.stderr.read()
     conf.write_text('[[vm]]\nname = "a"\nsockt = "/x"\n')
     d = run_command("--config", str(conf))
     assert d.proc.wait(timeout=10) == 2

@@ -1,0 +1,79 @@
+"""The configuration file: every key typed strictly, defaults and help from one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vhost_user_balloon.daemon.cli import build_parser
+from vhost_user_balloon.daemon.config import (
+    DEFAULT_STATS_INTERVAL_S,
+    KEYS,
+    VM_KEYS,
+    ConfigError,
+    Settings,
+    load_settings,
+)
+
+
+def load(tmp_path: Path, text: str) -> Settings:
+    """A file with ``text`` at the top level and one VM."""
+    conf = tmp_path / "vub.toml"
+    conf.write_text(f'{text}\n[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\n')
+    return load_settings(config_file=conf)
+
+
+@pytest.mark.parametrize("key", [k.name for k in KEYS.values() if k.types == (bool,)])
+@pytest.mark.parametrize("value", ['"false"', "0", '"no"', "[]"])
+def test_a_boolean_setting_takes_only_true_or_false(tmp_path: Path, key: str, value: str) -> None:
+    """``discard = "false"`` used to be taken as true (a non-empty string): for a VFIO
+    guest, the difference between safe and corrupted DMA."""
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, f"{key} = {value}")
+    message = str(err.value)
+    assert key in message and value.strip('"') in message and "true or false" in message
+
+
+def test_a_vm_tables_discard_is_a_boolean_too(tmp_path: Path) -> None:
+    conf = tmp_path / "vub.toml"
+    conf.write_text(f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\ndiscard = "false"\n')
+    with pytest.raises(ConfigError, match=r"vm\[0\]: discard = 'false' is a string"):
+        load_settings(config_file=conf)
+    conf.write_text(f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\ndiscard = false\n')
+    assert load_settings(config_file=conf).vms[0].discard is False
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("stats_interval = true", "stats_interval = True is a boolean; expected a whole number"),
+        ('stats_interval = "5"', "expected a whole number or a number"),
+        ("metrics_listen = 9584", "metrics_listen = 9584 is a whole number; expected a string"),
+        ('allow_groups = "kvm"', "allow_groups = 'kvm' is a string; expected an array"),
+        ("allow_groups = [true]", "give names or numbers"),
+        ("log_level = 3", "log_level = 3 is a whole number"),
+    ],
+)
+def test_every_wrong_type_names_key_value_and_type(tmp_path: Path, line: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, line)
+    assert words in str(err.value)
+
+
+def test_right_types_and_defaults(tmp_path: Path) -> None:
+    s = load(tmp_path, "")
+    assert s.stats_interval == DEFAULT_STATS_INTERVAL_S and s.access.socket_mode == 0o600
+    s = load(
+        tmp_path, 'stats_interval = 2\nsocket_mode = 0o660\ndiscard = false\nlog_level = "debug"'
+    )
+    assert s.stats_interval == 2.0 and s.access.socket_mode == 0o660
+    assert s.vms[0].discard is False and s.log_level == "debug"
+    assert load(tmp_path, 'socket_mode = "0640"').access.socket_mode == 0o640
+
+
+def test_help_lists_every_key_of_the_file() -> None:
+    text = " ".join(build_parser().format_help().split())
+    for key in [*KEYS, *VM_KEYS]:
+        assert key in text, key
+    assert f"default {DEFAULT_STATS_INTERVAL_S:g}" in text
