@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from vhost_user_balloon import __version__
 from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonStat
+
+from .totals import CounterChild, Totals
 
 __all__ = ["GUEST_STAT_METRICS", "PREFIX", "GuestStats", "Metrics", "VmMemoryStats", "VmMetrics"]
 
@@ -135,55 +137,57 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r, ns = self.registry, PREFIX
-        self.reported_blocks = Counter(
+        #: the series that go on across a restart under a keeper (totals.py)
+        self.totals = Totals(ns)
+        t = self.totals
+        self.reported_blocks = t.counter(
             "reported_blocks", "Free page report entries received, by page order.",
-            ["vm", "order"], namespace=ns, registry=r,
+            ["vm", "order"],
         )  # fmt: skip
-        self.reported_bytes = Counter(
+        self.reported_bytes = t.counter(
             "reported_bytes", "Bytes reported free by the guest, by page order.",
-            ["vm", "order"], namespace=ns, registry=r,
+            ["vm", "order"],
         )  # fmt: skip
-        self.discarded_bytes = Counter(
+        self.discarded_bytes = t.counter(
             "discarded_bytes",
             "Bytes given back to the host (holes punched in guest RAM): reported free "
             "pages and pages the guest put into the balloon (inflate).",
-            ["vm"], namespace=ns, registry=r,
+            ["vm"],
         )  # fmt: skip
-        self.discard_skipped_bytes = Counter(
+        self.discard_skipped_bytes = t.counter(
             "discard_skipped_bytes",
             "Reported or inflated bytes not given back, by reason: poison, inhibited, "
             "unaligned, outside_ram, error.",
-            ["vm", "reason"], namespace=ns, registry=r,
+            ["vm", "reason"],
         )  # fmt: skip
-        self.reports = Counter(
+        self.reports = t.counter(
             "reports", "Free page reports (descriptor chains) completed.",
-            ["vm"], namespace=ns, registry=r,
+            ["vm"],
         )  # fmt: skip
-        self.report_entries = Histogram(
+        self.report_entries = t.histogram(
             "report_entries", "Entries per free page report.", ["vm"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), namespace=ns, registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )  # fmt: skip
-        self.report_service_seconds = Histogram(
+        self.report_service_seconds = t.histogram(
             "report_service_seconds",
             "Time from seeing a report's kick to writing its used entry, in seconds.",
             ["vm"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            namespace=ns, registry=r,
         )  # fmt: skip
         self.connected = Gauge(
             "connected", "1 while a frontend (QEMU) is connected for this VM.",
             ["vm"], namespace=ns, registry=r,
         )  # fmt: skip
-        self.protocol_errors = Counter(
+        self.protocol_errors = t.counter(
             "protocol_errors",
             "Protocol errors by reason; most close that VM's connection.",
-            ["vm", "reason"], namespace=ns, registry=r,
+            ["vm", "reason"],
         )  # fmt: skip
-        self.connections_refused = Counter(
+        self.connections_refused = t.counter(
             "connections_refused",
             "Frontend connections refused: vm_busy (one is already connected), "
             "peer_not_allowed (its uid/gid is not in the allow list).",
-            ["vm", "reason"], namespace=ns, registry=r,
+            ["vm", "reason"],
         )  # fmt: skip
         self.target_bytes = Gauge(
             "target_bytes",
@@ -194,13 +198,13 @@ class Metrics:
             "actual_bytes", "Memory the guest says is in the balloon now (its config's actual).",
             ["vm"], namespace=ns, registry=r,
         )  # fmt: skip
-        self.balloon_inflated_bytes = Counter(
+        self.balloon_inflated_bytes = t.counter(
             "balloon_inflated_bytes", "Memory the guest put into the balloon (inflate).",
-            ["vm"], namespace=ns, registry=r,
+            ["vm"],
         )  # fmt: skip
-        self.balloon_deflated_bytes = Counter(
+        self.balloon_deflated_bytes = t.counter(
             "balloon_deflated_bytes", "Memory the guest took back out of the balloon.",
-            ["vm"], namespace=ns, registry=r,
+            ["vm"],
         )  # fmt: skip
         self.negotiated_features = Gauge(
             "negotiated_features",
@@ -221,92 +225,26 @@ class Metrics:
             namespace=ns, registry=r,
         )  # fmt: skip
         self.start_time.set(time.time())
-        self.adopted = Counter(
+        self.adopted = t.counter(
             "connections_adopted", "Connections taken up from the process before this one "
             "(a restart under a keeper; QEMU noticed nothing).",
-            ["vm"], namespace=ns, registry=r,
+            ["vm"],
         )  # fmt: skip
+        self.registry.register(self.totals)
         self.guest_stats = GuestStats()
         self.registry.register(self.guest_stats)
 
-    def carried(self) -> list[Counter | Histogram]:
-        """The totals that go on across a restart under a keeper (not the guest's own
-        statistics: the guest sends those again)."""
-        return [
-            self.reported_blocks, self.reported_bytes, self.discarded_bytes,
-            self.discard_skipped_bytes, self.reports, self.report_entries,
-            self.report_service_seconds, self.protocol_errors, self.connections_refused,
-            self.balloon_inflated_bytes, self.balloon_deflated_bytes, self.adopted,
-        ]  # fmt: skip
-
     def export_totals(self) -> list[list[Any]]:
-        """``[sample name, labels, value]`` of every carried series, JSON-able."""
-        return [
-            [s.name, s.labels, s.value]
-            for metric in self.carried()
-            for family in metric.collect()
-            for s in family.samples
-            if s.name.endswith(("_total", "_bucket", "_sum"))
-        ]
+        """``[sample name, labels, value]`` of every series that goes on across a
+        restart (not the guest's own statistics: the guest sends those again)."""
+        return self.totals.export()
 
     def restore_totals(self, samples: object) -> int:
         """Add the totals a previous process exported to this process's (fresh) series,
         so that counters go on instead of starting again. Everything is checked first
         and nothing applied if anything is wrong (``ValueError``). Returns the number
         of series restored."""
-        kinds: dict[str, tuple[Counter | Histogram, str]] = {}
-        for metric in self.carried():
-            family = next(iter(metric.collect()))
-            kinds[family.name] = (metric, family.type)
-        counters: list[tuple[Any, float]] = []
-        histograms: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
-        if not isinstance(samples, list):
-            raise ValueError("saved totals are not a list")
-        for item in samples:
-            if not (isinstance(item, list) and len(item) == 3):
-                raise ValueError(f"saved total {item!r} is not [name, labels, value]")
-            name, labels, value = item
-            if not (
-                isinstance(name, str)
-                and isinstance(labels, dict)
-                and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
-                and type(value) in (int, float)
-                and 0 <= value < float("inf")
-            ):
-                raise ValueError(f"saved total {item!r} is malformed")
-            base, _, suffix = name.rpartition("_")
-            if base not in kinds:
-                raise ValueError(f"saved total {name!r} is not a carried series")
-            metric, kind = kinds[base]
-            if kind == "counter" and suffix == "total":
-                counters.append((metric.labels(**labels), value))
-            elif kind == "histogram" and suffix in ("bucket", "sum"):
-                series = {k: v for k, v in labels.items() if k != "le"}
-                entry = histograms.setdefault(
-                    (base, tuple(sorted(series.items()))),
-                    {"child": metric.labels(**series), "buckets": {}, "sum": 0.0},
-                )
-                if suffix == "sum":
-                    entry["sum"] = value
-                elif "le" in labels:
-                    entry["buckets"][float(labels["le"])] = value
-                else:
-                    raise ValueError(f"saved bucket {item!r} has no le label")
-            else:
-                raise ValueError(f"saved total {name!r} is not a carried series")
-        steps: list[tuple[Any, float]] = list(counters)
-        for entry in histograms.values():
-            child, cumulative, before = entry["child"], entry["buckets"], 0.0
-            for i, bound in enumerate(child._upper_bounds):
-                count = cumulative.get(bound, before)
-                if count < before:
-                    raise ValueError("saved histogram buckets are not cumulative")
-                steps.append((child._buckets[i], count - before))
-                before = count
-            steps.append((child._sum, entry["sum"]))
-        for target, amount in steps:
-            target.inc(amount)
-        return len(counters) + len(histograms)
+        return self.totals.restore(samples)
 
     def for_vm(self, vm: str) -> VmMetrics:
         """The metrics of one VM with their label children bound once (the hot path)."""
@@ -323,18 +261,16 @@ class Metrics:
 
 
 class VmMetrics:
-    """One VM's report counters, label children looked up once and cached.
-
-    prometheus_client's ``labels()`` costs a few microseconds a call; a report of 32
-    entries would make 64 of them. Here a report costs one ``inc`` per order present.
-    """
+    """One VM's series, label children looked up once and cached: a report costs one
+    ``inc`` per order present, not a ``labels()`` look-up per entry. Every metric
+    update of a VM goes through here."""
 
     def __init__(self, metrics: Metrics, vm: str) -> None:
         self._m, self.vm = metrics, vm
-        self._orders: dict[int, tuple[Any, Any]] = {}
-        self._skipped: dict[str, Any] = {}
+        self._orders: dict[int, tuple[CounterChild, CounterChild]] = {}
+        self._skipped: dict[str, CounterChild] = {}
+        self._errors: dict[str, CounterChild] = {}
         self.discarded = metrics.discarded_bytes.labels(vm=vm)
-        self._errors: dict[str, Any] = {}
         self.reports = metrics.reports.labels(vm=vm)
         self.entries = metrics.report_entries.labels(vm=vm)
         self.service = metrics.report_service_seconds.labels(vm=vm)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from vhost_user_balloon.daemon.handover import (
     STATE_SLOT_BYTES,
@@ -220,3 +221,25 @@ def test_damaged_totals_are_refused_whole(damage: Any) -> None:
     with pytest.raises(ValueError):
         fresh.restore_totals(saved)
     assert all(value == 0 for _, _, value in fresh.export_totals())
+
+
+def test_carried_series_are_exposed_as_prometheus_reads_them() -> None:
+    """Our own counters and histograms (no prometheus_client internals) on the page:
+    cumulative buckets, +Inf equal to the count, the sum, counters with _total."""
+    m = _busy_metrics()
+    get = m.registry.get_sample_value
+    labels = {"vm": "web1"}
+    assert get("vhost_user_balloon_report_service_seconds_bucket", {**labels, "le": "0.0025"}) == 0
+    assert get("vhost_user_balloon_report_service_seconds_bucket", {**labels, "le": "0.005"}) == 1
+    assert get("vhost_user_balloon_report_service_seconds_bucket", {**labels, "le": "+Inf"}) == 2
+    assert get("vhost_user_balloon_report_service_seconds_count", labels) == 2
+    assert get("vhost_user_balloon_report_service_seconds_sum", labels) == pytest.approx(0.023)
+    assert get("vhost_user_balloon_report_entries_bucket", {**labels, "le": "32.0"}) == 2
+    assert get("vhost_user_balloon_reports_total", labels) == 2
+    page = generate_latest(m.registry).decode()
+    assert "# TYPE vhost_user_balloon_reports_total counter" in page
+    assert "# TYPE vhost_user_balloon_report_entries histogram" in page
+    with pytest.raises(ValueError, match="labels vm"):
+        m.reports.labels(vm="web1", order="9")
+    with pytest.raises(ValueError, match="only goes up"):
+        m.reports.labels(vm="web1").inc(-1)

@@ -1,0 +1,231 @@
+"""Counters and histograms that go on across a restart of the daemon.
+
+Theory of operation. These series are ours, not prometheus_client's: each family
+keeps its children in a dict keyed by label values, and ``Totals`` (a custom
+collector) turns them into metric families at scrape time. That is what makes a
+restart under a keeper simple: ``export`` writes every series as
+``[sample name, labels, value]`` (histogram buckets cumulative, as Prometheus
+exposes them) and the next process's ``restore`` adds them to its fresh series,
+checked whole first, so a counter never goes below what Prometheus has seen.
+
+A child is looked up once (``labels``) and kept by the hot path; ``inc`` and
+``observe`` are plain additions. All of it runs on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CounterChild", "CounterFamily", "HistogramChild", "HistogramFamily", "Totals"]
+
+
+class CounterChild:
+    """One counter series."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError(f"a counter only goes up; inc({amount})")
+        self.value += amount
+
+
+class HistogramChild:
+    """One histogram series: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0.0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class _Family:
+    def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = tuple(labels)
+
+    def key_of(self, values: dict[str, str]) -> tuple[str, ...]:
+        if set(values) != set(self.labelnames):
+            raise ValueError(
+                f"{self.name} has labels {', '.join(self.labelnames)}, not {', '.join(values)}"
+            )
+        return tuple(str(values[n]) for n in self.labelnames)
+
+
+class CounterFamily(_Family):
+    def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
+        super().__init__(name, doc, labels)
+        self.children: dict[tuple[str, ...], CounterChild] = {}
+
+    def labels(self, **values: str) -> CounterChild:
+        key = self.key_of(values)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = CounterChild()
+        return child
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for key, child in self.children.items():
+            family.add_metric(key, child.value)
+        return family
+
+    def export(self) -> Iterator[list[Any]]:
+        for key, child in self.children.items():
+            yield [f"{self.name}_total", dict(zip(self.labelnames, key, strict=True)), child.value]
+
+
+class HistogramFamily(_Family):
+    def __init__(
+        self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        super().__init__(name, doc, labels)
+        self.bounds = tuple(float(b) for b in buckets)
+        self.children: dict[tuple[str, ...], HistogramChild] = {}
+
+    def labels(self, **values: str) -> HistogramChild:
+        key = self.key_of(values)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = HistogramChild(self.bounds)
+        return child
+
+    def _cumulative(self, child: HistogramChild) -> Iterator[tuple[str, float]]:
+        running = 0.0
+        for bound, count in zip((*self.bounds, math.inf), child.counts, strict=True):
+            running += count
+            yield ("+Inf" if bound == math.inf else repr(bound)), running
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for key, child in self.children.items():
+            family.add_metric(list(key), list(self._cumulative(child)), child.sum)
+        return family
+
+    def export(self) -> Iterator[list[Any]]:
+        for key, child in self.children.items():
+            labels = dict(zip(self.labelnames, key, strict=True))
+            for le, running in self._cumulative(child):
+                yield [f"{self.name}_bucket", {**labels, "le": le}, running]
+            yield [f"{self.name}_sum", labels, child.sum]
+
+
+class Totals(Collector):
+    """The carried families, collected at scrape time, saved and restored as a whole."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.families: dict[str, CounterFamily | HistogramFamily] = {}
+
+    def counter(self, name: str, doc: str, labels: Sequence[str]) -> CounterFamily:
+        family = CounterFamily(f"{self.prefix}_{name}", doc, labels)
+        self.families[family.name] = family
+        return family
+
+    def histogram(
+        self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> HistogramFamily:
+        family = HistogramFamily(f"{self.prefix}_{name}", doc, labels, buckets)
+        self.families[family.name] = family
+        return family
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families.values():
+            yield family.collect()
+
+    def export(self) -> list[list[Any]]:
+        """``[sample name, labels, value]`` of every series, JSON-able."""
+        return [sample for family in self.families.values() for sample in family.export()]
+
+    def restore(self, samples: object) -> int:
+        """Add the totals a previous process exported to these (fresh) series. Every
+        entry is checked first and nothing is applied if any is wrong (``ValueError``).
+        Returns the number of series restored."""
+        if not isinstance(samples, list):
+            raise ValueError("saved totals are not a list")
+        counters: list[tuple[CounterFamily, dict[str, str], float]] = []
+        histograms: dict[tuple[str, tuple[str, ...]], _SavedHistogram] = {}
+        for item in samples:
+            name, labels, value = _checked(item)
+            base, _, suffix = name.rpartition("_")
+            family = self.families.get(base)
+            if isinstance(family, CounterFamily) and suffix == "total":
+                family.key_of(labels)  # the right label names, or ValueError
+                counters.append((family, labels, value))
+            elif isinstance(family, HistogramFamily) and suffix in ("bucket", "sum"):
+                le = labels.pop("le", None) if suffix == "bucket" else None
+                if suffix == "bucket" and le is None:
+                    raise ValueError(f"saved bucket {item!r} has no le label")
+                saved = histograms.setdefault(
+                    (base, family.key_of(labels)), _SavedHistogram(family, labels)
+                )
+                saved.add(le, value)
+            else:
+                raise ValueError(f"saved total {name!r} is not a carried series")
+        increments = [(saved, saved.increments()) for saved in histograms.values()]
+        # Everything checked: apply.
+        for counter, labels, value in counters:
+            counter.labels(**labels).inc(value)
+        for saved, (counts, total) in increments:
+            child = saved.family.labels(**saved.labels)
+            child.counts = [a + b for a, b in zip(child.counts, counts, strict=True)]
+            child.sum += total
+        return len(counters) + len(histograms)
+
+
+class _SavedHistogram:
+    """One histogram series as saved, until it is checked whole."""
+
+    def __init__(self, family: HistogramFamily, labels: dict[str, str]) -> None:
+        self.family = family
+        self.labels = labels
+        self.buckets: dict[float, float] = {}
+        self.sum = 0.0
+
+    def add(self, le: str | None, value: float) -> None:
+        if le is None:
+            self.sum = value
+        else:
+            self.buckets[float(le)] = value
+
+    def increments(self) -> tuple[list[float], float]:
+        """Per-bucket counts from the saved cumulative ones (checked to never go down)."""
+        counts, before = [], 0.0
+        for bound in (*self.family.bounds, math.inf):
+            running = self.buckets.get(bound, before)
+            if running < before:
+                raise ValueError("saved histogram buckets are not cumulative")
+            counts.append(running - before)
+            before = running
+        return counts, self.sum
+
+
+def _checked(item: object) -> tuple[str, dict[str, str], float]:
+    if not (isinstance(item, list) and len(item) == 3):
+        raise ValueError(f"saved total {item!r} is not [name, labels, value]")
+    name, labels, value = item
+    if not (
+        isinstance(name, str)
+        and isinstance(labels, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+        and type(value) in (int, float)
+        and 0 <= value < math.inf
+    ):
+        raise ValueError(f"saved total {item!r} is malformed")
+    return name, dict(labels), float(value)
