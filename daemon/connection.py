@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import Final
 
 import structlog
 import trio
@@ -73,6 +74,16 @@ from .queues import QueueRunner
 __all__ = ["BalloonTargetError", "ConnectionOptions", "VmConnection"]
 
 log = structlog.get_logger()
+
+
+_NO_CHANNEL: Final = (
+    "QEMU opened no backend channel (BACKEND_REQ), so the guest cannot be told about a "
+    "new balloon size"
+)
+_CHANNEL_CLOSED: Final = (
+    "QEMU has closed the balloon's backend channel (is the device being unplugged?); "
+    "the guest cannot be told about a new balloon size"
+)
 
 
 class BalloonTargetError(Exception):
@@ -123,6 +134,8 @@ class VmConnection:
         self._nursery: trio.Nursery | None = None
         #: the channel for messages we start (SET_BACKEND_REQ_FD)
         self._backend: BackendChannel | None = None
+        #: why there is no channel, for a balloon command
+        self._no_backend = _NO_CHANNEL
         #: saves our state for the next process (inactive without a keeper)
         self.handover = handover if handover is not None else HandOver(vm, None)
         #: set when taken up from a keeper: what the process before left to finish
@@ -384,6 +397,7 @@ class VmConnection:
                 if self._backend is not None:
                     self._backend.close()
                 self._backend = BackendChannel(fd)
+                self._no_backend = _NO_CHANNEL
 
     async def _start_runner(
         self, index: int, role: QueueRole, queue: SplitQueue, *, enabled: bool
@@ -416,10 +430,7 @@ class VmConnection:
         no backend channel (BACKEND_REQ not negotiated), or QEMU closed it (the device
         is being unplugged). Either way this VM's connection and every other VM go on."""
         if self._backend is None:
-            raise BalloonTargetError(
-                f"VM {self.vm}: QEMU opened no backend channel (BACKEND_REQ), so the guest "
-                "cannot be told about a new balloon size"
-            )
+            raise BalloonTargetError(f"VM {self.vm}: {self._no_backend}")
         self.device.set_target(nbytes // GUEST_PAGE_SIZE)
         self._save(None)
         config = self.device.config
@@ -430,11 +441,9 @@ class VmConnection:
             log.warning("backend_channel_closed", error=str(err))
             self._backend.close()
             self._backend = None
+            self._no_backend = _CHANNEL_CLOSED
             self._save(None)
-            raise BalloonTargetError(
-                f"VM {self.vm}: QEMU has closed the balloon's backend channel (is the "
-                "device being unplugged?); the guest was not told about the new size"
-            ) from None
+            raise BalloonTargetError(f"VM {self.vm}: {_CHANNEL_CLOSED}") from None
         log.info("balloon_target_set", target_bytes=config.num_pages * GUEST_PAGE_SIZE)
 
     def _set_vring_fd(self, index: int, kind: FdKind, fd: int | None) -> None:

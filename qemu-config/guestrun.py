@@ -262,7 +262,7 @@ def allocated_between(fd: int, start: int, end: int) -> int:
     return total
 
 
-def _qemu_memfd(pid: int) -> str | None:
+def qemu_memfd(pid: int) -> str | None:
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             link = os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -287,7 +287,7 @@ def _rss_shmem(pid: int) -> int:
     return total
 
 
-def _pump(stream: object, sink: Callable[[str], None]) -> threading.Thread:
+def pump(stream: object, sink: Callable[[str], None]) -> threading.Thread:
     def run() -> None:
         for raw in stream:  # type: ignore[attr-defined]
             line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
@@ -298,7 +298,7 @@ def _pump(stream: object, sink: Callable[[str], None]) -> threading.Thread:
     return t
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, sig: int, grace: float) -> int | None:
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int, grace: float) -> int | None:
     if proc is None:
         return None
     if proc.poll() is None:
@@ -336,14 +336,14 @@ def _start_daemon(run: GuestRun, sock: Path) -> subprocess.Popen[bytes]:
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, **dict(run.spec.daemon_env)},
     )  # fmt: skip
-    _pump(daemon.stdout, on_line)
+    pump(daemon.stdout, on_line)
     if not ready.wait(20):
-        _stop(daemon, signal.SIGKILL, 1)
+        stop_process(daemon, signal.SIGKILL, 1)
         raise SetupError("the daemon did not start: " + json.dumps(run.daemon_log[-5:]))
     return daemon
 
 
-def _qemu_args(spec: GuestSpec, env: Env, attach: list[str]) -> list[str]:
+def qemu_args(spec: GuestSpec, env: Env, attach: list[str]) -> list[str]:
     for old, new in spec.edits:
         edited = [a.replace(old, new) for a in attach]
         if edited == attach:
@@ -377,12 +377,12 @@ def _follow_console(run: GuestRun, qemu: subprocess.Popen[bytes]) -> None:
             for key in (text, text.split(" mib=")[0]):
                 run.markers.setdefault(key, t)
 
-    _pump(qemu.stdout, on_line)
-    _pump(qemu.stderr, run.qemu_stderr.append)
+    pump(qemu.stdout, on_line)
+    pump(qemu.stderr, run.qemu_stderr.append)
 
 
 def _take_sample(run: GuestRun, pid: int) -> Sample:
-    run.memfd_path = run.memfd_path or _qemu_memfd(pid)
+    run.memfd_path = run.memfd_path or qemu_memfd(pid)
     metrics: dict[str, float] = {}
     if run.metrics_url:
         try:
@@ -424,7 +424,7 @@ def run_guest(
         else:
             attach = attach_args("builtin-balloon", mem=mem)
         qemu = subprocess.Popen(
-            env.command(_qemu_args(spec, env, attach)),
+            env.command(qemu_args(spec, env, attach)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -444,8 +444,8 @@ def run_guest(
                 break
             time.sleep(0.5)
     finally:
-        run.qemu_returncode = _stop(qemu, signal.SIGTERM, 5)
-        run.daemon_returncode = _stop(daemon, signal.SIGTERM, 15)
+        run.qemu_returncode = stop_process(qemu, signal.SIGTERM, 5)
+        run.daemon_returncode = stop_process(daemon, signal.SIGTERM, 15)
         time.sleep(0.1)  # let the pumps drain
         shutil.rmtree(workdir, ignore_errors=True)
     return run
