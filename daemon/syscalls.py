@@ -17,7 +17,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
     This is what gives shared guest RAM back to the host: on a memfd or hugetlbfs
     file the pages are released and later reads see zeros. (MADV_DONTNEED on a
-    MAP_SHARED mapping frees nothing: DESIGN.md section 2.) cffi releases the GIL
+    MAP_SHARED mapping frees nothing: docs/facts.md section 3.) cffi releases the GIL
     around the call, so it may run in a worker thread.
     """
     if lib.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:

@@ -5,7 +5,7 @@ once features are negotiated, and what a free page report means: a list of
 guest-physical blocks, each ``4096 << order`` bytes and naturally aligned, that the
 guest promises not to touch until we hand the report back.
 
-Queue numbering (measured on Debian 6.1 and 6.12 guests, DESIGN.md section 2): queues are
+Queue numbering (measured on Debian 6.1 and 6.12 guests, docs/facts.md section 2): queues are
 numbered densely over the negotiated features: inflate 0, deflate 1, then stats (if
 STATS_VQ), free page hint (if FREE_PAGE_HINT), reporting (if REPORTING). The spec text
 gives fixed numbers (reporting = 4), which no Linux guest uses.
@@ -65,7 +65,7 @@ class BalloonFeature(IntFlag):
 
 
 #: What we offer by default: free page reporting; the stats queue (its buffer is held);
-#: page poison, so guests that poison or zero freed pages keep reporting (DESIGN.md 2).
+#: page poison, so guests that poison or zero freed pages keep reporting (docs/facts.md section 2).
 #: VERSION_1 and PROTOCOL_FEATURES are required by QEMU's generic device (measured).
 DEFAULT_FEATURES = (
     VirtioFeature.VERSION_1

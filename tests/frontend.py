@@ -2,7 +2,7 @@
 
 It talks to the real daemon over a real AF_UNIX socket, passes a real memfd as
 guest RAM and real eventfds with SCM_RIGHTS, and follows the message sequence
-measured from QEMU 11.1.3 (DESIGN.md section 2, tests/captures). The guest's side
+measured from QEMU 11.1.3 (docs/facts.md section 1, tests/captures). The guest's side
 of the rings is ``fakes.DriverRing`` writing into the same memfd the daemon maps.
 It exists for speed and fault injection; the real QEMU is in tests/e2e.
 """

@@ -2,7 +2,7 @@
 
 A hole in a hugetlbfs file can only be punched in whole huge pages; a report of
 smaller blocks frees nothing and is counted as ``unaligned``. The test reserves
-huge pages for itself (these machines can: DESIGN.md section 2) and gives them back.
+huge pages for itself (these machines can: docs/facts.md section 3) and gives them back.
 """
 
 from __future__ import annotations
