@@ -132,6 +132,11 @@ REQUESTS: Final[Mapping[Request, RequestSpec]] = MappingProxyType({
     Request.SET_BACKEND_REQ_FD: RequestSpec(
         Empty, (1, 1), handler="_set_backend_req_fd", session=_stay(_S.NEGOTIATED, _S.ACTIVE),
         feature=ProtocolFeature.BACKEND_REQ),
+    # Asked right after the protocol features, before SET_OWNER, by frontends that
+    # negotiated MQ (crosvm sizes the device by it).
+    Request.GET_QUEUE_NUM: RequestSpec(
+        Empty, handler="_get_queue_num", session=_stay(_S.NEGOTIATED, _S.ACTIVE),
+        feature=ProtocolFeature.MQ, ring_lock=False, saved=False),
     Request.SET_FEATURES: _device("_set_features", U64),
     Request.SET_MEM_TABLE: _device("_set_mem_table", MemoryTable, fds=None),
     Request.GET_MAX_MEM_SLOTS: _device(
@@ -159,7 +164,6 @@ REQUESTS: Final[Mapping[Request, RequestSpec]] = MappingProxyType({
     # Known, framed and refused: no balloon backend uses them.
     Request.SET_LOG_BASE: RequestSpec(LogArea, (1, 1)),
     Request.SET_LOG_FD: RequestSpec(Empty, (1, 1)),
-    Request.GET_QUEUE_NUM: RequestSpec(Empty),
     Request.SEND_RARP: RequestSpec(U64),
     Request.NET_SET_MTU: RequestSpec(U64),
     Request.IOTLB_MSG: RequestSpec(IotlbMsg),

@@ -324,6 +324,10 @@ class Session:
         self.layout = queue_layout(value)
         return self._ack(msg, self._features_set())
 
+    def _get_queue_num(self, msg: Message) -> Outcome:
+        # The queues the offered features give (dense numbering, balloon.py).
+        return self._reply(msg, U64(len(queue_layout(self.device.features))))
+
     def _get_protocol_features(self, msg: Message) -> Outcome:
         return self._reply(msg, U64(self.offered_protocol_features))
 

@@ -613,3 +613,20 @@ def test_features_and_balloon_changes_come_out_as_effects() -> None:
     actual = struct.pack("<I", 77)
     out = s.handle(msg(Request.SET_CONFIG, Config(4, 4, 0, actual)))
     assert BalloonChanged(0, 77) in out.effects
+
+
+def test_get_queue_num_answers_the_queues_of_the_offered_features_once_mq_is_negotiated() -> None:
+    """Not offered by default (QEMU's path stays as measured): without MQ it is refused
+    and the connection goes on; with MQ it is answered before SET_OWNER."""
+    s = Session()
+    with pytest.raises(UnsupportedRequestError, match="MQ"):
+        s.handle(msg(Request.GET_QUEUE_NUM))
+    s = Session(protocol_features=DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.MQ)
+    s.handle(
+        msg(Request.SET_PROTOCOL_FEATURES, U64(DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.MQ))
+    )
+    assert s.state is SessionState.NEGOTIATED
+    out = s.handle(msg(Request.GET_QUEUE_NUM))
+    assert out.reply == encode_reply(
+        Request.GET_QUEUE_NUM, U64(4)
+    )  # inflate, deflate, stats, reporting
