@@ -245,19 +245,8 @@ def load_settings(
     activated: Mapping[str, str] | None = None,
 ) -> Settings:
     """Merge the TOML file (if any) and the command line; the command line wins."""
-    data: dict[str, object] = {}
     where = f"--config {str(config_file)!r}"
-    if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text())
-        except OSError as err:
-            raise ConfigError(f"{where}: {err.strerror}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{where}: not valid TOML: {err}") from None
-    unknown = sorted(set(data) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(KEYS)})")
-    file = {name: _typed(data, key, where) for name, key in KEYS.items()}
+    file = _read_file(config_file, where)
     discard_default = bool(file["discard"]) and not no_discard
     vms = [_file_vm(entry, discard_default, f"{where}: vm[{i}]")
            for i, entry in enumerate(_list(file, "vm", where))]  # fmt: skip
@@ -291,16 +280,30 @@ def load_settings(
         access=Access(
             socket_mode=_mode(socket_mode or file["socket_mode"], "socket mode"),
             socket_gid=None if group is None else _id(group, "socket group", "group"),
-            allow_uids=frozenset(
-                _id(u, "allowed user", "user")
-                for u in [*_list(file, "allow_users", where), *allow_users]
-            ),
-            allow_gids=frozenset(
-                _id(g, "allowed group", "group")
-                for g in [*_list(file, "allow_groups", where), *allow_groups]
-            ),
+            allow_uids=_ids([*_list(file, "allow_users", where), *allow_users], "user"),
+            allow_gids=_ids([*_list(file, "allow_groups", where), *allow_groups], "group"),
         ),
     )
+
+
+def _read_file(path: Path | None, where: str) -> dict[str, object]:
+    """Every key of the configuration file (its default if absent), type-checked."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as err:
+            raise ConfigError(f"{where}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{where}: not valid TOML: {err}") from None
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(KEYS)})")
+    return {name: _typed(data, key, where) for name, key in KEYS.items()}
+
+
+def _ids(values: Sequence[object], kind: str) -> frozenset[int]:
+    return frozenset(_id(v, f"allowed {kind}", kind) for v in values)
 
 
 def _file_vm(entry: object, discard_default: bool, where: str) -> VmSpec:

@@ -347,6 +347,30 @@ class VmConnection:
 
     async def _apply(self, effect: Effect) -> None:
         match effect:
+            case SetMemory() | AddRegion() | RemoveRegion():
+                self._apply_memory(effect)
+            case SetVringFd(index=index, kind=kind, fd=fd):
+                self._set_vring_fd(index, kind, fd)
+            case StartQueue():
+                await self._start_queue(effect)
+            case StopQueue(index=index):
+                self._stop_runner(index)
+            case EnableQueue(index=index, enabled=enabled):
+                await self._enable(index, enabled)
+            case ResetDevice():
+                self._reset_device()
+            case FeaturesSet(guest_features=bits):
+                self.vm_metrics.set_features(bits)
+            case BalloonChanged(target_pages=target, actual_pages=actual):
+                self.vm_metrics.set_balloon(target, actual)
+            case Notice(event=event, message=message):
+                log.warning(event, message=message)
+            case SetBackendChannel(fd=fd):
+                self._set_backend(fd)
+
+    def _apply_memory(self, effect: SetMemory | AddRegion | RemoveRegion) -> None:
+        """Map or unmap guest RAM; the fds an effect brings are closed if that fails."""
+        match effect:
             case SetMemory(memory=memory, fds=fds):
                 try:
                     self.memory.replace(memory, fds)
@@ -364,40 +388,36 @@ class VmConnection:
                     raise
             case RemoveRegion(region=region, memory=memory):
                 self.memory.remove(region, memory)
-            case SetVringFd(index=index, kind=kind, fd=fd):
-                self._set_vring_fd(index, kind, fd)
-            case StartQueue(index=index, role=role, queue=queue):
-                assert self.memory.memory is not None
-                queue.load_used_index(self.memory.memory)
-                if role is not None:
-                    await self._start_runner(index, role, queue, enabled=False)
-                    log.info("queue_started", queue=index, role=role.value, size=queue.size)
-            case StopQueue(index=index):
-                self._stop_runner(index)
-            case EnableQueue(index=index, enabled=enabled):
-                target = self.runners.get(index)
-                if target is not None:
-                    target.enabled = enabled
-                    if enabled:
-                        await target.service()  # anything kicked before the enable
-            case ResetDevice():
-                for index in list(self.runners):
-                    self._stop_runner(index)
-                for index, kind in list(self._vring_fds):
-                    self._set_vring_fd(index, kind, None)
-                self.memory.close()
-                log.info("device_reset")
-            case FeaturesSet(guest_features=bits):
-                self.vm_metrics.set_features(bits)
-            case BalloonChanged(target_pages=target, actual_pages=actual):
-                self.vm_metrics.set_balloon(target, actual)
-            case Notice(event=event, message=message):
-                log.warning(event, message=message)
-            case SetBackendChannel(fd=fd):
-                if self._backend is not None:
-                    self._backend.close()
-                self._backend = BackendChannel(fd)
-                self._no_backend = _NO_CHANNEL
+
+    async def _start_queue(self, effect: StartQueue) -> None:
+        assert self.memory.memory is not None
+        effect.queue.load_used_index(self.memory.memory)
+        if effect.role is not None:  # a queue outside the layout is left alone
+            await self._start_runner(effect.index, effect.role, effect.queue, enabled=False)
+            log.info(
+                "queue_started", queue=effect.index, role=effect.role.value, size=effect.queue.size
+            )
+
+    def _reset_device(self) -> None:
+        for index in list(self.runners):
+            self._stop_runner(index)
+        for index, kind in list(self._vring_fds):
+            self._set_vring_fd(index, kind, None)
+        self.memory.close()
+        log.info("device_reset")
+
+    def _set_backend(self, fd: int) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = BackendChannel(fd)
+        self._no_backend = _NO_CHANNEL
+
+    async def _enable(self, index: int, enabled: bool) -> None:
+        target = self.runners.get(index)
+        if target is not None:
+            target.enabled = enabled
+            if enabled:
+                await target.service()  # anything kicked before the enable
 
     async def _start_runner(
         self, index: int, role: QueueRole, queue: SplitQueue, *, enabled: bool

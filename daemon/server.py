@@ -322,68 +322,70 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            if self.store.enabled:
-                self._carry_totals()
-            for vm in self.vms:
-                self._listeners[vm.name] = (self._open_listener(vm), trio.CancelScope())
-            http: list[trio.SocketListener] = []
-            if self.metrics_listen is not None:
-                host, port = self.metrics_listen
-                try:
-                    http = await open_metrics_listeners(host, port)
-                except OSError as err:
-                    raise StartupError(
-                        f"cannot serve metrics on {host}:{port}: "
-                        f"{err.strerror}; choose another --metrics-listen"
-                    ) from None
-                bound = http[0].socket.getsockname()
-                self.metrics_address = (bound[0], bound[1])
-            if self.control_socket is not None:
-                spec = VmSpec("control", self.control_socket)
-                access = Access(socket_mode=0o600)
-                self._control = _Listener(
-                    spec, _bind("control socket", self.control_socket, access)
-                )
-            control = self._control
+            http = await self._open_all()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if control is not None:
-                    nursery.start_soon(
-                        serve_control, trio.SocketListener(control.sock), self._vm_connections
-                    )
+                if self._control is not None:
+                    control = trio.SocketListener(self._control.sock)
+                    nursery.start_soon(serve_control, control, self._vm_connections)
                 if http:
                     nursery.start_soon(serve_metrics, http, self.metrics.registry, self.save_totals)
                 nursery.start_soon(self.notifier.watchdog)
                 await self._adopt_connections()
                 for listener, scope in self._listeners.values():
                     nursery.start_soon(self._accept_loop, listener, scope)
+                address = self.metrics_address
                 log.info(
                     "daemon_ready",
                     vms=[vm.name for vm in self.vms],
                     sockets=[str(vm.socket) for vm in self.vms],
-                    metrics=(
-                        f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
-                        if self.metrics_address
-                        else None
-                    ),
+                    metrics=f"http://{address[0]}:{address[1]}/metrics" if address else None,
                 )
                 self.notifier.ready(self._status())
                 task_status.started()
         finally:
-            self.save_totals()
-            if self._totals is not None:
-                close_fds([self._totals.fd])
-                self._totals = None
-            self.notifier.stopping()
-            for listener, _ in self._listeners.values():
-                self._close_listener(listener, for_good=False)
-            self._listeners.clear()
-            for entry in self.stored.values():  # never adopted: startup failed
-                close_fds(entry.fds.values())
-            if self._control is not None:
-                self._control.close()
-                self._control = None
+            self._close_all()
             log.info("daemon_stopped")
+
+    async def _open_all(self) -> list[trio.SocketListener]:
+        """Everything that can fail at start-up, before anything is served: the carried
+        totals, every VM's socket, the metrics listeners (returned), the control socket."""
+        if self.store.enabled:
+            self._carry_totals()
+        for vm in self.vms:
+            self._listeners[vm.name] = (self._open_listener(vm), trio.CancelScope())
+        http: list[trio.SocketListener] = []
+        if self.metrics_listen is not None:
+            host, port = self.metrics_listen
+            try:
+                http = await open_metrics_listeners(host, port)
+            except OSError as err:
+                raise StartupError(
+                    f"cannot serve metrics on {host}:{port}: "
+                    f"{err.strerror}; choose another --metrics-listen"
+                ) from None
+            bound = http[0].socket.getsockname()
+            self.metrics_address = (bound[0], bound[1])
+        if self.control_socket is not None:
+            spec = VmSpec("control", self.control_socket)
+            bound_control = _bind("control socket", self.control_socket, Access(socket_mode=0o600))
+            self._control = _Listener(spec, bound_control)
+        return http
+
+    def _close_all(self) -> None:
+        self.save_totals()
+        if self._totals is not None:
+            close_fds([self._totals.fd])
+            self._totals = None
+        self.notifier.stopping()
+        for listener, _ in self._listeners.values():
+            self._close_listener(listener, for_good=False)
+        self._listeners.clear()
+        for entry in self.stored.values():  # never adopted: startup failed
+            close_fds(entry.fds.values())
+        if self._control is not None:
+            self._control.close()
+            self._control = None
 
     def reload(self, vms: Sequence[VmSpec], access: Access) -> None:
         """Apply a new configuration (SIGHUP): add and remove VMs, leave the others alone.

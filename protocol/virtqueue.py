@@ -220,12 +220,15 @@ class SplitQueue:
         return chain
 
     def _walk(self, mem: GuestMemory, head: int) -> tuple[Descriptor, ...]:
+        # One loop on purpose (longer than our usual functions): it is the hot path of
+        # every report, and each check stands next to the read it guards.
         table_gpa: int | None = None  # None: the ring's own table, by user address
         table_size = self.size
+        # The descriptor table read once (a snapshot the guest cannot change halfway),
+        # or None: too big to copy, each descriptor is read from the ring as it comes.
+        table: bytes | None = None
         if 16 * table_size <= _SNAPSHOT_BYTES:
-            table, base = mem.read_uva(self.desc_addr, 16 * table_size), 0
-        else:
-            table, base = b"", -1
+            table = mem.read_uva(self.desc_addr, 16 * table_size)
         index = head
         seen = 0
         out: list[Descriptor] = []
@@ -241,7 +244,7 @@ class SplitQueue:
                     limit=table_size,
                 )
             seen += 1
-            if base >= 0:
+            if table is not None:
                 addr, length, flags, nxt = _DESC.unpack_from(table, 16 * index)
             else:
                 addr, length, flags, nxt = _DESC.unpack(
@@ -265,7 +268,7 @@ class SplitQueue:
                     nested=table_gpa is not None,
                 )
                 # The whole indirect table, once: in guest RAM, checked by _indirect.
-                table, base = mem.read_gpa(table_gpa, 16 * table_size), 0
+                table = mem.read_gpa(table_gpa, 16 * table_size)
                 index, seen = 0, 0
                 continue
             if length == 0:
