@@ -41,6 +41,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import trio
+from prometheus_client import generate_latest
+
+from vhost_user_balloon.daemon.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "qemu-config")]
@@ -422,13 +425,40 @@ def guest(repeats: int) -> dict[str, object]:
     }
 
 
+def totals(vms: int, repeats: int) -> dict[str, float]:
+    """Saving the metric totals for the next process (done in the event loop before
+    every scrape), against rendering the same /metrics page (the baseline)."""
+    m = Metrics()
+    for i in range(vms):
+        vm = m.for_vm(f"vm{i}")
+        vm.record_report(
+            {9: (16, 32 * MiB), 10: (16, 64 * MiB)}, 96 * MiB, {"unaligned": 4096}, 0.01
+        )
+        m.protocol_errors.labels(vm=f"vm{i}", reason="bad_flags").inc()
+        m.balloon_inflated_bytes.labels(vm=f"vm{i}").inc(4096)
+    save, render = [], []
+    size = 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        size = len(json.dumps({"format": 1, "totals": m.export_totals()}))
+        save.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        generate_latest(m.registry)
+        render.append(time.perf_counter() - t)
+    print(f"save totals, {vms} VMs ({size >> 10} KiB): {spread(save, 'ms', 1000)}")
+    print(f"render /metrics, {vms} VMs:        {spread(render, 'ms', 1000)}")
+    ratio = statistics.median(save) / statistics.median(render)
+    print(f"  ratio save/render: {ratio:.2f}")
+    return {"save_ms": statistics.median(save) * 1000, "ratio": ratio}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "which",
         nargs="?",
         default="all",
-        choices=("service", "responsiveness", "scale", "guest", "handover", "all"),
+        choices=("service", "responsiveness", "scale", "guest", "handover", "totals", "all"),
     )
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -452,6 +482,9 @@ def main() -> int:
     if args.which in ("handover", "all"):
         print("== hand-over")
         out["handover"] = trio.run(handover, 100 if q else 1000, 2 if q else 10)
+    if args.which in ("totals", "all"):
+        print("== metric totals")
+        out["totals"] = totals(256, 5 if q else 20)
     if args.which in ("guest", "all"):
         print("== real guest, side by side")
         out["guest"] = guest(1 if q else 3)
