@@ -17,6 +17,7 @@ ffibuilder.cdef(
     #define FALLOC_FL_KEEP_SIZE ...
     #define FALLOC_FL_PUNCH_HOLE ...
     int vub_same_file(int fd1, int fd2);
+    int vub_peer_groups(int fd, unsigned int *groups, int max);
     """
 )
 ffibuilder.set_source(
@@ -26,6 +27,7 @@ ffibuilder.set_source(
     #include <fcntl.h>
     #include <linux/falloc.h>
     #include <linux/kcmp.h>
+    #include <sys/socket.h>
     #include <sys/syscall.h>
     #include <unistd.h>
 
@@ -35,6 +37,17 @@ ffibuilder.set_source(
     {
         pid_t pid = getpid();
         return (int)syscall(SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2);
+    }
+
+    /* getsockopt SO_PEERGROUPS (socket(7)): the supplementary groups of the process
+       that connected, as they were at connect(). The number of groups, or -1 with
+       errno (ERANGE: more than max). */
+    static int vub_peer_groups(int fd, unsigned int *groups, int max)
+    {
+        socklen_t len = (socklen_t)(max * sizeof(*groups));
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) != 0)
+            return -1;
+        return (int)(len / sizeof(*groups));
     }
     """,
 )

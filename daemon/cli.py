@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--allow-group", action="append", default=[], metavar="GROUP",
-        help="accept connections from processes of this primary group (name or gid; "
-        "repeatable)",
+        help="accept connections from processes that have this group, as their primary "
+        "or a supplementary group (name or gid; repeatable); e.g. kvm for QEMU under libvirt",
     )  # fmt: skip
     p.add_argument(
         "--no-discard", action="store_true",

@@ -73,7 +73,8 @@ KEYS: Final = {k.name: k for k in (
     Key("socket_group", (str, int), None, "group of the VM sockets, by name or number"),
     Key("allow_users", (list,), [], "users (names or uids) whose processes may connect"),
     Key("allow_groups", (list,), [],
-        "primary groups (names or gids) whose processes may connect"),
+        "groups (names or gids) whose processes may connect, as their primary or a "
+        "supplementary group"),
     Key("discard", (bool,), True, "false: complete reports but never free guest memory"),
     Key("stats_interval", (int, float), DEFAULT_STATS_INTERVAL_S,
         "seconds between requests for guest statistics (0: ask once)"),
@@ -133,14 +134,17 @@ class Access:
     socket_mode: int = 0o600
     #: group given to the socket files (QEMU's group, e.g. kvm or libvirt-qemu)
     socket_gid: int | None = None
-    #: if any is set, a peer must have one of these uids or gids (SO_PEERCRED)
+    #: if any is set, a peer must have one of these uids, or one of these gids as its
+    #: primary or a supplementary group (SO_PEERCRED, SO_PEERGROUPS)
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
 
-    def allows(self, uid: int, gid: int) -> bool:
+    def allows(self, uid: int, gids: frozenset[int]) -> bool:
+        """Whether a peer of this uid and these groups (its primary group and its
+        supplementary ones) may connect."""
         if not (self.allow_uids or self.allow_gids):
             return True
-        return uid in self.allow_uids or gid in self.allow_gids
+        return uid in self.allow_uids or bool(gids & self.allow_gids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from .fds import close_fds
 from .handover import DAEMON, TOTALS_SLOT_BYTES, FdStore, StateFile, StoredVm, VmKeeper, fd_name
 from .http import open_metrics_listeners, serve_metrics
 from .metrics import Metrics, VmMemoryStats
+from .syscalls import peer_groups
 from .systemd import Notifier
 
 __all__ = ["DISCARD_THREADS", "Daemon", "StartupError"]
@@ -127,6 +128,16 @@ def _bind(label: str, where: Path, access: Access) -> socket.socket:
     finally:
         os.umask(old_umask)
     return sock
+
+
+def _supplementary_groups(sock: trio.socket.SocketType) -> tuple[int, ...]:
+    """The peer's supplementary groups (QEMU under libvirt: libvirt-qemu's primary group,
+    kvm as a supplementary one). If the kernel will not say, only the primary counts."""
+    try:
+        return peer_groups(sock.fileno())
+    except OSError as err:
+        log.warning("peer_groups_unknown", error=str(err))
+        return ()
 
 
 def _adopt(vm: VmSpec, fd: int) -> socket.socket:
@@ -452,8 +463,9 @@ class Daemon:
             pid, uid, gid = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             )
+            groups = frozenset({gid, *_supplementary_groups(sock)})
             refusal = None
-            if not self.access.allows(uid, gid):
+            if not self.access.allows(uid, groups):
                 refusal = "peer_not_allowed"
             elif vm.name in self.connections:
                 refusal = "vm_busy"
@@ -465,6 +477,7 @@ class Daemon:
                     peer_pid=pid,
                     peer_uid=uid,
                     peer_gid=gid,
+                    peer_groups=sorted(groups - {gid}),
                 )
                 self.metrics.connections_refused.labels(vm=vm.name, reason=refusal).inc()
                 sock.close()

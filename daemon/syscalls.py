@@ -6,7 +6,16 @@ import os
 
 from ._syscalls import ffi, lib  # type: ignore[import-not-found]
 
-__all__ = ["FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE", "punch_hole", "same_open_file"]
+__all__ = [
+    "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE",
+    "peer_groups",
+    "punch_hole",
+    "same_open_file",
+]
+
+#: Supplementary groups a process can have (NGROUPS_MAX on Linux).
+_NGROUPS_MAX = 65536
 
 FALLOC_FL_KEEP_SIZE: int = lib.FALLOC_FL_KEEP_SIZE
 FALLOC_FL_PUNCH_HOLE: int = lib.FALLOC_FL_PUNCH_HOLE
@@ -37,3 +46,15 @@ def same_open_file(fd1: int, fd2: int) -> bool:
         err = ffi.errno
         raise OSError(err, f"kcmp(KCMP_FILE) of fds {fd1} and {fd2}: {os.strerror(err)}")
     return bool(result == 0)
+
+
+def peer_groups(fd: int) -> tuple[int, ...]:
+    """The supplementary groups of the process at the other end of a unix socket, as
+    they were when it connected (SO_PEERGROUPS). Raises ``OSError`` if the kernel will
+    not say."""
+    groups = ffi.new("unsigned int[]", _NGROUPS_MAX)
+    count = lib.vub_peer_groups(fd, groups, _NGROUPS_MAX)
+    if count < 0:
+        err = ffi.errno
+        raise OSError(err, f"getsockopt(SO_PEERGROUPS) on fd {fd}: {os.strerror(err)}")
+    return tuple(groups[i] for i in range(count))

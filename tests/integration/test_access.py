@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,44 @@ async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     daemon = Daemon([VmSpec("vm", sticky / "vm.sock")], metrics=Metrics())
     with trio.move_on_after(0.2):
         await daemon.run()
+
+
+_PEER = """
+import os, socket, struct, sys
+primary, extra, path = int(sys.argv[1]), [int(g) for g in sys.argv[2].split(",") if g], sys.argv[3]
+os.setgroups(extra)
+os.setgid(primary)
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+s.settimeout(5)
+try:
+    s.sendall(struct.pack("=III", 1, 1, 0))  # GET_FEATURES
+    print("answered" if len(s.recv(20)) == 20 else "refused")
+except (BrokenPipeError, ConnectionResetError):
+    print("refused")
+"""
+
+
+def peer(primary: int, supplementary: list[int], path: Path) -> str:
+    """A process of this primary group and these supplementary groups (like QEMU under
+    libvirt: group libvirt-qemu, and kvm besides) asks for the features."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEER, str(primary), ",".join(map(str, supplementary)), str(path)],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+async def test_a_supplementary_group_is_allowed_like_a_primary_one(
+    nursery: trio.Nursery, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libvirt runs QEMU as libvirt-qemu:libvirt-qemu with kvm as a supplementary group;
+    allow_groups = ["kvm"] must let it in (SO_PEERGROUPS), and nobody else."""
+    kvm, qemu_group, other = 4711, 4712, 4713
+    daemon = await start(nursery, tmp_path, Access(allow_gids=frozenset({kvm})))
+    path = daemon.vms[0].socket
+    assert await trio.to_thread.run_sync(peer, qemu_group, [kvm], path) == "answered"
+    assert await trio.to_thread.run_sync(peer, kvm, [], path) == "answered"
+    assert await trio.to_thread.run_sync(peer, qemu_group, [other], path) == "refused"
+    assert sample(daemon, "connections_refused_total", vm="vm", reason="peer_not_allowed") == 1
+    assert "peer_groups=[4713]" in capsys.readouterr().out
