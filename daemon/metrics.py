@@ -262,8 +262,9 @@ class Metrics:
 
 class VmMetrics:
     """One VM's series, label children looked up once and cached: a report costs one
-    ``inc`` per order present, not a ``labels()`` look-up per entry. Every metric
-    update of a VM goes through here."""
+    ``inc`` per order present, not a ``labels()`` look-up per entry. Every update a VM's
+    connection and its queues make goes through here (the daemon itself counts refused
+    and adopted connections)."""
 
     def __init__(self, metrics: Metrics, vm: str) -> None:
         self._m, self.vm = metrics, vm
@@ -271,6 +272,8 @@ class VmMetrics:
         self._skipped: dict[str, CounterChild] = {}
         self._errors: dict[str, CounterChild] = {}
         self.discarded = metrics.discarded_bytes.labels(vm=vm)
+        self.inflated = metrics.balloon_inflated_bytes.labels(vm=vm)
+        self.deflated = metrics.balloon_deflated_bytes.labels(vm=vm)
         self.reports = metrics.reports.labels(vm=vm)
         self.entries = metrics.report_entries.labels(vm=vm)
         self.service = metrics.report_service_seconds.labels(vm=vm)
@@ -292,6 +295,18 @@ class VmMetrics:
         self.set_features(0)
         self.set_balloon(0, 0)
         self._m.guest_stats.clear(self.vm)
+
+    def record_inflate(self, nbytes: int, discarded: int, skipped: Mapping[str, int]) -> None:
+        """The guest put ``nbytes`` into the balloon; what of it was given back."""
+        self.inflated.inc(nbytes)
+        self.record_discard(discarded, skipped)
+
+    def record_deflate(self, nbytes: int) -> None:
+        self.deflated.inc(nbytes)
+
+    def record_stats(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """The guest's latest statistics (exported at scrape time)."""
+        self._m.guest_stats.update(self.vm, pairs)
 
     def protocol_error(self, reason: str) -> None:
         child = self._errors.get(reason)

@@ -48,7 +48,7 @@ from vhost_user_balloon.protocol import (
 
 from .discard import DiscardResult, execute, plan_discards
 from .guestram import VmMemory
-from .metrics import Metrics
+from .metrics import VmMetrics
 from .problems import report_problem
 
 __all__ = ["QueueHost", "QueueRunner"]
@@ -61,7 +61,7 @@ class QueueHost(Protocol):
 
     vm: str
     discard: bool
-    metrics: Metrics
+    vm_metrics: VmMetrics
     memory: VmMemory
     device: BalloonDevice
     ring_lock: trio.Lock
@@ -85,7 +85,7 @@ class QueueRunner:
         #: back is how the device asks for fresh statistics).
         self.held: Chain | None = None
         self.cancel_scope = trio.CancelScope()
-        self.vm_metrics = host.metrics.for_vm(host.vm)
+        self.vm_metrics = host.vm_metrics
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self.cancel_scope:
@@ -150,7 +150,6 @@ class QueueRunner:
         memory (same checks, same discard path). Deflate: the guest takes pages back;
         they are simply there again when it touches them (MUST_TELL_HOST is not
         offered). Either way the buffer goes back, malformed or not: the guest waits."""
-        metrics, vm = self.host.metrics, self.host.vm
         try:
             pages = balloon_pages(chain, mem)
         except ReportError as err:
@@ -160,12 +159,11 @@ class QueueRunner:
         nbytes = len(pages) * GUEST_PAGE_SIZE
         if self.role is QueueRole.DEFLATE:
             self._complete(chain, mem)
-            metrics.balloon_deflated_bytes.labels(vm=vm).inc(nbytes)
+            self.vm_metrics.record_deflate(nbytes)
             return
         result = await self._discard(pages)
         self._complete(chain, mem)
-        metrics.balloon_inflated_bytes.labels(vm=vm).inc(nbytes)
-        self.vm_metrics.record_discard(result.discarded, result.skipped)
+        self.vm_metrics.record_inflate(nbytes, result.discarded, result.skipped)
 
     async def _discard(self, ranges: Sequence[ReportedRange]) -> DiscardResult:
         """Plan and make the holes for ``ranges`` (reported or inflated memory alike):
@@ -221,7 +219,7 @@ class QueueRunner:
             # Held all the same: handing it back at once would invite the guest to spin.
             self._reject("stats_rejected", err)
             return
-        self.host.metrics.guest_stats.update(self.host.vm, stats)
+        self.vm_metrics.record_stats(stats)
 
     async def _request_stats(self) -> None:
         """Every stats_interval, hand the held buffer back: the guest refills it."""
