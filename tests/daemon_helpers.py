@@ -35,15 +35,17 @@ class Logs:
                 self.lines.append(json.loads(line))
                 self._cond.notify_all()
 
-    def wait_for(self, event: str, count: int = 1, timeout: float = 15.0) -> dict[str, Any]:
-        """The ``count``-th line with this event."""
+    def wait_for(
+        self, event: str, count: int = 1, timeout: float = 15.0, **fields: Any
+    ) -> dict[str, Any]:
+        """The ``count``-th line with this event (and these field values)."""
         with self._cond:
-            ok = self._cond.wait_for(lambda: len(self.events(event)) >= count, timeout)
-            assert ok, f"no {count} x {event} in {[r['event'] for r in self.lines]}"
-            return self.events(event)[count - 1]
+            ok = self._cond.wait_for(lambda: len(self.events(event, **fields)) >= count, timeout)
+            assert ok, f"no {count} x {event} {fields} in {[r['event'] for r in self.lines]}"
+            return self.events(event, **fields)[count - 1]
 
-    def events(self, event: str) -> list[dict[str, Any]]:
-        return [r for r in self.lines if r["event"] == event]
+    def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        return [r for r in self.lines if r["event"] == event and r.items() >= fields.items()]
 
 
 #: ``run_command(*argv)``: ``vhost-user-balloon *argv`` as its own process

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_helpers import Logs
 from guestrun import (
     Env,
     GuestSpec,
@@ -117,34 +118,6 @@ class Console:
             return min(seen())
 
 
-class DaemonLog:
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.lines: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        pump(proc.stdout, self._line)
-
-    def _line(self, line: str) -> None:
-        with self._cond:
-            self.lines.append(json.loads(line))
-            self._cond.notify_all()
-
-    def wait(self, event: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
-        def found() -> dict[str, Any] | None:
-            return next(
-                (r for r in self.lines if r["event"] == event and r.items() >= fields.items()),
-                None,
-            )
-
-        with self._cond:
-            assert self._cond.wait_for(lambda: found() is not None, timeout), (event, fields)
-            record = found()
-        assert record is not None
-        return record
-
-    def events(self, event: str) -> list[dict[str, Any]]:
-        return [r for r in self.lines if r["event"] == event]
-
-
 @pytest.fixture
 def rundir(env: Env) -> Iterator[Path]:
     path = env.run_dir()
@@ -192,9 +165,9 @@ def test_a_balloon_command_during_an_unplug_harms_no_vm(env: Env, rundir: Path) 
         [sys.executable, "-m", "vhost_user_balloon", "--log-format=json",
          "--metrics-listen=127.0.0.1:0", f"--control-socket={ctl}",
          *(f"--vm={name}={path}" for name, path in socks.items())],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    log = DaemonLog(daemon)
+    log = Logs(daemon)
     qemus: list[subprocess.Popen[bytes]] = []
     qmp: Qmp | None = None
 
@@ -209,7 +182,7 @@ def test_a_balloon_command_during_an_unplug_harms_no_vm(env: Env, rundir: Path) 
         return Console(qemu)
 
     try:
-        url = str(log.wait("daemon_ready")["metrics"])
+        url = str(log.wait_for("daemon_ready")["metrics"])
         # The VM to unplug: its guest only sits there, its device behind a root port.
         gone = boot(
             "gone",
@@ -221,9 +194,9 @@ def test_a_balloon_command_during_an_unplug_harms_no_vm(env: Env, rundir: Path) 
         # The other VM runs a 512 MiB round that starts after the unplug and the commands.
         other = boot("other", GuestSpec(mem_mib=1024, workload_mib=512, idle_s=25, settle_s=30), [])
         gone.wait("balloon features", 60)
-        log.wait("queue_started", 60, vm="gone", role="reporting")
+        log.wait_for("queue_started", timeout=60, vm="gone", role="reporting")
         other.wait("balloon features", 60)
-        log.wait("queue_started", 60, vm="other", role="reporting")
+        log.wait_for("queue_started", timeout=60, vm="other", role="reporting")
 
         qmp = Qmp(rundir / "qmp.sock")
         qmp.command("device_del", id="vub0")
@@ -246,7 +219,7 @@ def test_a_balloon_command_during_an_unplug_harms_no_vm(env: Env, rundir: Path) 
         # The unplugged VM's connection is still served until its chardev goes.
         assert "gone" not in {r.get("vm") for r in log.events("frontend_disconnected")}
         qmp.command("chardev-remove", id="vb")
-        log.wait("frontend_disconnected", 30, vm="gone")
+        log.wait_for("frontend_disconnected", timeout=30, vm="gone")
         assert daemon.poll() is None
         assert not log.events("connection_crashed") and not log.events("control_request_crashed")
         assert {r["error"] for r in log.events("control_request") if not r["ok"]} == {
