@@ -116,6 +116,7 @@ class VmConnection:
         *,
         handover: HandOver | None = None,
         session: Session | None = None,
+        targets: dict[str, int] | None = None,
     ) -> None:
         options = options if options is not None else ConnectionOptions()
         self.vm = vm
@@ -127,6 +128,15 @@ class VmConnection:
         self.stats_interval = options.stats_interval
         self.session = session if session is not None else Session(BalloonDevice(options.features))
         self.device = self.session.device
+        #: balloon target in bytes by VM name, shared by the daemon's connections: what
+        #: this VM was last asked for outlives the connection (a live migration unplugs
+        #: the device and plugs a new one) and is given to the next one's guest
+        self.targets = targets if targets is not None else {}
+        if session is None:
+            self.device.set_target(self.targets.get(vm, 0) // GUEST_PAGE_SIZE)
+            self.vm_metrics.set_balloon(self.device.config.num_pages, 0)
+        else:
+            self.targets[vm] = self.device.config.num_pages * GUEST_PAGE_SIZE
         self.memory = VmMemory()
         self.ring_lock = trio.Lock()
         self.runners: dict[int, QueueRunner] = {}
@@ -222,7 +232,13 @@ class VmConnection:
             self.handover.save(self.session.export_state(), fds, owed)
 
     @classmethod
-    def adopt(cls, stored: Stored, metrics: Metrics, options: ConnectionOptions) -> VmConnection:
+    def adopt(
+        cls,
+        stored: Stored,
+        metrics: Metrics,
+        options: ConnectionOptions,
+        targets: dict[str, int] | None = None,
+    ) -> VmConnection:
         """Take up a connection a previous process served (``adoption.take_up`` checked
         what the keeper passed). On failure every fd is closed and the keeper told to
         let go; the error says why."""
@@ -235,6 +251,7 @@ class VmConnection:
             options,
             handover=HandOver(record.vm, stored.keeper),
             session=session,
+            targets=targets,
         )
         try:
             if session.memory is not None:
@@ -357,8 +374,8 @@ class VmConnection:
                 self._stop_runner(index)
             case EnableQueue(index=index, enabled=enabled):
                 await self._enable(index, enabled)
-            case ResetDevice():
-                self._reset_device()
+            case ResetDevice(new_device=new_device):
+                self._reset_device(new_device=new_device)
             case FeaturesSet(guest_features=bits):
                 self.vm_metrics.set_features(bits)
             case BalloonChanged(target_pages=target, actual_pages=actual):
@@ -398,13 +415,16 @@ class VmConnection:
                 "queue_started", queue=effect.index, role=effect.role.value, size=effect.queue.size
             )
 
-    def _reset_device(self) -> None:
+    def _reset_device(self, *, new_device: bool) -> None:
         for index in list(self.runners):
             self._stop_runner(index)
         for index, kind in list(self._vring_fds):
             self._set_vring_fd(index, kind, None)
         self.memory.close()
-        log.info("device_reset")
+        if new_device and self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        log.info("device_reset", new_device=new_device)
 
     def _set_backend(self, fd: int) -> None:
         if self._backend is not None:
@@ -451,10 +471,9 @@ class VmConnection:
         is being unplugged). Either way this VM's connection and every other VM go on."""
         if self._backend is None:
             raise BalloonTargetError(f"VM {self.vm}: {self._no_backend}")
-        self.device.set_target(nbytes // GUEST_PAGE_SIZE)
-        self._save(None)
         config = self.device.config
-        self.vm_metrics.set_balloon(config.num_pages, config.actual)
+        before = config.num_pages
+        self._set_pages(nbytes // GUEST_PAGE_SIZE)
         try:
             await self._backend.config_changed()
         except PeerGone as err:
@@ -462,9 +481,17 @@ class VmConnection:
             self._backend.close()
             self._backend = None
             self._no_backend = _CHANNEL_CLOSED
-            self._save(None)
+            self._set_pages(before)  # not told, not kept: the command failed
             raise BalloonTargetError(f"VM {self.vm}: {_CHANNEL_CLOSED}") from None
         log.info("balloon_target_set", target_bytes=config.num_pages * GUEST_PAGE_SIZE)
+
+    def _set_pages(self, pages: int) -> None:
+        """The balloon target in the config space, the kept targets, the saved state
+        and the gauges, together."""
+        self.device.set_target(pages)
+        self.targets[self.vm] = pages * GUEST_PAGE_SIZE
+        self._save(None)
+        self.vm_metrics.set_balloon(pages, self.device.config.actual)
 
     def _set_vring_fd(self, index: int, kind: FdKind, fd: int | None) -> None:
         old = self._vring_fds.pop((index, kind), None)

@@ -205,6 +205,8 @@ class Daemon:
                 close_fds(entry.fds.values())
             self.stored.clear()
         self.connections: dict[str, VmConnection] = {}
+        #: each VM's balloon target in bytes, kept across its connections
+        self.targets: dict[str, int] = {}
         self._listeners: dict[str, tuple[_Listener, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
         self.discard_limiter = trio.CapacityLimiter(DISCARD_THREADS)
@@ -299,7 +301,7 @@ class Daemon:
                 self.metrics.add_vm(name)
             try:
                 stored = take_up(entry, self.store)
-                conn = VmConnection.adopt(stored, self.metrics, self._options(name))
+                conn = VmConnection.adopt(stored, self.metrics, self._options(name), self.targets)
             except (AdoptError, VhostUserError, OSError) as err:
                 log.error("adopt_failed", vm=name, error=str(err))
                 continue
@@ -409,6 +411,8 @@ class Daemon:
         new = {vm.name: vm for vm in vms}
         changed = [n for n in old.keys() & new.keys() if old[n].socket != new[n].socket]
         removed = sorted(old.keys() - new.keys()) + changed
+        for name in old.keys() - new.keys():
+            self.targets.pop(name, None)
         for name in removed:
             listener, scope = self._listeners.pop(name)
             scope.cancel()
@@ -488,6 +492,7 @@ class Daemon:
                 self.metrics,
                 self._options(vm.name),
                 handover=self._handover(vm.name),
+                targets=self.targets,
             )
             self.connections[vm.name] = conn
             assert self._nursery is not None

@@ -109,7 +109,12 @@ class EnableQueue:
 
 @dataclass(frozen=True, slots=True)
 class ResetDevice:
-    """The frontend reset the device: drop memory and every queue fd."""
+    """The frontend reset the device: drop memory and every queue fd. With
+    ``new_device``, QEMU realized a new device on the same connection (``device_del``
+    then ``device_add`` on one chardev): the old device's backend channel is gone too,
+    and the new one sends its own."""
+
+    new_device: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,9 +120,11 @@ REQUESTS: Final[Mapping[Request, RequestSpec]] = MappingProxyType({
     Request.GET_PROTOCOL_FEATURES: RequestSpec(
         Empty, handler="_get_protocol_features", session=_ANY_TIME, ring_lock=False,
         saved=False),
+    # In ACTIVE: a new device realized on this connection starts the handshake again.
     Request.SET_PROTOCOL_FEATURES: RequestSpec(
         U64, handler="_set_protocol_features",
-        session=MappingProxyType({_S.CONNECTED: _S.NEGOTIATED, _S.OWNED: _S.ACTIVE})),
+        session=MappingProxyType(
+            {_S.CONNECTED: _S.NEGOTIATED, _S.OWNED: _S.ACTIVE, _S.ACTIVE: _S.NEGOTIATED})),
     Request.SET_OWNER: RequestSpec(
         Empty, handler="_ack_only",
         session=MappingProxyType({_S.CONNECTED: _S.OWNED, _S.NEGOTIATED: _S.ACTIVE})),

@@ -347,8 +347,33 @@ class Session:
             raise ConfigurationError(
                 CONFIG_MISSING_HELP, reason="config_not_negotiated", protocol_features=value
             )
+        effects = self._new_device() if self.state is SessionState.ACTIVE else []
         self.protocol_features = value
-        return self._ack(msg)
+        return self._ack(msg, *effects)
+
+    def _new_device(self) -> list[Effect]:
+        """A new device on a connection that served one: QEMU unrealized the old one
+        (``device_del``, which stops its queues and closes its backend channel) and
+        realized another on the same chardev (``device_add``), whose handshake starts
+        here. Nothing of the old device is kept but the balloon target: the new guest
+        driver reads it at probe, and its balloon starts empty."""
+        if self._started():
+            raise StateError(
+                "SET_PROTOCOL_FEATURES while queues are started: a new handshake on a "
+                "connection whose device is still running",
+                reason="handshake_while_running",
+                started=[v.index for v in self._started()],
+            )
+        self.memory = None
+        self.features = 0
+        self.layout = queue_layout(0)
+        self.vrings = [Vring(i) for i in range(len(self.vrings))]
+        self.device.config.actual = 0
+        return [
+            ResetDevice(new_device=True),
+            self._features_set(),
+            BalloonChanged(self.device.config.num_pages, 0),
+        ]
 
     def _reset(self, msg: Message) -> Outcome:
         effects: list[Effect] = []

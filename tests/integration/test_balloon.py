@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import StartDaemon, sample
+from daemon_helpers import StartDaemon, sample, wait_disconnected
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
 from vhost_user_balloon.daemon.cli import balloon_command
-from vhost_user_balloon.protocol import Config, Request
+from vhost_user_balloon.protocol import U64, Config, Request
 
 PFNS_AT = 12 * MiB  # where the test guest writes its page frame arrays
 
@@ -169,3 +169,80 @@ async def test_a_balloon_target_for_an_unplugged_device_fails_alone(
             c.close()
         for g in guests:
             g.close()
+
+
+def num_pages(config: bytes) -> tuple[int, int]:
+    """(num_pages, actual) of a balloon config space."""
+    return struct.unpack("<II", config[:8])
+
+
+async def test_the_target_outlives_the_device_and_the_connection(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """What a live migration does: the device is unplugged (its queues stopped, its
+    backend channel closed) and a new one realized, first on the same connection
+    (device_del + device_add), then on a new one (chardev-remove, a new QEMU). Each new
+    device is a fresh session, and its guest reads the target set before."""
+    ctl = tmp_path / "control.sock"
+    daemon = await start_daemon("vm", control_socket=ctl)
+    guest = GuestMemfd(32 * MiB)
+    channels = [socket.socketpair() for _ in range(3)]
+    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
+    try:
+        await fe.handshake(protocol=0x228, backend_fd=channels[0][0].fileno())
+        await fe.start()
+        assert (await control(ctl, {"vm": "vm", "target_bytes": 4 * MiB}))["ok"]
+        await fe.ack(Request.SET_CONFIG, Config(0, 16, 0, struct.pack("<IIII", 1024, 1024, 0, 0)))
+
+        # device_del: the guest's reset stops the queues, QEMU closes the channel ...
+        await fe.stop()
+        channels[0][1].close()
+        # ... device_add on the same chardev: a new handshake on this connection.
+        await fe.handshake(protocol=0x228, backend_fd=channels[1][0].fileno())
+        await fe.start()
+        assert num_pages(await fe.get_config()) == (1024, 0)
+        assert sample(daemon, "actual_bytes", vm="vm") == 0
+        guest.populate(16 * MiB, 2 * MiB)
+        before = guest.allocated()
+        await fe.report(3, [(16 * MiB, 2 * MiB)])
+        assert before - guest.allocated() == 2 * MiB
+        assert (await control(ctl, {"vm": "vm", "target_bytes": 8 * MiB}))["ok"]
+        channels[1][1].settimeout(5)
+        assert struct.unpack("=III", channels[1][1].recv(12)) == (2, 1, 0)  # the new channel
+
+        # chardev-remove, and a new QEMU (a migration's destination) connects.
+        await fe.aclose()
+        await wait_disconnected(daemon, "vm")
+        reply = await control(ctl, {"vm": "vm"})
+        assert not reply["attached"]
+        fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
+        await fe.handshake(protocol=0x228, backend_fd=channels[2][0].fileno())
+        await fe.start()
+        assert num_pages(await fe.get_config()) == (2048, 0)
+        assert (await control(ctl, {"vm": "vm"}))["target_bytes"] == 8 * MiB
+        assert sample(daemon, "target_bytes", vm="vm") == 8 * MiB
+    finally:
+        await fe.aclose()
+        for a, b in channels:
+            a.close()
+            b.close()
+        guest.close()
+
+
+async def test_a_new_handshake_while_queues_run_is_a_protocol_error(
+    start_daemon: StartDaemon,
+) -> None:
+    daemon = await start_daemon("vm")
+    guest = GuestMemfd(16 * MiB)
+    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
+    try:
+        await fe.handshake()
+        await fe.start()
+        await fe.request(Request.SET_PROTOCOL_FEATURES, U64(0x208))
+        await wait_disconnected(daemon, "vm")
+        assert (
+            sample(daemon, "protocol_errors_total", vm="vm", reason="handshake_while_running") == 1
+        )
+    finally:
+        await fe.aclose()
+        guest.close()

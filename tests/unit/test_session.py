@@ -381,6 +381,29 @@ def test_reset_owner_drops_everything() -> None:
     assert s.memory is None and s.state is SessionState.NEGOTIATED
 
 
+def test_a_new_device_on_the_same_connection_is_a_fresh_session() -> None:
+    # device_del stops the queues (GET_VRING_BASE); device_add on the same chardev
+    # starts the handshake again. The balloon target stays; the new balloon is empty.
+    s = with_memory(active())
+    start(s, 3)
+    s.device.config.num_pages, s.device.config.actual = 4096, 4096
+    with pytest.raises(StateError) as err:
+        s.handle(msg(Request.SET_PROTOCOL_FEATURES, U64(0x208)))
+    assert err.value.reason == "handshake_while_running"
+    s.handle(msg(Request.GET_VRING_BASE, VringState(3, 0)))
+    out = s.handle(msg(Request.SET_PROTOCOL_FEATURES, U64(0x208)))
+    assert out.effects == (
+        ResetDevice(new_device=True), FeaturesSet(0), BalloonChanged(4096, 0))  # fmt: skip
+    assert s.state is SessionState.NEGOTIATED and s.memory is None and s.features == 0
+    assert all(v.size is None and v.addr is None for v in s.vrings)
+    s.handle(msg(Request.SET_OWNER))
+    s.handle(msg(Request.SET_FEATURES, U64(0x1_4000_0022)))
+    with_memory(s)
+    effects = start(s, 3)
+    assert StartQueue(3, QueueRole.REPORTING, s.vrings[3].queue) in effects  # type: ignore[arg-type]
+    assert s.device.config.num_pages == 4096
+
+
 def test_layout_follows_features() -> None:
     s = active(features=int(VirtioFeature.VERSION_1 | BalloonFeature.REPORTING))
     assert s.queue_roles == {0: QueueRole.INFLATE, 1: QueueRole.DEFLATE, 2: QueueRole.REPORTING}
