@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,7 @@ import trio
 
 from vhost_user_balloon import __version__
 
-from . import status, supervisor
+from . import migrate, status, supervisor
 from .config import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_STATS_INTERVAL_S,
@@ -27,7 +26,9 @@ from .config import (
     Settings,
     config_keys_help,
     load_settings,
+    parse_size,
 )
+from .control import ControlError, ask
 from .handover import StoredVm, stored_vms
 from .logconfig import configure_logging
 from .server import Daemon, StartupError
@@ -61,6 +62,10 @@ signals: SIGHUP re-reads the configuration: VMs added are served, VMs removed st
 listening (a QEMU still attached keeps its connection), the others are not touched.
 SIGTERM and SIGINT finish the reports in hand, close the sockets and
 remove the socket files (with a keeper, below: hand everything over instead).
+
+live migration: "vhost-user-balloon migrate-prepare --qmp PATH" on the source before,
+"migrate-finish --qmp PATH --socket SOCKET [--bus ID]" on the destination after, then
+"reclaim VM --control-socket PATH" (each has --help).
 
 restarts without QEMU noticing: run under a keeper that holds the daemon's fds
 while it restarts, and every attached VM is taken up again by the next process:
@@ -231,15 +236,6 @@ async def run(
                 break
 
 
-def _size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    number, unit = text.rstrip("KMGkmgiIbB"), text[len(text.rstrip("KMGkmgiIbB")) :]
-    unit = unit.upper().rstrip("IB")[:1]
-    if not number.isdigit() or unit not in units:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M, 2G or 0")
-    return int(number) * units[unit]
-
-
 def balloon_command(argv: Sequence[str]) -> int:
     """vhost-user-balloon balloon VM [SIZE]: show or set a VM's balloon size."""
     p = argparse.ArgumentParser(
@@ -248,7 +244,7 @@ def balloon_command(argv: Sequence[str]) -> int:
         "(SIZE 0 gives everything back). Talks to the daemon's --control-socket.",
     )
     p.add_argument("vm", help="the VM's name")
-    p.add_argument("size", nargs="?", type=_size, help="balloon size: 512M, 2G, 0, ...")
+    p.add_argument("size", nargs="?", type=parse_size, help="balloon size: 512M, 2G, 0, ...")
     p.add_argument(
         "--control-socket", required=True, metavar="PATH", help="the daemon's control socket"
     )
@@ -257,25 +253,9 @@ def balloon_command(argv: Sequence[str]) -> int:
     if args.size is not None:
         request["target_bytes"] = args.size
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(args.control_socket)
-            s.sendall(json.dumps(request).encode() + b"\n")
-            line = s.makefile("rb").readline()
-    except OSError as err:
-        print(f"vhost-user-balloon balloon: {args.control_socket}: {err}", file=sys.stderr)
-        return 1
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        why = "closed the connection without an answer" if not line else f"answered {line[:200]!r}"
-        print(
-            f"vhost-user-balloon balloon: the daemon at {args.control_socket} {why}; see its log",
-            file=sys.stderr,
-        )
-        return 1
-    if not reply.get("ok"):
-        print(f"vhost-user-balloon balloon: {reply.get('error')}", file=sys.stderr)
+        reply = ask(args.control_socket, request)
+    except ControlError as err:
+        print(f"vhost-user-balloon balloon: {err}", file=sys.stderr)
         return 1
     print(
         f"{reply['vm']}: {'attached' if reply['attached'] else 'not attached'}, balloon "
@@ -292,6 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return balloon_command(argv[1:])
     if argv[:1] == ["supervise"]:
         return supervisor.main(argv[1:])
+    if argv[:1] == ["migrate-prepare"]:
+        return migrate.prepare_command(argv[1:])
+    if argv[:1] == ["migrate-finish"]:
+        return migrate.finish_command(argv[1:])
+    if argv[:1] == ["reclaim"]:
+        return migrate.reclaim_command(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     activated = listen_fds()

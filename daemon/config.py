@@ -10,6 +10,7 @@ import grp
 import pwd
 import re
 import tomllib
+from argparse import ArgumentTypeError
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "config_keys_help",
     "load_settings",
     "parse_listen",
+    "parse_size",
     "parse_vm",
 ]
 
@@ -187,6 +189,16 @@ def _vm(name: str, path: str, discard: bool, where: str) -> VmSpec:
             "first (the daemon does not create directories)"
         )
     return VmSpec(name, socket, discard)
+
+
+def parse_size(text: str) -> int:
+    """A size as people write it: 512M, 2G, 64MiB, 4096, 0 (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = text.rstrip("KMGkmgiIbB"), text[len(text.rstrip("KMGkmgiIbB")) :]
+    unit = unit.upper().rstrip("IB")[:1]
+    if not number.isdigit() or unit not in units:
+        raise ArgumentTypeError(f"{text!r} is not a size such as 512M, 2G or 0")
+    return int(number) * units[unit]
 
 
 def parse_listen(text: str) -> tuple[str, int] | None:

@@ -4,7 +4,9 @@ A unix socket, mode 0600 whatever --socket-mode says: whoever can write to it ca
 memory away from a guest. One JSON object per line in, one per line out:
 
     {"vm": "web1"}                              -> {"ok": true, "vm": "web1", "attached": true,
-                                                    "target_bytes": 0, "actual_bytes": 0}
+                                                    "target_bytes": 0, "actual_bytes": 0,
+                                                    "ram_bytes": ..., "resident_bytes": ...,
+                                                    "guest": {"available_bytes": ..., ...}}
     {"vm": "web1", "target_bytes": 536870912}   -> the same, after asking the guest
     anything else                               -> {"ok": false, "error": "..."}
 """
@@ -12,18 +14,19 @@ memory away from a guest. One JSON object per line in, one per line out:
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import structlog
 import trio
 
-from vhost_user_balloon.protocol import GUEST_PAGE_SIZE
+from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonStat
 
 from .connection import BalloonTargetError, VmConnection
 from .http import receive_until
 
-__all__ = ["MAX_CONTROL_REQUEST", "handle_request", "serve_control"]
+__all__ = ["MAX_CONTROL_REQUEST", "ControlError", "ask", "handle_request", "serve_control"]
 
 log = structlog.get_logger()
 
@@ -56,14 +59,41 @@ async def handle_request(
             await conn.set_target(target)
         except BalloonTargetError as err:
             return {"ok": False, "error": str(err)}
-    config = conn.device.config if conn is not None else None
+    if conn is None:
+        return {"ok": True, "vm": name, "attached": False, "target_bytes": 0, "actual_bytes": 0}
+    config = conn.device.config
     return {
         "ok": True,
         "vm": name,
-        "attached": conn is not None,
-        "target_bytes": config.num_pages * GUEST_PAGE_SIZE if config else 0,
-        "actual_bytes": config.actual * GUEST_PAGE_SIZE if config else 0,
+        "attached": True,
+        "target_bytes": config.num_pages * GUEST_PAGE_SIZE,
+        "actual_bytes": config.actual * GUEST_PAGE_SIZE,
+        "ram_bytes": conn.memory.ram_bytes,
+        "resident_bytes": conn.memory.resident_bytes(),
+        "guest": _guest_memory(conn),
     }
+
+
+def _guest_memory(conn: VmConnection) -> dict[str, float] | None:
+    """What the guest last said of its memory (None: no statistics yet)."""
+    latest = conn.vm_metrics.guest_stats()
+    if latest is None:
+        return None
+    stats, age = latest
+    out: dict[str, float] = {"age_seconds": round(age, 3)}
+    for key, tag in _GUEST_MEMORY.items():
+        if tag in stats:
+            out[key] = stats[tag]
+    return out
+
+
+#: The guest's statistics the control socket passes on (all in bytes).
+_GUEST_MEMORY: Final = {
+    "total_bytes": BalloonStat.MEMTOT,
+    "free_bytes": BalloonStat.MEMFREE,
+    "available_bytes": BalloonStat.AVAIL,
+    "caches_bytes": BalloonStat.CACHES,
+}
 
 
 async def serve_control(
@@ -90,3 +120,27 @@ async def serve_control(
             await stream.aclose()
 
     await trio.serve_listeners(handler, [listener])
+
+
+class ControlError(Exception):
+    """The daemon could not be asked, or refused; the text says why."""
+
+
+def ask(path: str, request: Mapping[str, object], timeout: float = 10.0) -> dict[str, Any]:
+    """One request to a running daemon's control socket (blocking); its answer if ok."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(json.dumps(dict(request)).encode() + b"\n")
+            line = s.makefile("rb").readline(MAX_CONTROL_REQUEST * 4)
+    except OSError as err:
+        raise ControlError(f"{path}: {err}") from None
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        why = "closed the connection without an answer" if not line else f"answered {line[:200]!r}"
+        raise ControlError(f"the daemon at {path} {why}; see its log") from None
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        raise ControlError(str(reply.get("error") if isinstance(reply, dict) else reply))
+    return reply

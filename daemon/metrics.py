@@ -98,6 +98,11 @@ class GuestStats(Collector):
     def clear(self, vm: str) -> None:
         self._latest.pop(vm, None)
 
+    def latest(self, vm: str) -> tuple[dict[int, int], float] | None:
+        """The guest's last statistics by tag and their age in seconds (None: none yet)."""
+        found = self._latest.get(vm)
+        return None if found is None else (dict(found[0]), time.monotonic() - found[1])
+
     def collect(self) -> Iterator[Metric]:
         families: dict[int, CounterMetricFamily | GaugeMetricFamily] = {}
         unknown = GaugeMetricFamily(
@@ -288,6 +293,10 @@ class VmMetrics:
         """The balloon's target and actual size, in 4 KiB pages (the config's units)."""
         self._m.target_bytes.labels(vm=self.vm).set(target_pages * GUEST_PAGE_SIZE)
         self._m.actual_bytes.labels(vm=self.vm).set(actual_pages * GUEST_PAGE_SIZE)
+
+    def guest_stats(self) -> tuple[dict[int, int], float] | None:
+        """The guest's last statistics by tag and their age in seconds (None: none yet)."""
+        return self._m.guest_stats.latest(self.vm)
 
     def detached(self) -> None:
         """The VM's frontend went away: its levels are 0, its guest statistics gone."""

@@ -3,6 +3,10 @@ if the environment is missing, the tests fail and say what to run."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from guestrun import Env
 
@@ -10,6 +14,13 @@ from guestrun import Env
 @pytest.fixture(scope="session")
 def env() -> Env:
     return Env.load()
+
+
+@pytest.fixture
+def rundir(env: Env) -> Iterator[Path]:
+    path = env.run_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -27,7 +27,11 @@ def test_libvirt_snippet_passes_the_same_device_as_the_args_file() -> None:
 
 
 def test_every_variant_keeps_config_size_16_and_shared_ram() -> None:
-    for name in ("vhost-user-balloon", "vhost-user-balloon-hugetlbfs"):
+    for name in (
+        "vhost-user-balloon",
+        "vhost-user-balloon-hugetlbfs",
+        "vhost-user-balloon-migratable",
+    ):
         args = attach_args(name, socket="/s", mem="2G")
         joined = " ".join(args)
         assert "config_size=16" in joined and "virtio-id=5" in joined

@@ -1,0 +1,83 @@
+"""What the e2e tests that drive several QEMUs share: a guest's console markers and
+the daemon's metrics read the way the tests read them."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import threading
+import time
+import urllib.request
+
+from guestrun import MiB, parse_metrics, pump
+
+__all__ = ["Console", "assert_gets_memory_back", "metric", "reported"]
+
+
+class Console:
+    """A guest's serial console, with the time each VUB: marker first appeared."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.markers: dict[str, float] = {}
+        self.stderr: list[str] = []
+        self.tail: collections.deque[str] = collections.deque(maxlen=12)
+        self._cond = threading.Condition()
+        pump(proc.stdout, self._line)
+        pump(proc.stderr, self.stderr.append)
+
+    def _line(self, line: str) -> None:
+        self.tail.append(line)
+        at = line.find("VUB: ")
+        if at >= 0:
+            with self._cond:
+                self.markers.setdefault(line[at + 5 :].strip().split(" mib=")[0], time.monotonic())
+                self._cond.notify_all()
+
+    def wait(self, marker: str, timeout: float) -> float:
+        """When the first marker starting with ``marker`` appeared."""
+
+        def seen() -> list[float]:
+            return [t for text, t in self.markers.items() if text.startswith(marker)]
+
+        with self._cond:
+            ok = self._cond.wait_for(lambda: bool(seen()), timeout)
+            assert ok, (
+                f"no {marker!r} from the guest: {sorted(self.markers)} {self.stderr}; "
+                f"its console ended with {list(self.tail)}"
+            )
+            return min(seen())
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return parse_metrics(r.read().decode()).get(name, 0.0)
+
+
+def reported(url: str, vm: str) -> float:
+    return sum(
+        metric(url, f'vhost_user_balloon_reported_bytes_total{{order="{o}",vm="{vm}"}}')
+        for o in (9, 10)
+    )
+
+
+def assert_gets_memory_back(
+    url: str, vm: str, guest: Console, *, after: float, round_: int = 1, timeout: float = 60
+) -> None:
+    """The guest's 512 MiB round ``round_`` starts after ``after``; what it frees is reported and
+    leaves the host (the guest RAM file's allocated blocks, as the daemon exports them)."""
+    resident = f'vhost_user_balloon_guest_ram_resident_bytes{{vm="{vm}"}}'
+    assert guest.wait(f"alloc round={round_}", timeout) > after, "the round ran too early"
+    before = reported(url, vm)
+    peak_at = guest.wait(f"allocated round={round_}", 60)
+    peak = now = metric(url, resident)
+    freed_at = guest.wait(f"freed round={round_}", 60)
+    while time.monotonic() < freed_at + 60 and peak - now < 400 * MiB:
+        time.sleep(0.5)
+        now = metric(url, resident)
+    print(
+        f"\n{vm} VM: resident {peak / MiB:.0f} MiB after its allocation "
+        f"({peak_at - after:.1f} s after the commands), {now / MiB:.0f} MiB "
+        f"{time.monotonic() - freed_at:.1f} s after the free"
+    )
+    assert peak - now >= 400 * MiB, (peak / MiB, now / MiB)
+    assert reported(url, vm) - before >= 400 * MiB
