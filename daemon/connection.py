@@ -188,7 +188,10 @@ class VmConnection:
         finally:
             kept = why == "shutdown" and self.handover.active
             self._teardown(keep=kept)
-            log.info("frontend_disconnected", why=why, kept=kept)
+            # handed_over: the keeper holds the connection now. Whether it keeps it is
+            # the keeper's: systemd empties the store on "systemctl stop" and keeps it
+            # across "systemctl restart"; supervise keeps it unless it is stopping too.
+            log.info("frontend_disconnected", why=why, handed_over=kept)
 
     async def _begin(self) -> None:
         if self._adopted is not None:

@@ -83,7 +83,7 @@ async def planned_restart(fe: FakeFrontend, config: bytes, logs: Logs, port: int
     # A clean stop saves the totals exactly: 12 MiB before, 4 MiB since.
     assert f"{REPORTED} 1.6777216e+07" in await trio.to_thread.run_sync(scrape, port)
     stopped = logs.events("frontend_disconnected")
-    assert [r["why"] for r in stopped] == ["shutdown"] and stopped[0]["kept"]
+    assert [r["why"] for r in stopped] == ["shutdown"] and stopped[0]["handed_over"]
 
 
 def test_kill_9_and_a_planned_restart_keep_the_connection(
