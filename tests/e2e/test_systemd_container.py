@@ -212,12 +212,14 @@ def test_readme_install_under_systemd_257_with_a_real_guest(
         # systemctl restart: the connection goes through the fd store; QEMU sees nothing.
         ct.run("systemctl", "restart", "vhost-user-balloon.service")
         assert ct.wait_journal("frontend_adopted", 1)[-1]["vm"] == "web1"
+        ct.wait_journal("daemon_ready", 2)  # the metrics port is served again
         stored = ct.show("vhost-user-balloon.service", "NFileDescriptorStore")
         assert int(stored["NFileDescriptorStore"]) > 10, stored
         reports_go_on(2)
         # kill -9: Restart=on-failure, the next process takes the connection up.
         ct.run("systemctl", "kill", "-s", "KILL", "vhost-user-balloon.service")
         ct.wait_journal("frontend_adopted", 2, timeout=60)
+        ct.wait_journal("daemon_ready", 3)
         reports_go_on(3)
         # A VM added while web1 runs, as README says.
         ct.run("sh", "-ec", add_vm)
