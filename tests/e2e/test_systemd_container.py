@@ -100,8 +100,9 @@ class Container:
         return done
 
     def journal(self, event: str) -> list[dict[str, Any]]:
-        """The daemon's JSON log lines with ``event``, from the journal."""
-        out = self.run("journalctl", "-u", "vhost-user-balloon.service", "-o", "cat",
+        """The daemon's JSON log lines with ``event``, from this boot's journal (the
+        tree keeps the journals of earlier runs)."""
+        out = self.run("journalctl", "-b", "-u", "vhost-user-balloon.service", "-o", "cat",
                        "--no-pager").stdout  # fmt: skip
         lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
         return [x for x in lines if x.get("event") == event]
