@@ -162,6 +162,20 @@ def wait(what: str, check: Any, timeout: float = 90) -> Any:
     return value
 
 
+def start_guest(ct: Container, env: Env) -> tuple[subprocess.Popen[bytes], Console]:
+    """A real guest for web1, its QEMU running as libvirt runs it: its own user, with
+    group kvm on the side. Six rounds of 256 MiB, one every ~20 s."""
+    spec = GuestSpec(mem_mib=1024, workload_mib=256, rounds=6, idle_s=3, settle_s=14)
+    args = attach_args("vhost-user-balloon", socket="/run/vhost-user-balloon/web1.sock",
+                       mem="1G")  # fmt: skip
+    qemu = subprocess.Popen(
+        ct.command("setpriv", "--reuid=libvirt-qemu", "--regid=libvirt-qemu", "--groups=kvm",
+                   "--", env.qemu_binary, *qemu_args(spec, env, args)),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    return qemu, Console(qemu)
+
+
 def security_exposure(ct: Container) -> float:
     """systemd-analyze security of the running unit, on systemd 257."""
     security = ct.run("systemd-analyze", "security", "--no-pager",
@@ -187,16 +201,7 @@ def test_readme_install_under_systemd_257_with_a_real_guest(
     assert listing.split() == ["root:kvm", "660"]
     assert sorted(ct.wait_journal("daemon_ready", 1)[0]["vms"]) == ["web1", "web2"]
 
-    # A real guest, QEMU running as libvirt does (its own user, group kvm on the side).
-    spec = GuestSpec(mem_mib=1024, workload_mib=256, rounds=6, idle_s=3, settle_s=14)
-    args = attach_args("vhost-user-balloon", socket="/run/vhost-user-balloon/web1.sock",
-                       mem="1G")  # fmt: skip
-    qemu = subprocess.Popen(
-        ct.command("setpriv", "--reuid=libvirt-qemu", "--regid=libvirt-qemu", "--groups=kvm",
-                   "--", env.qemu_binary, *qemu_args(spec, env, args)),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    guest = Console(qemu)
+    qemu, guest = start_guest(ct, env)
     try:
         guest.wait("balloon features", 90)
         wait("attached", lambda: ct.show("vhost-user-balloon.service", "StatusText")
@@ -218,9 +223,11 @@ def test_readme_install_under_systemd_257_with_a_real_guest(
         assert int(stored["NFileDescriptorStore"]) > 10, stored
         reports_go_on(2)
         # kill -9: Restart=on-failure, the next process takes the connection up.
+        counted = reported(METRICS, "web1")
         ct.run("systemctl", "kill", "-s", "KILL", "vhost-user-balloon.service")
         ct.wait_journal("frontend_adopted", 2, timeout=60)
         ct.wait_journal("daemon_ready", 3)
+        assert reported(METRICS, "web1") >= counted  # the counters carried over
         reports_go_on(3)
         # A VM added while web1 runs, as README says.
         ct.run("sh", "-ec", add_vm)
