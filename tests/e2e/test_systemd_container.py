@@ -41,7 +41,8 @@ INSTALLED = (
     "root/vub-host-ca.crt",
     "etc/systemd/system/vhost-user-balloon.service",
     "etc/systemd/system/vhost-user-balloon-vm@.socket",
-    "etc/systemd/system/sockets.target.wants", "etc/systemd/system/multi-user.target.wants",
+    "etc/systemd/system/sockets.target.wants/vhost-user-balloon-vm@*.socket",
+    "etc/systemd/system/multi-user.target.wants/vhost-user-balloon.service",
     "usr/lib/sysusers.d/vhost-user-balloon.conf", "etc/vhost-user-balloon",
 )  # fmt: skip
 
@@ -139,11 +140,11 @@ def container(env: Env, rundir: Path) -> Iterator[Container]:
         "run qemu-config/provision")  # fmt: skip
     assert shutil.which("systemd-nspawn"), "run qemu-config/provision (systemd-container)"
     for rel in INSTALLED:
-        path = root / rel
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        for path in root.glob(rel):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     subprocess.run(["git", "clone", "-q", str(REPO), str(root / "root/vub-src")], check=True)
     # (the container's /tmp is its own tmpfs: this goes beside the source)
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", root / "root/vub-host-ca.crt")
