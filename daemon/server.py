@@ -256,6 +256,7 @@ class Daemon:
         fd = entry.get("metrics") if entry is not None else None
         if fd is None:
             self._totals = StateFile.create("metrics", TOTALS_SLOT_BYTES)
+            self.save_totals()  # a crash before the first scrape then finds zeros, not nothing
             self.store.put(fd_name(DAEMON, "metrics"), self._totals.fd)
             return
         self._totals = StateFile(fd, slot_bytes=TOTALS_SLOT_BYTES)

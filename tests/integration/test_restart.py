@@ -424,6 +424,9 @@ def test_every_vm_is_taken_up_after_a_kill(run_command: RunCommand, tmp_path: Pa
             await give_back(fes[1], 12 * MiB)
             await give_back(fes[0], 16 * MiB)
             assert sorted(r["vm"] for r in logs.events("frontend_adopted")) == ["a", "b"]
+            # Killed before any scrape: the totals saved at start are there to go on from.
+            assert logs.events("metrics_carried_over")
+            assert not logs.events("metrics_not_carried_over")
         finally:
             for fe in fes:
                 await fe.aclose()
