@@ -36,6 +36,7 @@ from vhost_user_balloon.daemon.control import ask
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 SHIPPED_SOCKET = "/run/vhost-user-balloon/web1.sock"
+README = HERE.parent / "README.md"
 #: What the chroot's libvirt needs (see the module's docstring), appended to qemu.conf.
 CHROOT_QEMU_CONF = 'namespaces = [ ]\ncgroup_controllers = [ ]\nsecurity_driver = "none"\n'
 
@@ -71,6 +72,11 @@ class Libvirt:
         assert not check or done.returncode == 0, done
         return done
 
+    def shell(self, script: str) -> None:
+        """Run README commands in the chroot, where virsh is."""
+        done = self._chroot("sh", "-ec", script, check=False)
+        assert done.returncode == 0, (script, done.stdout, done.stderr)
+
     def close(self) -> None:
         for name in self.virsh("list", "--all", "--name", check=False).stdout.split():
             self.virsh("destroy", name, check=False)
@@ -102,6 +108,7 @@ def domain_xml(env: Env, socket: str, console: str) -> str:
     images = env.kernels["6.1"]
     dom = ET.fromstring(f"""<domain type='qemu'>
       <name>web1</name><memory unit='MiB'>1024</memory><vcpu>1</vcpu>
+      <features><acpi/><apic/></features>
       <os><type arch='x86_64' machine='q35'>hvm</type>
         <kernel>{env.inside(images["kernel"])}</kernel>
         <initrd>{env.inside(images["initrd"])}</initrd>
@@ -122,6 +129,16 @@ def domain_xml(env: Env, socket: str, console: str) -> str:
     assert len(replaced) == 1
     replaced[0].set("value", str(replaced[0].get("value")).replace(SHIPPED_SOCKET, socket))
     return ET.tostring(dom, encoding="unicode")
+
+
+def migration_blocks() -> list[str]:
+    """The ```sh blocks of README's "Live migration under libvirt": source, destination."""
+    text = README.read_text()
+    section = text[text.index("#### Live migration under libvirt") :]
+    section = section[: section.index("\n#", 1)]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, blocks
+    return blocks
 
 
 def kvm_gid(root: Path) -> int:
@@ -194,6 +211,17 @@ def test_a_libvirt_domain_with_the_shipped_xml(env: Env, rundir: Path, libvirt: 
         wait("queues after the reset", lambda: len(log.events("queue_started")) > started)
         wait("a report after the reset", lambda: metric(url, resident) > 500 * MiB, 120)
         wait("memory back after the reset", lambda: metric(url, resident) < peak - 300 * MiB)
+
+        # README's unplug and plug under libvirt, as they are, on this one domain.
+        unplug, plug = migration_blocks()
+        libvirt.shell(unplug)
+        log.wait_for("frontend_disconnected", count=2, timeout=30, vm="web1")
+        assert not ask(str(ctl), {"vm": "web1"})["attached"]
+        libvirt.shell(plug.replace(SHIPPED_SOCKET, env.inside(sock)))
+        log.wait_for("frontend_connected", count=3, timeout=30, vm="web1")
+        # The guest bound the new device: it takes the kept target into its balloon.
+        wait("the target on the plugged device",
+             lambda: ask(str(ctl), {"vm": "web1"})["actual_bytes"] == 128 * MiB)  # fmt: skip
 
         qemu_log = (env.qemu_root / "var/log/libvirt/qemu/web1.log").read_text()
         assert "tainted: custom-argv" in qemu_log  # README says so

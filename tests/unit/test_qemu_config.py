@@ -19,12 +19,14 @@ def test_libvirt_snippet_passes_the_same_device_as_the_args_file() -> None:
     domain = ET.parse(QEMU_CONFIG / "libvirt-domain.xml").getroot()
     values = [str(a.get("value")) for a in domain.iter(f"{QEMU_NS}arg")]
     chardev = args[args.index("-chardev") : args.index("-chardev") + 2]
-    assert values[:2] == chardev
-    assert values[2] == "-device"
+    at = values.index("-chardev")
+    assert values[at : at + 2] == chardev
+    assert values[at + 2] == "-device"
     driver, *props = args[args.index("-device") + 1].split(",")
     assert driver == "vhost-user-test-device-pci"
-    as_json = json.loads(values[3])
+    as_json = json.loads(values[at + 3])
     assert as_json.pop("driver") == "vhost-user-test-device-pci" and as_json.pop("id") == "vub0"
+    assert as_json.pop("bus") == json.loads(values[values.index("-device") + 1])["id"]
     assert {k: str(v) for k, v in as_json.items()} == dict(p.split("=", 1) for p in props)
 
 
