@@ -1,4 +1,4 @@
-"""protocol/ is sans-IO and standard-library only: reusable anywhere."""
+"""protocol/ and policy/ are sans-IO and standard-library only: reusable anywhere."""
 
 from __future__ import annotations
 
@@ -7,15 +7,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vhost_user_balloon import protocol
+import pytest
+
+from vhost_user_balloon import policy, protocol
 
 PROTOCOL_DIR = Path(protocol.__file__).parent
-FORBIDDEN = {"trio", "structlog", "prometheus_client", "cffi", "socket", "mmap", "select"}
+POLICY_DIR = Path(policy.__file__).parent
+FORBIDDEN = {
+    "trio",
+    "structlog",
+    "prometheus_client",
+    "cffi",
+    "socket",
+    "mmap",
+    "select",
+    "time",
+    "datetime",
+}  # no clock: time comes in as numbers
 
 
-def test_protocol_imports_only_the_standard_library() -> None:
+@pytest.mark.parametrize("folder", [PROTOCOL_DIR, POLICY_DIR], ids=["protocol", "policy"])
+def test_imports_only_the_standard_library(folder: Path) -> None:
     offenders = []
-    for path in sorted(PROTOCOL_DIR.glob("*.py")):
+    for path in sorted(folder.glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names: list[str] = []
@@ -30,9 +44,10 @@ def test_protocol_imports_only_the_standard_library() -> None:
     assert offenders == []
 
 
-def test_importing_protocol_pulls_in_no_io_library() -> None:
+@pytest.mark.parametrize("package", ["protocol", "policy"])
+def test_importing_it_pulls_in_no_io_library(package: str) -> None:
     code = (
-        "import sys, vhost_user_balloon.protocol\n"
+        f"import sys, vhost_user_balloon.{package}\n"
         f"bad = sorted(m for m in {sorted(FORBIDDEN)!r} if m in sys.modules)\n"
         "print(','.join(bad))\n"
     )

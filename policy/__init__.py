@@ -1,0 +1,27 @@
+"""Automatic ballooning: from what the guests and the host report, the balloon target
+each VM should have, and why. Pure code: no I/O, no clock, no trio; the daemon samples,
+calls ``Policy.decide`` once per interval and applies the targets."""
+
+from .auto import (
+    Decision,
+    Direction,
+    GuestStats,
+    GuestView,
+    HostView,
+    Outcome,
+    Policy,
+    PolicyConfig,
+    floor_bytes,
+)
+
+__all__ = [
+    "Decision",
+    "Direction",
+    "GuestStats",
+    "GuestView",
+    "HostView",
+    "Outcome",
+    "Policy",
+    "PolicyConfig",
+    "floor_bytes",
+]

@@ -1,0 +1,294 @@
+"""The automatic balloon policy: hold the guests' host-resident RAM under a budget.
+
+Theory of operation. Free page reporting gives back what a guest frees; what it keeps
+(page cache, slab, idle allocations) stays resident on the host. Inflating the balloon
+makes the guest give some of it up, deflating gives it back. Once per interval the
+daemon describes each VM (``GuestView``: RAM, host-resident bytes, balloon target and
+actual, the guest's latest statistics and their age) and the host (``HostView``), and
+``Policy.decide`` answers with a target per VM and the reason. The rules, in order:
+
+1. A VM the operator opted out, or whose target was set by hand (pinned), is left as
+   it is.
+2. A guest under pressure is deflated by one step at once, whatever the host's state:
+   its MemAvailable below its floor, or since the last interval swap-ins, allocation
+   stalls or an OOM kill, or more major faults than ``major_faults_per_interval``.
+3. The host is short when the guests' resident bytes add up to more than the budget,
+   or the host's own memory pressure (PSI some avg10) or MemAvailable crosses its
+   threshold. Then the guests that can give the most are inflated first, each by at
+   most one step. What a guest can give: its MemAvailable (page cache included) above
+   its floor plus one step, and no more than the host memory it holds. Its target
+   never goes past its balloon's actual size plus that, nor past RAM minus
+   ``min_memory``. A guest whose statistics are missing or older than three intervals
+   is never inflated.
+4. With room again (resident bytes under the budget by the margin, no host pressure),
+   balloons are deflated by one step per interval toward 0. Between the budget and
+   budget - margin nothing moves: that band is the hysteresis.
+5. What the budget still lacks after every guest gave what it could is the shortfall:
+   reported, not forced.
+
+A guest's floor is max(``min_free_bytes``, ``min_free_percent`` of its RAM): under it
+the guest is deflated; inflating stops one step above it (the band between is the
+per-guest hysteresis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = [
+    "Decision",
+    "Direction",
+    "GuestStats",
+    "GuestView",
+    "HostView",
+    "Outcome",
+    "Policy",
+    "PolicyConfig",
+    "floor_bytes",
+]
+
+MiB = 1 << 20
+#: Statistics older than this many intervals are stale.
+STALE_INTERVALS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class GuestStats:
+    """What the guest last said about its memory (virtio balloon statistics); the
+    counters are cumulative since its boot."""
+
+    available_bytes: int
+    total_bytes: int = 0
+    free_bytes: int = 0
+    caches_bytes: int = 0
+    swap_in_bytes: int = 0
+    major_faults: int = 0
+    alloc_stalls: int = 0
+    oom_kills: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GuestView:
+    """One VM as the daemon sees it at the start of an interval."""
+
+    vm: str
+    ram_bytes: int
+    resident_bytes: int
+    target_bytes: int
+    actual_bytes: int
+    stats: GuestStats | None = None
+    #: seconds since ``stats`` arrived (None: never)
+    stats_age_s: float | None = None
+    #: the guest keeps at least this much memory: the balloon never exceeds RAM minus it
+    min_memory_bytes: int = 0
+    #: the operator opted this VM out of the policy
+    opted_out: bool = False
+    #: its target was set by hand and is kept until released
+    pinned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    """The host's own state (None: not read)."""
+
+    mem_available_bytes: int | None = None
+    #: /proc/pressure/memory (or a cgroup's memory.pressure) "some avg10", percent
+    psi_some_avg10: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """The operator's knobs ([auto_balloon] in the configuration file)."""
+
+    #: the guests' host-resident RAM should add up to at most this
+    budget_bytes: int
+    #: seconds between decisions (stale statistics are measured in these)
+    interval_s: float = 10.0
+    #: the most a VM's target moves in one interval
+    step_bytes: int = 128 * MiB
+    #: deflating starts only this far under the budget (hysteresis)
+    margin_bytes: int = 256 * MiB
+    #: a guest's floor: at least this much MemAvailable ...
+    min_free_bytes: int = 128 * MiB
+    #: ... and at least this percentage of its RAM
+    min_free_percent: float = 10.0
+    #: host pressure: PSI some avg10 above this (percent; None: not used)
+    host_psi_some: float | None = 10.0
+    #: host pressure: MemAvailable under this (None: not used)
+    host_min_available_bytes: int | None = None
+    #: guest pressure: more major faults than this since the last interval
+    major_faults_per_interval: int = 2000
+
+
+class Direction(Enum):
+    INFLATE = "inflate"
+    DEFLATE = "deflate"
+    HOLD = "hold"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A VM's target for this interval and why."""
+
+    vm: str
+    target_bytes: int
+    direction: Direction
+    reason: str
+    #: MemAvailable above the floor plus one step (0 with no fresh statistics)
+    reclaimable_bytes: int
+    floor_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Everything decided in one interval."""
+
+    decisions: tuple[Decision, ...]
+    resident_bytes: int
+    #: what the budget lacks after every guest gave what it can now (0: met or on its way)
+    shortfall_bytes: int
+    host_short: bool
+
+
+def floor_bytes(ram_bytes: int, config: PolicyConfig) -> int:
+    """The MemAvailable a guest of ``ram_bytes`` keeps whatever the host needs."""
+    return max(config.min_free_bytes, int(ram_bytes * config.min_free_percent / 100))
+
+
+@dataclass
+class Policy:
+    """Decides targets interval after interval; remembers only each guest's last
+    statistics (to see its pressure counters rise)."""
+
+    config: PolicyConfig
+    _last: dict[str, GuestStats] = field(default_factory=dict)
+
+    def decide(self, host: HostView, guests: Sequence[GuestView]) -> Outcome:
+        cfg = self.config
+        resident = sum(g.resident_bytes for g in guests)
+        over = resident - cfg.budget_bytes
+        host_short = over > 0 or self._host_pressure(host)
+        room = resident < cfg.budget_bytes - cfg.margin_bytes and not host_short
+        decided: dict[str, Decision] = {}
+        candidates: list[GuestView] = []
+        for g in guests:
+            early = self._first_rules(g)
+            if early is not None:
+                decided[g.vm] = early
+            elif host_short:
+                candidates.append(g)
+            elif room and g.target_bytes > 0:
+                decided[g.vm] = self._move(g, max(0, g.target_bytes - cfg.step_bytes), "room")
+            else:
+                decided[g.vm] = self._move(g, g.target_bytes, "within_band")
+        need = over if over > 0 else None  # host pressure alone: one step each
+        capacity = 0
+        for g in sorted(candidates, key=self._giveable, reverse=True):
+            capacity += max(0, self._ceiling(g) - g.target_bytes)
+            decision = self._inflate(g, need)
+            if need is not None:
+                need -= decision.target_bytes - g.target_bytes
+            decided[g.vm] = decision
+        self._last = {g.vm: g.stats for g in guests if g.stats is not None}
+        return Outcome(
+            tuple(decided[g.vm] for g in guests),
+            resident,
+            shortfall_bytes=max(0, over - capacity),
+            host_short=host_short,
+        )
+
+    # -- the rules -----------------------------------------------------------------
+    def _first_rules(self, g: GuestView) -> Decision | None:
+        """Opted out, pinned, or a guest under pressure: decided whatever the host."""
+        if g.opted_out:
+            return self._move(g, g.target_bytes, "opted_out")
+        if g.pinned:
+            return self._move(g, g.target_bytes, "pinned")
+        why = self._guest_pressure(g)
+        if why is not None:
+            return self._move(g, max(0, g.target_bytes - self.config.step_bytes), why)
+        return None
+
+    def _inflate(self, g: GuestView, need: int | None) -> Decision:
+        """One step toward what the guest can give now, and no more than is needed."""
+        if not self._fresh(g):
+            return self._move(g, g.target_bytes, "stale_statistics")
+        step = self.config.step_bytes if need is None else min(self.config.step_bytes, need)
+        target = max(g.target_bytes, min(g.target_bytes + max(step, 0), self._ceiling(g)))
+        if target > g.target_bytes:
+            return self._move(g, target, "over_budget" if need is not None else "host_pressure")
+        return self._move(g, target, "budget_met" if step <= 0 else "nothing_to_reclaim")
+
+    def _ceiling(self, g: GuestView) -> int:
+        """The largest balloon worth asking of the guest now: what its balloon holds
+        plus what it can give (``_giveable``), never more than RAM minus min_memory."""
+        if not self._fresh(g):
+            return g.target_bytes
+        return min(g.actual_bytes + self._giveable(g), g.ram_bytes - g.min_memory_bytes)
+
+    def _giveable(self, g: GuestView) -> int:
+        """What inflating this guest can give back to the host: its reclaimable memory,
+        but no more than the host memory it holds (pages it gave before are not
+        resident, and taking them again frees nothing)."""
+        return min(self._reclaimable(g), g.resident_bytes)
+
+    def _guest_pressure(self, g: GuestView) -> str | None:
+        """Why this guest needs memory back now (None: it does not)."""
+        if g.stats is None or not self._fresh(g):
+            return None
+        s = g.stats
+        if s.available_bytes < floor_bytes(g.ram_bytes, self.config):
+            return "guest_below_floor"
+        last = self._last.get(g.vm)
+        if last is None:
+            return None
+        if s.oom_kills > last.oom_kills:
+            return "guest_oom_kill"
+        if s.alloc_stalls > last.alloc_stalls:
+            return "guest_alloc_stalls"
+        if s.swap_in_bytes > last.swap_in_bytes:
+            return "guest_swap_in"
+        if s.major_faults - last.major_faults > self.config.major_faults_per_interval:
+            return "guest_major_faults"
+        return None
+
+    def _host_pressure(self, host: HostView) -> bool:
+        cfg = self.config
+        psi, limit = host.psi_some_avg10, cfg.host_psi_some
+        if psi is not None and limit is not None and psi > limit:
+            return True
+        low = cfg.host_min_available_bytes
+        return (
+            low is not None
+            and host.mem_available_bytes is not None
+            and (host.mem_available_bytes < low)
+        )
+
+    def _fresh(self, g: GuestView) -> bool:
+        return (
+            g.stats is not None
+            and g.stats_age_s is not None
+            and g.stats_age_s <= STALE_INTERVALS * self.config.interval_s
+        )
+
+    def _reclaimable(self, g: GuestView) -> int:
+        """MemAvailable above the floor plus one step: inflating stops a step above
+        the floor, deflating starts under it, and a guest between the two is left
+        alone (the hysteresis that keeps a guest near its floor from flapping)."""
+        if g.stats is None or not self._fresh(g):
+            return 0
+        keep = floor_bytes(g.ram_bytes, self.config) + self.config.step_bytes
+        return max(0, g.stats.available_bytes - keep)
+
+    def _move(self, g: GuestView, target: int, reason: str) -> Decision:
+        direction = (
+            Direction.INFLATE if target > g.target_bytes
+            else Direction.DEFLATE if target < g.target_bytes
+            else Direction.HOLD
+        )  # fmt: skip
+        return Decision(
+            g.vm, target, direction, reason, self._reclaimable(g),
+            floor_bytes(g.ram_bytes, self.config),
+        )  # fmt: skip

@@ -1,0 +1,234 @@
+"""The automatic balloon policy: every rule on a table of scenarios, and properties over
+random snapshots (never under a floor, never inflating blind or under pressure, bounded
+steps, settling on a steady input)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vhost_user_balloon.policy import (
+    Direction,
+    GuestStats,
+    GuestView,
+    HostView,
+    Outcome,
+    Policy,
+    PolicyConfig,
+    floor_bytes,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+CONFIG = PolicyConfig(
+    budget_bytes=2 * GiB, interval_s=10, step_bytes=128 * MiB, margin_bytes=256 * MiB,
+    min_free_bytes=128 * MiB, min_free_percent=10,
+)  # fmt: skip
+
+
+def guest(
+    vm: str = "a",
+    *,
+    ram: int = 2 * GiB,
+    resident: int = GiB,
+    target: int = 0,
+    actual: int | None = None,
+    available: int | None = GiB,
+    age: float = 1.0,
+    **more: object,
+) -> GuestView:
+    stats = None if available is None else GuestStats(available_bytes=available, total_bytes=ram)
+    fields = {k: v for k, v in more.items() if k in {f.name for f in dataclasses.fields(GuestView)}}
+    counters = {k: v for k, v in more.items() if k not in fields}
+    if stats is not None and counters:
+        stats = dataclasses.replace(stats, **counters)  # type: ignore[arg-type]
+    return GuestView(
+        vm, ram, resident, target, target if actual is None else actual, stats,
+        None if stats is None else age, **fields,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+QUIET = HostView()
+
+
+def decide(*guests: GuestView, host: HostView = QUIET, config: PolicyConfig = CONFIG) -> Outcome:
+    return Policy(config).decide(host, guests)
+
+
+# -- one rule each ----------------------------------------------------------------------
+LOW_AVAILABLE = dataclasses.replace(CONFIG, host_min_available_bytes=512 * MiB)
+
+
+@pytest.mark.parametrize(
+    ("guests", "host", "config", "expect"),
+    [
+        # over budget by 512 MiB: the guest with the most reclaimable first, a step each
+        ([guest("a", resident=1536 * MiB, available=600 * MiB),
+          guest("b", resident=1024 * MiB, available=1500 * MiB)], HostView(), CONFIG,
+         {"a": (128 * MiB, "over_budget"), "b": (128 * MiB, "over_budget")}),
+        # between budget - margin and the budget: nothing moves
+        ([guest(resident=1900 * MiB, target=256 * MiB)], HostView(), CONFIG,
+         {"a": (256 * MiB, "within_band")}),
+        # room again: deflate one step
+        ([guest(resident=GiB, target=300 * MiB)], HostView(), CONFIG,
+         {"a": (172 * MiB, "room")}),
+        # the host's own pressure (under budget): one step, as reclaimable allows
+        ([guest(resident=GiB)], HostView(psi_some_avg10=30.0), CONFIG,
+         {"a": (128 * MiB, "host_pressure")}),
+        ([guest(resident=GiB)], HostView(mem_available_bytes=100 * MiB), LOW_AVAILABLE,
+         {"a": (128 * MiB, "host_pressure")}),
+        ([guest(resident=GiB)], HostView(mem_available_bytes=100 * MiB), CONFIG,
+         {"a": (0, "within_band")}),
+        # stale or missing statistics: never inflated
+        ([guest(resident=3 * GiB, age=31.0)], HostView(), CONFIG,
+         {"a": (0, "stale_statistics")}),
+        ([guest(resident=3 * GiB, available=None)], HostView(), CONFIG,
+         {"a": (0, "stale_statistics")}),
+        # a guest under its floor is deflated at once, even while the host is short
+        ([guest(resident=3 * GiB, target=512 * MiB, available=150 * MiB)], HostView(), CONFIG,
+         {"a": (384 * MiB, "guest_below_floor")}),
+        # never past RAM minus min_memory
+        ([guest(resident=3 * GiB, available=2 * GiB, target=GiB, min_memory_bytes=900 * MiB)],
+         HostView(), CONFIG, {"a": (1148 * MiB, "over_budget")}),
+        # opted out and pinned VMs are left alone
+        ([guest(resident=3 * GiB, opted_out=True)], HostView(), CONFIG, {"a": (0, "opted_out")}),
+        ([guest(resident=GiB, target=GiB, pinned=True)], HostView(), CONFIG,
+         {"a": (GiB, "pinned")}),
+        # what a guest can give now is its actual plus its reclaimable, no more
+        ([guest(resident=3 * GiB, target=400 * MiB, actual=100 * MiB, available=300 * MiB)],
+         HostView(), CONFIG, {"a": (400 * MiB, "nothing_to_reclaim")}),
+    ],
+    ids=["over_budget", "within_band", "room", "host_psi", "host_low_available",
+         "host_available_unset", "stale", "no_stats", "below_floor", "min_memory",
+         "opted_out", "pinned", "behind_target"],
+)  # fmt: skip
+def test_rule(
+    guests: list[GuestView], host: HostView, config: PolicyConfig, expect: dict[str, object]
+) -> None:
+    out = decide(*guests, host=host, config=config)
+    assert {d.vm: (d.target_bytes, d.reason) for d in out.decisions} == expect
+
+
+def test_need_limits_the_step_and_budget_met_holds_the_rest() -> None:
+    out = decide(guest("a", resident=1100 * MiB, available=1500 * MiB),
+                 guest("b", resident=1000 * MiB, available=1400 * MiB))  # fmt: skip
+    # over by 52 MiB: a gives it, b need not
+    assert [(d.vm, d.target_bytes, d.reason) for d in out.decisions] == [
+        ("a", 52 * MiB, "over_budget"), ("b", 0, "budget_met")]  # fmt: skip
+    assert out.shortfall_bytes == 0 and out.host_short
+
+
+def test_a_budget_that_floors_forbid_is_a_shortfall_not_forced() -> None:
+    out = decide(guest("a", resident=3 * GiB, available=600 * MiB))
+    # 1 GiB over; the guest can give 600 MiB less its floor and a step, one step at a time
+    giveable = 600 * MiB - floor_bytes(2 * GiB, CONFIG) - CONFIG.step_bytes
+    assert out.decisions[0].target_bytes == CONFIG.step_bytes
+    assert out.shortfall_bytes == GiB - giveable
+    # nothing at all to give: held, and the whole excess is the shortfall
+    out = decide(guest("a", resident=3 * GiB, available=300 * MiB))
+    assert (out.decisions[0].target_bytes, out.decisions[0].reason) == (0, "nothing_to_reclaim")
+    assert out.shortfall_bytes == GiB
+
+
+@pytest.mark.parametrize(
+    ("counter", "value", "reason"),
+    [("swap_in_bytes", 4096, "guest_swap_in"), ("alloc_stalls", 1, "guest_alloc_stalls"),
+     ("oom_kills", 1, "guest_oom_kill"), ("major_faults", 5000, "guest_major_faults")],
+)  # fmt: skip
+def test_rising_pressure_counters_deflate_at_once(counter: str, value: int, reason: str) -> None:
+    policy = Policy(CONFIG)
+    quiet = guest(resident=3 * GiB, target=512 * MiB)
+    policy.decide(HostView(), [quiet])
+    rising = guest(resident=3 * GiB, target=512 * MiB, **{counter: value})
+    (d,) = policy.decide(HostView(), [rising]).decisions
+    assert (d.target_bytes, d.reason, d.direction) == (384 * MiB, reason, Direction.DEFLATE)
+    # under pressure with nothing in the balloon: held, never inflated
+    policy.decide(HostView(), [guest(resident=3 * GiB)])
+    (d,) = policy.decide(HostView(), [guest(resident=3 * GiB, **{counter: 2 * value})]).decisions
+    assert (d.target_bytes, d.reason) == (0, reason)
+
+
+def test_major_faults_under_the_threshold_are_normal() -> None:
+    policy = Policy(CONFIG)
+    policy.decide(HostView(), [guest(resident=3 * GiB, target=512 * MiB)])
+    (d,) = policy.decide(
+        HostView(), [guest(resident=3 * GiB, target=512 * MiB, major_faults=1500)]
+    ).decisions
+    assert d.direction is Direction.INFLATE
+
+
+# -- properties ---------------------------------------------------------------------------
+views = st.builds(
+    guest,
+    vm=st.sampled_from(["a", "b", "c", "d"]),
+    ram=st.integers(256, 8192).map(lambda m: m * MiB),
+    resident=st.integers(0, 8192).map(lambda m: m * MiB),
+    target=st.integers(0, 4096).map(lambda m: m * MiB),
+    available=st.one_of(st.none(), st.integers(0, 8192).map(lambda m: m * MiB)),
+    age=st.floats(0, 100),
+    swap_in_bytes=st.integers(0, 10),
+    alloc_stalls=st.integers(0, 10),
+)
+hosts = st.builds(HostView, st.one_of(st.none(), st.integers(0, 64 * GiB)),
+                  st.one_of(st.none(), st.floats(0, 100)))  # fmt: skip
+snapshots = st.lists(views, min_size=1, max_size=4, unique_by=lambda g: g.vm)
+
+
+@given(first=snapshots, second=snapshots, host=hosts, budget=st.integers(0, 16 * 1024))
+@settings(max_examples=300)
+def test_never_under_a_floor_never_blind_never_more_than_a_step(
+    first: list[GuestView], second: list[GuestView], host: HostView, budget: int
+) -> None:
+    config = dataclasses.replace(CONFIG, budget_bytes=budget * MiB)
+    policy = Policy(config)
+    for snapshot in (first, second):  # the second sees the first's counters
+        out = policy.decide(host, snapshot)
+        for g, d in zip(snapshot, out.decisions, strict=True):
+            assert d.vm == g.vm
+            assert abs(d.target_bytes - g.target_bytes) <= config.step_bytes
+            assert d.target_bytes >= 0
+            if d.direction is Direction.INFLATE:
+                assert g.stats is not None and g.stats_age_s is not None
+                assert g.stats_age_s <= 3 * config.interval_s
+                assert not d.reason.startswith("guest_")
+                # what the guest gives beyond its current balloon keeps it at its floor
+                given = d.target_bytes - g.actual_bytes
+                assert g.stats.available_bytes - given >= floor_bytes(g.ram_bytes, config)
+                assert d.target_bytes <= g.ram_bytes - g.min_memory_bytes
+
+
+@given(snapshot=snapshots, budget=st.integers(0, 16 * 1024))
+@settings(max_examples=300)
+def test_a_steady_input_settles(snapshot: list[GuestView], budget: int) -> None:
+    """The guests do as told (actual follows target, available and resident shrink by
+    what they give) and nothing else changes: targets stop moving within a bounded
+    number of intervals and never go back and forth."""
+    config = dataclasses.replace(CONFIG, budget_bytes=budget * MiB)
+    policy = Policy(config)
+    guests = {g.vm: g for g in snapshot}
+    history: dict[str, list[int]] = {vm: [g.target_bytes] for vm, g in guests.items()}
+    for _ in range(80):
+        out = policy.decide(HostView(), list(guests.values()))
+        for d in out.decisions:
+            g = guests[d.vm]
+            moved = d.target_bytes - g.actual_bytes
+            stats = g.stats
+            if stats is not None:
+                stats = dataclasses.replace(
+                    stats, available_bytes=max(0, stats.available_bytes - moved)
+                )
+            guests[d.vm] = dataclasses.replace(
+                g, target_bytes=d.target_bytes, actual_bytes=d.target_bytes, stats=stats,
+                resident_bytes=max(0, g.resident_bytes - max(0, moved)),
+            )  # fmt: skip
+            history[d.vm].append(d.target_bytes)
+    for vm, targets in history.items():
+        tail = targets[-10:]
+        assert len(set(tail)) == 1, (vm, targets)
+        # monotonic: no back and forth on a steady input
+        steps = [b - a for a, b in itertools.pairwise(targets) if b != a]
+        assert all(s > 0 for s in steps) or all(s < 0 for s in steps), (vm, targets)
