@@ -156,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the balloon control socket here (mode 0600): "
         "'vhost-user-balloon balloon VM SIZE' sets how much memory a guest gives up",
     )  # fmt: skip
+    p.add_argument(
+        "--auto-balloon-budget", metavar="SIZE", type=parse_size,
+        help="turn on the automatic balloon policy: hold the guests' host-resident RAM, "
+        "summed, under SIZE (e.g. 6G); its other settings: [auto_balloon] in --config",
+    )  # fmt: skip
+    p.add_argument(
+        "--auto-balloon-observe-only", action="store_true",
+        help="the policy logs and counts its decisions but applies none",
+    )  # fmt: skip
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -178,6 +187,8 @@ def settings_from_args(args: argparse.Namespace, activated: Mapping[str, str]) -
         stats_interval=args.stats_interval,
         deflate_on_oom=args.deflate_on_oom,
         control_socket=args.control_socket,
+        auto_budget=args.auto_balloon_budget,
+        auto_observe_only=args.auto_balloon_observe_only,
     )
 
 
@@ -209,6 +220,7 @@ async def run(
         notifier=Notifier(),
         fd_store=fd_store,
         stored=stored,
+        auto_balloon=settings.auto_balloon,
     )
     log = structlog.get_logger()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -229,7 +241,7 @@ async def run(
                         log.warning(
                             "reload_partial", message="metrics_listen changes need a restart"
                         )
-                    daemon.reload(new.vms, new.access)
+                    daemon.reload(new.vms, new.access, new.auto_balloon)
                     continue
                 log.info("shutdown_requested", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

@@ -12,11 +12,14 @@ import re
 import tomllib
 from argparse import ArgumentTypeError
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
+from vhost_user_balloon.policy import PolicyConfig
+
 __all__ = [
+    "AUTO_KEYS",
     "DEFAULT_METRICS_LISTEN",
     "DEFAULT_STATS_INTERVAL_S",
     "KEYS",
@@ -24,6 +27,7 @@ __all__ = [
     "LOG_LEVELS",
     "MAX_VMS",
     "Access",
+    "AutoBalloon",
     "ConfigError",
     "Settings",
     "VmSpec",
@@ -60,13 +64,14 @@ class Key:
     @property
     def type_name(self) -> str:
         names = {bool: "true or false", str: "a string", int: "a whole number",
-                 float: "a number", list: "an array"}  # fmt: skip
+                 float: "a number", list: "an array", dict: "a table"}  # fmt: skip
         return " or ".join(names[t] for t in self.types)
 
 
 #: Every key of the configuration file, in the order ``--help`` lists them.
 KEYS: Final = {k.name: k for k in (
-    Key("vm", (list,), [], "[[vm]] tables, each with name, socket and optionally discard"),
+    Key("vm", (list,), [],
+        "[[vm]] tables, each with name, socket and optionally discard, auto_balloon, min_memory"),
     Key("metrics_listen", (str,), DEFAULT_METRICS_LISTEN,
         "HOST:PORT for /metrics, [::1]:PORT for IPv6, or 'none'"),
     Key("log_format", (str,), "auto", f"one of {', '.join(LOG_FORMATS)}"),
@@ -82,18 +87,37 @@ KEYS: Final = {k.name: k for k in (
         "seconds between requests for guest statistics (0: ask once)"),
     Key("deflate_on_oom", (bool,), False, "offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM"),
     Key("control_socket", (str,), None, "path of the balloon control socket"),
+    Key("auto_balloon", (dict,), {},
+        "[auto_balloon] table: the automatic balloon policy (its keys below)"),
+)}  # fmt: skip
+#: Keys of the [auto_balloon] table. Sizes are bytes or strings such as "512M".
+AUTO_KEYS: Final = {k.name: k for k in (
+    Key("budget", (str, int), None,
+        "the guests' host-resident RAM, summed, to hold under (setting it turns the policy on)"),
+    Key("interval", (int, float), 10.0, "seconds between decisions"),
+    Key("step", (str, int), "128M", "the most a VM's balloon moves per interval"),
+    Key("margin", (str, int), "256M", "balloons deflate once this far under the budget"),
+    Key("min_free", (str, int), "128M", "a guest's floor: at least this MemAvailable ..."),
+    Key("min_free_percent", (int, float), 10.0, "... and at least this percentage of its RAM"),
+    Key("host_psi_some", (int, float), 10.0,
+        "host memory pressure (PSI some avg10, in percent) above which guests are inflated"),
+    Key("host_min_available", (str, int), None,
+        "host MemAvailable under which guests are inflated (unset: not used)"),
+    Key("observe_only", (bool,), False, "log and count decisions, apply none"),
 )}  # fmt: skip
 #: Keys of one [[vm]] table.
 VM_KEYS: Final = {k.name: k for k in (
     Key("name", (str,), None, "the VM's name (its metric label)"),
     Key("socket", (str,), None, "the socket QEMU connects to"),
     Key("discard", (bool,), True, "false for this VM alone (VFIO passthrough)"),
+    Key("auto_balloon", (bool,), True, "false: the automatic balloon policy leaves it alone"),
+    Key("min_memory", (str, int), 0, "the policy never leaves the guest less memory than this"),
 )}  # fmt: skip
 
 
 def config_keys_help() -> str:
     """One line per key of the configuration file, for ``--help``."""
-    return "; ".join(f"{k.name} ({k.help})" for k in KEYS.values())
+    return "; ".join(f"{k.name} ({k.help})" for k in (*KEYS.values(), *AUTO_KEYS.values()))
 
 
 def _typed(data: Mapping[str, object], key: Key, where: str) -> object:
@@ -126,6 +150,19 @@ class VmSpec:
     name: str
     socket: Path
     discard: bool = True
+    #: the automatic balloon policy may move this VM's balloon
+    auto_balloon: bool = True
+    #: ... but never leaves its guest less memory than this
+    min_memory: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AutoBalloon:
+    """The automatic balloon policy's settings ([auto_balloon])."""
+
+    policy: PolicyConfig
+    #: compute, log and count decisions without applying them
+    observe_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +196,8 @@ class Settings:
     stats_interval: float = DEFAULT_STATS_INTERVAL_S
     deflate_on_oom: bool = False
     control_socket: Path | None = None
+    #: None: the automatic balloon policy is off
+    auto_balloon: AutoBalloon | None = None
 
 
 def parse_vm(text: str, *, discard: bool = True) -> VmSpec:
@@ -259,6 +298,8 @@ def load_settings(
     deflate_on_oom: bool = False,
     control_socket: str | None = None,
     activated: Mapping[str, str] | None = None,
+    auto_budget: int | None = None,
+    auto_observe_only: bool = False,
 ) -> Settings:
     """Merge the TOML file (if any) and the command line; the command line wins."""
     where = f"--config {str(config_file)!r}"
@@ -286,6 +327,7 @@ def load_settings(
         )
     group = socket_group if socket_group is not None else file["socket_group"]
     return Settings(
+        auto_balloon=_auto_balloon(file["auto_balloon"], auto_budget, auto_observe_only, where),
         control_socket=control_path,
         stats_interval=float(interval),
         deflate_on_oom=deflate_on_oom or bool(file["deflate_on_oom"]),
@@ -331,7 +373,58 @@ def _file_vm(entry: object, discard_default: bool, where: str) -> VmSpec:
         raise ConfigError(f"{where}: unknown keys {', '.join(extra)}")
     values = {name: _typed(entry, key, where) for name, key in VM_KEYS.items()}
     discard = bool(values["discard"]) and discard_default
-    return _vm(str(values["name"]), str(values["socket"]), discard, where)
+    vm = _vm(str(values["name"]), str(values["socket"]), discard, where)
+    return replace(
+        vm,
+        auto_balloon=bool(values["auto_balloon"]),
+        min_memory=_bytes(values["min_memory"], f"{where}: min_memory"),
+    )
+
+
+def _bytes(value: object, where: str) -> int:
+    """A size from the file: a whole number of bytes or a string such as "512M"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    try:
+        return parse_size(str(value))
+    except ArgumentTypeError:
+        raise ConfigError(f'{where} = {value!r}: give bytes or a size such as "512M"') from None
+
+
+def _auto_balloon(
+    table: object, budget: int | None, observe_only: bool, where: str
+) -> AutoBalloon | None:
+    """The [auto_balloon] table merged with the command line; None if no budget."""
+    assert isinstance(table, dict)  # _typed checked it
+    unknown = sorted(set(table) - set(AUTO_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: [auto_balloon] has unknown keys {', '.join(unknown)} "
+            f"(known: {', '.join(AUTO_KEYS)})"
+        )
+    v = {name: _typed(table, key, f"{where}: [auto_balloon]") for name, key in AUTO_KEYS.items()}
+    if budget is None and v["budget"] is None:
+        return None
+    size = {k: None if v[k] is None else _bytes(v[k], f"{where}: [auto_balloon] {k}")
+            for k in ("budget", "step", "margin", "min_free", "host_min_available")}  # fmt: skip
+    numbers = {k: float(v[k]) for k in ("interval", "min_free_percent", "host_psi_some")}  # type: ignore[arg-type]
+    if numbers["interval"] <= 0 or not 0 <= numbers["min_free_percent"] <= 100:
+        raise ConfigError(
+            f"{where}: [auto_balloon] needs interval > 0 and min_free_percent from 0 to 100"
+        )
+    if not size["step"]:
+        raise ConfigError(f"{where}: [auto_balloon] step must be more than 0")
+    policy = PolicyConfig(
+        budget_bytes=budget if budget is not None else int(size["budget"] or 0),
+        interval_s=numbers["interval"],
+        step_bytes=int(size["step"]),
+        margin_bytes=int(size["margin"] or 0),
+        min_free_bytes=int(size["min_free"] or 0),
+        min_free_percent=numbers["min_free_percent"],
+        host_psi_some=numbers["host_psi_some"],
+        host_min_available_bytes=size["host_min_available"],
+    )
+    return AutoBalloon(policy, observe_only or bool(v["observe_only"]))
 
 
 def _check_vms(vms: Sequence[VmSpec]) -> None:

@@ -7,7 +7,10 @@ memory away from a guest. One JSON object per line in, one per line out:
                                                     "target_bytes": 0, "actual_bytes": 0,
                                                     "ram_bytes": ..., "resident_bytes": ...,
                                                     "guest": {"available_bytes": ..., ...}}
-    {"vm": "web1", "target_bytes": 536870912}   -> the same, after asking the guest
+    {"vm": "web1", "target_bytes": 536870912}   -> the same, after asking the guest; the
+                                                   VM is pinned (the automatic policy
+                                                   leaves it alone)
+    {"vm": "web1", "release": true}             -> the same, unpinned
     anything else                               -> {"ok": false, "error": "..."}
 """
 
@@ -36,7 +39,9 @@ _TIMEOUT_S: Final = 5.0
 
 
 async def handle_request(
-    line: bytes, vms: Callable[[], Mapping[str, VmConnection | None]]
+    line: bytes,
+    vms: Callable[[], Mapping[str, VmConnection | None]],
+    pins: set[str] | None = None,
 ) -> dict[str, Any]:
     try:
         request = json.loads(line)
@@ -59,8 +64,14 @@ async def handle_request(
             await conn.set_target(target)
         except BalloonTargetError as err:
             return {"ok": False, "error": str(err)}
+        if pins is not None:
+            pins.add(name)  # set by hand: the automatic policy leaves it from now on
+    elif request.get("release") is True and pins is not None:
+        pins.discard(name)
+    pinned = pins is not None and name in pins
     if conn is None:
-        return {"ok": True, "vm": name, "attached": False, "target_bytes": 0, "actual_bytes": 0}
+        return {"ok": True, "vm": name, "attached": False, "target_bytes": 0, "actual_bytes": 0,
+                "pinned": pinned}  # fmt: skip
     config = conn.device.config
     return {
         "ok": True,
@@ -68,6 +79,7 @@ async def handle_request(
         "attached": True,
         "target_bytes": config.num_pages * GUEST_PAGE_SIZE,
         "actual_bytes": config.actual * GUEST_PAGE_SIZE,
+        "pinned": pinned,
         "ram_bytes": conn.memory.ram_bytes,
         "resident_bytes": conn.memory.resident_bytes(),
         "guest": _guest_memory(conn),
@@ -97,13 +109,15 @@ _GUEST_MEMORY: Final = {
 
 
 async def serve_control(
-    listener: trio.SocketListener, vms: Callable[[], Mapping[str, VmConnection | None]]
+    listener: trio.SocketListener,
+    vms: Callable[[], Mapping[str, VmConnection | None]],
+    pins: set[str] | None = None,
 ) -> None:
     async def handler(stream: trio.SocketStream) -> None:
         try:
             data = await receive_until(stream, b"\n", MAX_CONTROL_REQUEST, _TIMEOUT_S)
             try:
-                reply = await handle_request(data.split(b"\n", 1)[0], vms)
+                reply = await handle_request(data.split(b"\n", 1)[0], vms, pins)
             except Exception as err:
                 log.error("control_request_crashed", error=repr(err), exc_info=err)
                 reply = {"ok": False, "error": f"the daemon failed to carry this out: {err!r}"}

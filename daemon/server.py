@@ -31,7 +31,8 @@ import trio
 from vhost_user_balloon.protocol import DEFAULT_FEATURES, BalloonFeature, VhostUserError
 
 from .adoption import AdoptError, HandOver, take_up
-from .config import DEFAULT_STATS_INTERVAL_S, Access, VmSpec
+from .autoballoon import AutoBalloonRunner
+from .config import DEFAULT_STATS_INTERVAL_S, Access, AutoBalloon, VmSpec
 from .connection import ConnectionOptions, VmConnection
 from .control import serve_control
 from .fds import close_fds
@@ -174,8 +175,11 @@ class Daemon:
         notifier: Notifier | None = None,
         fd_store: bool = False,
         stored: Mapping[str, StoredVm] | None = None,
+        auto_balloon: AutoBalloon | None = None,
     ) -> None:
         self.vms = tuple(vms)
+        self.auto_balloon = auto_balloon
+        self._auto: tuple[AutoBalloonRunner, trio.CancelScope] | None = None
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics_listen = metrics_listen
         self.metrics_address: tuple[str, int] | None = None
@@ -207,6 +211,8 @@ class Daemon:
         self.connections: dict[str, VmConnection] = {}
         #: each VM's balloon target in bytes, kept across its connections
         self.targets: dict[str, int] = {}
+        #: VMs whose target was set by hand: the automatic policy leaves them alone
+        self.pins: set[str] = set()
         self._listeners: dict[str, tuple[_Listener, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
         self.discard_limiter = trio.CapacityLimiter(DISCARD_THREADS)
@@ -341,10 +347,11 @@ class Daemon:
                 self._nursery = nursery
                 if self._control is not None:
                     control = trio.SocketListener(self._control.sock)
-                    nursery.start_soon(serve_control, control, self._vm_connections)
+                    nursery.start_soon(serve_control, control, self._vm_connections, self.pins)
                 if http:
                     nursery.start_soon(serve_metrics, http, self.metrics.registry, self.save_totals)
                 nursery.start_soon(self.notifier.watchdog)
+                self._start_auto_balloon()
                 await self._adopt_connections()
                 for listener, scope in self._listeners.values():
                     nursery.start_soon(self._accept_loop, listener, scope)
@@ -360,6 +367,39 @@ class Daemon:
         finally:
             self._close_all()
             log.info("daemon_stopped")
+
+    @property
+    def auto_runner(self) -> AutoBalloonRunner | None:
+        """The automatic balloon policy's loop (None while it is off)."""
+        return None if self._auto is None else self._auto[0]
+
+    def _start_auto_balloon(self) -> None:
+        if self.auto_balloon is None or self._nursery is None:
+            return
+        runner = AutoBalloonRunner(
+            self.auto_balloon, self.metrics.registry, lambda: self.connections,
+            lambda: {vm.name: vm for vm in self.vms}, self.pins,
+        )  # fmt: skip
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await runner.run()
+
+        self._auto = (runner, scope)
+        self._nursery.start_soon(run)
+
+    def _reconfigure_auto_balloon(self, settings: AutoBalloon | None) -> None:
+        """SIGHUP: the policy turned on, off, or given new settings."""
+        self.auto_balloon = settings
+        if self._auto is not None and settings is not None:
+            self._auto[0].reconfigure(settings)
+        elif self._auto is not None:
+            self._auto[1].cancel()
+            self._auto = None
+            log.info("auto_balloon_stopped")
+        else:
+            self._start_auto_balloon()
 
     async def _open_all(self) -> list[trio.SocketListener]:
         """Everything that can fail at start-up, before anything is served: the carried
@@ -401,19 +441,23 @@ class Daemon:
             self._control.close()
             self._control = None
 
-    def reload(self, vms: Sequence[VmSpec], access: Access) -> None:
+    def reload(
+        self, vms: Sequence[VmSpec], access: Access, auto_balloon: AutoBalloon | None = None
+    ) -> None:
         """Apply a new configuration (SIGHUP): add and remove VMs, leave the others alone.
 
         A removed VM stops listening; a QEMU still attached to it keeps its connection
         until it goes away (cutting it would abort QEMU 11.1). A VM whose socket cannot
         be opened is logged and left out; the rest still applies.
         """
+        self._reconfigure_auto_balloon(auto_balloon)
         old = {vm.name: vm for vm in self.vms}
         new = {vm.name: vm for vm in vms}
         changed = [n for n in old.keys() & new.keys() if old[n].socket != new[n].socket]
         removed = sorted(old.keys() - new.keys()) + changed
         for name in old.keys() - new.keys():
             self.targets.pop(name, None)
+            self.pins.discard(name)
         for name in removed:
             listener, scope = self._listeners.pop(name)
             scope.cancel()

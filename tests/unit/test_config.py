@@ -8,6 +8,7 @@ import pytest
 
 from vhost_user_balloon.daemon.cli import build_parser
 from vhost_user_balloon.daemon.config import (
+    AUTO_KEYS,
     DEFAULT_STATS_INTERVAL_S,
     KEYS,
     VM_KEYS,
@@ -74,6 +75,44 @@ def test_right_types_and_defaults(tmp_path: Path) -> None:
 
 def test_help_lists_every_key_of_the_file() -> None:
     text = " ".join(build_parser().format_help().split())
-    for key in [*KEYS, *VM_KEYS]:
+    for key in [*KEYS, *VM_KEYS, *AUTO_KEYS]:
         assert key in text, key
     assert f"default {DEFAULT_STATS_INTERVAL_S:g}" in text
+
+
+def test_auto_balloon_table(tmp_path: Path) -> None:
+    conf = tmp_path / "vub.toml"
+    conf.write_text(
+        '[auto_balloon]\nbudget = "6G"\nstep = "64M"\ninterval = 5\nobserve_only = true\n'
+        f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\nauto_balloon = false\n'
+        'min_memory = "512M"\n'
+    )
+    settings = load_settings(config_file=conf)
+    auto = settings.auto_balloon
+    assert auto is not None and auto.observe_only
+    assert (auto.policy.budget_bytes, auto.policy.step_bytes, auto.policy.interval_s) == (
+        6 << 30, 64 << 20, 5.0)  # fmt: skip
+    assert auto.policy.min_free_bytes == 128 << 20  # a default
+    (vm,) = settings.vms
+    assert (vm.auto_balloon, vm.min_memory) == (False, 512 << 20)
+    # The command line's budget wins; without any budget the policy is off.
+    assert (
+        load_settings(config_file=conf, auto_budget=1 << 30).auto_balloon.policy.budget_bytes
+        == 1 << 30
+    )  # type: ignore[union-attr]
+    assert load(tmp_path, "").auto_balloon is None
+    assert load_settings(vm_args=[f"a={tmp_path}/a.sock"], auto_budget=1 << 30).auto_balloon
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [('budget = "6G"\nbudjet = 1', "unknown keys budjet"),
+     ('budget = "lots"', 'budget = \'lots\': give bytes or a size such as "512M"'),
+     ('budget = "6G"\ninterval = 0', "interval > 0"),
+     ('budget = "6G"\nstep = 0', "step must be more than 0"),
+     ('budget = "6G"\nobserve_only = "yes"', "observe_only = 'yes' is a string")],
+)  # fmt: skip
+def test_auto_balloon_mistakes_are_named(tmp_path: Path, table: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, f"[auto_balloon]\n{table}")
+    assert words in str(err.value)

@@ -1,0 +1,203 @@
+"""Runs the automatic balloon policy (policy/auto.py) inside the daemon.
+
+Every interval: describe each attached VM (its RAM, the host memory its RAM files hold,
+its balloon, the guest's last statistics and their age) and the host (MemAvailable,
+memory pressure), ask the policy, count and log each decision with its inputs, and
+apply the targets through the same path as ``vhost-user-balloon balloon``. A target
+set by hand pins that VM (the policy leaves it) until released through the control
+socket. In observe-only mode nothing is applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from vhost_user_balloon.policy import (
+    Decision,
+    Direction,
+    GuestStats,
+    GuestView,
+    HostView,
+    Outcome,
+    Policy,
+)
+from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonStat
+
+from .config import AutoBalloon, VmSpec
+from .connection import BalloonTargetError, VmConnection
+from .hostmem import host_view
+from .metrics import PREFIX
+
+__all__ = ["AutoBalloonRunner"]
+
+log = structlog.get_logger()
+
+
+class _AutoMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        ns = f"{PREFIX}_auto_balloon"
+        self.budget = Gauge(f"{ns}_budget_bytes", "The policy's budget for the guests' "
+                            "host-resident RAM, summed.", registry=registry)  # fmt: skip
+        self.resident = Gauge(f"{ns}_resident_bytes", "The guests' host-resident RAM, summed, "
+                              "as the policy last saw it.", registry=registry)  # fmt: skip
+        self.shortfall = Gauge(
+            f"{ns}_shortfall_bytes", "What the budget lacks after every guest gave what it "
+            "can without crossing its floor (0: met or on its way).", registry=registry,
+        )  # fmt: skip
+        self.reclaimable = Gauge(
+            f"{ns}_reclaimable_bytes", "What the policy counts a guest can give: MemAvailable "
+            "above its floor plus one step.", ["vm"], registry=registry,
+        )  # fmt: skip
+        self.floor = Gauge(
+            f"{ns}_floor_bytes", "A guest's floor: under it the policy deflates its balloon.",
+            ["vm"], registry=registry,
+        )  # fmt: skip
+        self.decisions = Counter(
+            f"{ns}_decisions", "Targets the policy moved, by direction and reason.",
+            ["vm", "direction", "reason"], registry=registry,
+        )  # fmt: skip
+
+
+@dataclass
+class AutoBalloonRunner:
+    """The policy's loop. ``connections`` and ``vms`` are read afresh each interval, so
+    VMs attached, detached, added or removed (SIGHUP) are seen at the next one."""
+
+    settings: AutoBalloon
+    registry: CollectorRegistry
+    connections: Callable[[], Mapping[str, VmConnection]]
+    vms: Callable[[], Mapping[str, VmSpec]]
+    #: VMs whose target was set by hand
+    pins: set[str]
+    host: Callable[[], HostView] = host_view
+    policy: Policy = field(init=False)
+    _metrics: _AutoMetrics = field(init=False)
+    _short: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = Policy(self.settings.policy)
+        self._metrics = _AutoMetrics(self.registry)
+        self._metrics.budget.set(self.settings.policy.budget_bytes)
+
+    async def run(self) -> None:
+        log.info(
+            "auto_balloon_started",
+            budget_bytes=self.settings.policy.budget_bytes,
+            interval_s=self.settings.policy.interval_s,
+            observe_only=self.settings.observe_only,
+        )
+        while True:
+            await trio.sleep(self.settings.policy.interval_s)
+            await self.step()
+
+    def reconfigure(self, settings: AutoBalloon) -> None:
+        """New settings (SIGHUP): the next interval decides with them."""
+        self.settings = settings
+        self.policy.config = settings.policy
+        self._metrics.budget.set(settings.policy.budget_bytes)
+        log.info("auto_balloon_reconfigured", budget_bytes=settings.policy.budget_bytes,
+                 observe_only=settings.observe_only)  # fmt: skip
+
+    async def step(self) -> Outcome:
+        """One interval: decide, record, apply."""
+        conns = dict(self.connections())
+        guests = list(self._guests(conns))
+        outcome = self.policy.decide(self.host(), guests)
+        self._record(outcome, guests)
+        for decision in outcome.decisions:
+            if decision.direction is Direction.HOLD or self.settings.observe_only:
+                continue
+            conn = conns.get(decision.vm)
+            if conn is None:
+                continue
+            try:
+                await conn.set_target(decision.target_bytes)
+            except BalloonTargetError as err:
+                log.warning("auto_balloon_not_applied", vm=decision.vm, error=str(err))
+        return outcome
+
+    def _guests(self, conns: Mapping[str, VmConnection]) -> Iterator[GuestView]:
+        specs = self.vms()
+        for name, conn in sorted(conns.items()):
+            ram = conn.memory.ram_bytes
+            if ram == 0:  # no memory table yet: nothing to decide on
+                continue
+            spec = specs.get(name)
+            config = conn.device.config
+            latest = conn.vm_metrics.guest_stats()
+            stats, age = (None, None) if latest is None else (_stats(latest[0]), latest[1])
+            yield GuestView(
+                vm=name,
+                ram_bytes=ram,
+                resident_bytes=conn.memory.resident_bytes(),
+                target_bytes=config.num_pages * GUEST_PAGE_SIZE,
+                actual_bytes=config.actual * GUEST_PAGE_SIZE,
+                stats=stats,
+                stats_age_s=age,
+                min_memory_bytes=spec.min_memory if spec is not None else 0,
+                opted_out=spec is not None and not spec.auto_balloon,
+                pinned=name in self.pins,
+            )
+
+    def _record(self, outcome: Outcome, guests: list[GuestView]) -> None:
+        m = self._metrics
+        m.resident.set(outcome.resident_bytes)
+        m.shortfall.set(outcome.shortfall_bytes)
+        views = {g.vm: g for g in guests}
+        for d in outcome.decisions:
+            m.reclaimable.labels(vm=d.vm).set(d.reclaimable_bytes)
+            m.floor.labels(vm=d.vm).set(d.floor_bytes)
+            if d.direction is not Direction.HOLD:
+                m.decisions.labels(vm=d.vm, direction=d.direction.value, reason=d.reason).inc()
+                _log_decision(d, views[d.vm], self.settings.observe_only)
+        short = outcome.shortfall_bytes > 0
+        if short != self._short:
+            self._short = short
+            if short:
+                log.warning(
+                    "auto_balloon_budget_unreachable",
+                    shortfall_bytes=outcome.shortfall_bytes,
+                    resident_bytes=outcome.resident_bytes,
+                    budget_bytes=self.settings.policy.budget_bytes,
+                    message="the guests cannot give more without going under their floors",
+                )
+            else:
+                log.info("auto_balloon_budget_reachable", resident_bytes=outcome.resident_bytes)
+
+
+def _log_decision(d: Decision, g: GuestView, observe_only: bool) -> None:
+    log.info(
+        "auto_balloon_decision",
+        vm=d.vm,
+        direction=d.direction.value,
+        reason=d.reason,
+        target_bytes=d.target_bytes,
+        previous_target_bytes=g.target_bytes,
+        actual_bytes=g.actual_bytes,
+        resident_bytes=g.resident_bytes,
+        available_bytes=None if g.stats is None else g.stats.available_bytes,
+        floor_bytes=d.floor_bytes,
+        reclaimable_bytes=d.reclaimable_bytes,
+        applied=not observe_only,
+    )
+
+
+def _stats(tags: Mapping[int, int]) -> GuestStats | None:
+    """The guest's statistics as the policy reads them (None without MemAvailable)."""
+    if BalloonStat.AVAIL not in tags:
+        return None
+    return GuestStats(
+        available_bytes=tags[BalloonStat.AVAIL],
+        total_bytes=tags.get(BalloonStat.MEMTOT, 0),
+        free_bytes=tags.get(BalloonStat.MEMFREE, 0),
+        caches_bytes=tags.get(BalloonStat.CACHES, 0),
+        swap_in_bytes=tags.get(BalloonStat.SWAP_IN, 0),
+        major_faults=tags.get(BalloonStat.MAJFLT, 0),
+        alloc_stalls=tags.get(BalloonStat.ALLOC_STALL, 0),
+        oom_kills=tags.get(BalloonStat.OOM_KILL, 0),
+    )

@@ -1,0 +1,120 @@
+"""The automatic balloon policy inside the daemon, with fake frontends: targets follow
+the budget through the real balloon path, a target set by hand pins the VM until
+released, observe-only applies nothing. (The rules themselves: tests/unit/test_policy.py.)"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+import trio
+from daemon_helpers import StartDaemon, sample
+from frontend import FakeFrontend, GuestMemfd, MiB
+from test_balloon import control
+from test_stats import post_stats, wait_for
+
+from vhost_user_balloon.daemon.config import AutoBalloon
+from vhost_user_balloon.policy import HostView, PolicyConfig
+
+BUDGET = 40 * MiB
+
+
+def settings(observe_only: bool = False) -> AutoBalloon:
+    # An interval of an hour: the test takes each step itself.
+    return AutoBalloon(
+        PolicyConfig(budget_bytes=BUDGET, interval_s=3600, step_bytes=8 * MiB,
+                     margin_bytes=4 * MiB, min_free_bytes=4 * MiB, min_free_percent=0),
+        observe_only=observe_only,
+    )  # fmt: skip
+
+
+async def attach(
+    path: Path, guest: GuestMemfd, available: int
+) -> tuple[FakeFrontend, socket.socket]:
+    ours, qemus = socket.socketpair()
+    fe = await FakeFrontend.connect(str(path), guest)
+    await fe.handshake(protocol=0x228, backend_fd=ours.fileno())
+    ours.close()
+    await fe.start()
+    guest.populate(16 * MiB, 30 * MiB)  # 30 MiB resident each (and the rings): over 40 MiB
+    post_stats(fe, guest, [(6, available), (5, 64 * MiB)])  # MemAvailable, MemTotal
+    qemus.settimeout(5)
+    return fe, qemus
+
+
+async def test_the_policy_inflates_the_guest_with_most_to_give_and_pins_hold(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    ctl = tmp_path / "control.sock"
+    daemon = await start_daemon("a", "b", control_socket=ctl, auto_balloon=settings())
+    runner = daemon.auto_runner
+    assert runner is not None
+    runner.host = HostView  # this machine's own pressure must not decide the test
+    guests = [GuestMemfd(64 * MiB), GuestMemfd(64 * MiB)]
+    (fa, qa), (fb, qb) = [
+        await attach(vm.socket, g, avail)
+        for vm, g, avail in zip(daemon.vms, guests, (40 * MiB, 20 * MiB), strict=True)
+    ]
+    try:
+        await wait_for(lambda: sample(daemon, "guest_memory_available_bytes", vm="b") > 0)
+        out = await runner.step()
+        # 20 MiB over: a (40 - 4 - 8 = 28 MiB to give) first, one 8 MiB step; then b
+        # (20 - 4 - 8 = 8 MiB) one step (the rest is on its way).
+        assert {d.vm: (d.target_bytes, d.reason) for d in out.decisions} == {
+            "a": (8 * MiB, "over_budget"), "b": (8 * MiB, "over_budget")}  # fmt: skip
+        assert struct.unpack("<I", (await fa.get_config())[:4])[0] == 8 * MiB // 4096
+        assert struct.unpack("=III", qa.recv(12)) == (2, 1, 0)  # QEMU told of the change
+        assert sample(daemon, "auto_balloon_decisions_total", vm="a", direction="inflate",
+                      reason="over_budget") == 1  # fmt: skip
+        assert 60 * MiB < sample(daemon, "auto_balloon_resident_bytes") < 61 * MiB
+        assert sample(daemon, "auto_balloon_budget_bytes") == BUDGET
+        assert sample(daemon, "auto_balloon_floor_bytes", vm="a") == 4 * MiB
+
+        # b set by hand: pinned, the policy leaves it; released, it decides again.
+        assert (await control(ctl, {"vm": "b", "target_bytes": 2 * MiB}))["pinned"]
+        out = await runner.step()
+        assert [(d.vm, d.reason) for d in out.decisions if d.vm == "b"] == [("b", "pinned")]
+        assert (await control(ctl, {"vm": "b"}))["target_bytes"] == 2 * MiB
+        assert not (await control(ctl, {"vm": "b", "release": True}))["pinned"]
+        out = await runner.step()
+        assert [d.reason for d in out.decisions if d.vm == "b"] != ["pinned"]
+    finally:
+        for fe in (fa, fb):
+            await fe.aclose()
+        for c in (qa, qb):
+            c.close()
+        for g in guests:
+            g.close()
+
+
+async def test_observe_only_decides_and_applies_nothing(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon("a", auto_balloon=settings(observe_only=True))
+    runner = daemon.auto_runner
+    assert runner is not None
+    runner.host = HostView
+    guest = GuestMemfd(64 * MiB)
+    fe, qemus = await attach(daemon.vms[0].socket, guest, 40 * MiB)
+    try:
+        guest.populate(48 * MiB, 14 * MiB)  # 44 MiB resident, one VM
+        await wait_for(lambda: sample(daemon, "guest_memory_available_bytes", vm="a") > 0)
+        out = await runner.step()
+        # over by what the guest holds beyond the budget: all of it, in one step
+        assert [(d.vm, d.target_bytes) for d in out.decisions] == [
+            ("a", out.resident_bytes - BUDGET)]  # fmt: skip
+        assert sample(daemon, "auto_balloon_decisions_total", vm="a", direction="inflate",
+                      reason="over_budget") == 1  # fmt: skip
+        assert struct.unpack("<I", (await fe.get_config())[:4])[0] == 0  # not applied
+        qemus.settimeout(0.2)
+        with trio.fail_after(1):
+            try:
+                qemus.recv(12)
+                raise AssertionError("QEMU was told of a change in observe-only mode")
+            except TimeoutError:
+                pass
+    finally:
+        await fe.aclose()
+        qemus.close()
+        guest.close()
