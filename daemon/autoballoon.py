@@ -33,12 +33,14 @@ from .connection import BalloonTargetError, VmConnection
 from .hostmem import host_view
 from .metrics import PREFIX
 
-__all__ = ["AutoBalloonRunner"]
+__all__ = ["AutoBalloonMetrics", "AutoBalloonRunner"]
 
 log = structlog.get_logger()
 
 
-class _AutoMetrics:
+class AutoBalloonMetrics:
+    """The policy's series, registered when it is turned on."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         ns = f"{PREFIX}_auto_balloon"
         self.budget = Gauge(f"{ns}_budget_bytes", "The policy's budget for the guests' "
@@ -76,12 +78,12 @@ class AutoBalloonRunner:
     pins: set[str]
     host: Callable[[], HostView] = host_view
     policy: Policy = field(init=False)
-    _metrics: _AutoMetrics = field(init=False)
+    _metrics: AutoBalloonMetrics = field(init=False)
     _short: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.settings.policy)
-        self._metrics = _AutoMetrics(self.registry)
+        self._metrics = AutoBalloonMetrics(self.registry)
         self._metrics.budget.set(self.settings.policy.budget_bytes)
 
     async def run(self) -> None:

@@ -22,6 +22,8 @@ from daemon_helpers import attach, free_port
 from frontend import FakeFrontend, GuestMemfd, MiB
 
 from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
+from vhost_user_balloon.daemon.config import AutoBalloon
+from vhost_user_balloon.policy import PolicyConfig
 
 OBS = Path(__file__).resolve().parents[2] / "observability"
 
@@ -120,6 +122,8 @@ async def test_prometheus_scrapes_the_daemon_and_the_alerts_react(
         ],
         metrics=Metrics(),
         metrics_listen=("127.0.0.1", port),
+        # on, so that the dashboard's automatic-ballooning row has series to show
+        auto_balloon=AutoBalloon(PolicyConfig(budget_bytes=1 << 30, interval_s=1)),
     )
     daemon_scope = trio.CancelScope()
 
@@ -194,5 +198,6 @@ async def test_prometheus_scrapes_the_daemon_and_the_alerts_react(
     assert names == {
         "VhostUserBalloonDown", "VhostUserBalloonProtocolErrors",
         "VhostUserBalloonReportingStalled", "VhostUserBalloonDiscardFailing",
+        "VhostUserBalloonBudgetExceeded",
     }  # fmt: skip
     assert all(r["health"] == "ok" for g in rules["groups"] for r in g["rules"])
