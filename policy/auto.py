@@ -15,11 +15,13 @@ actual, the guest's latest statistics and their age) and the host (``HostView``)
 3. The host is short when the guests' resident bytes add up to more than the budget,
    or the host's own memory pressure (PSI some avg10) or MemAvailable crosses its
    threshold. Then the guests that can give the most are inflated first, each by at
-   most one step. What a guest can give: its MemAvailable (page cache included) above
-   its floor plus one step, and no more than the host memory it holds. Its target
-   never goes past its balloon's actual size plus that, nor past RAM minus
-   ``min_memory``. A guest whose statistics are missing or older than three intervals
-   is never inflated.
+   most one step, and all together by no more than the excess less what earlier
+   targets will still free (inflation asked for and not done yet). What a guest can
+   give: its MemAvailable (page cache included) above its floor plus one step, and no
+   more of it than is resident on the host (its resident bytes less what it uses:
+   free memory it already reported is not). Its target never goes past its balloon's
+   actual size plus that, nor past RAM minus ``min_memory``. A guest whose statistics
+   are missing or older than three intervals is never inflated.
 4. With room again (resident bytes under the budget by the margin, no host pressure),
    balloons are deflated by one step per interval toward 0. Between the budget and
    budget - margin nothing moves: that band is the hysteresis.
@@ -183,7 +185,10 @@ class Policy:
                 decided[g.vm] = self._move(g, max(0, g.target_bytes - cfg.step_bytes), "room")
             else:
                 decided[g.vm] = self._move(g, g.target_bytes, "within_band")
-        need = over if over > 0 else None  # host pressure alone: one step each
+        # Inflation asked for and not done yet frees memory still to come: counting it
+        # keeps a slow guest from being asked again and again for the same bytes.
+        coming = sum(max(0, g.target_bytes - g.actual_bytes) for g in guests)
+        need = max(0, over - coming) if over > 0 else None  # host pressure alone: a step each
         capacity = 0
         for g in sorted(candidates, key=self._giveable, reverse=True):
             capacity += max(0, self._ceiling(g) - g.target_bytes)
@@ -195,7 +200,7 @@ class Policy:
         return Outcome(
             tuple(decided[g.vm] for g in guests),
             resident,
-            shortfall_bytes=max(0, over - capacity),
+            shortfall_bytes=max(0, over - coming - capacity),
             host_short=host_short,
         )
 
@@ -230,9 +235,16 @@ class Policy:
 
     def _giveable(self, g: GuestView) -> int:
         """What inflating this guest can give back to the host: its reclaimable memory,
-        but no more than the host memory it holds (pages it gave before are not
-        resident, and taking them again frees nothing)."""
-        return min(self._reclaimable(g), g.resident_bytes)
+        but no more of it than is resident. What the guest uses (MemTotal less
+        MemAvailable) is resident for sure; the rest of its resident bytes is cache
+        and free memory it has not reported. Free memory it did report is not resident
+        any more: taking it into the balloon frees nothing, so an idle guest whose
+        free memory went back already is left alone."""
+        if g.stats is None:
+            return 0
+        total = g.stats.total_bytes or g.ram_bytes - g.actual_bytes
+        used = max(0, total - g.stats.available_bytes)
+        return min(self._reclaimable(g), max(0, g.resident_bytes - used))
 
     def _guest_pressure(self, g: GuestView) -> str | None:
         """Why this guest needs memory back now (None: it does not)."""

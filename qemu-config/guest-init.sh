@@ -11,13 +11,15 @@
 #   vub.idle=S      seconds to idle after boot before the first round (default 3)
 #   vub.watch=S     before the rounds, print meminfo every second for S seconds
 #                   (default 0), e.g. while the host resizes the balloon
+#   vub.cache=N     after boot, read N MiB of the first virtio disk (/dev/vda) and
+#                   keep it open, so that it stays in the page cache (default 0)
 # Markers start with "VUB:" so the runner can follow along.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 
-order= mib=1024 rounds=1 settle=40 hold=2 idle=3 watch=0
+order= mib=1024 rounds=1 settle=40 hold=2 idle=3 watch=0 cache=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vub.order=*) order=${arg#vub.order=} ;;
@@ -27,6 +29,7 @@ for arg in $(cat /proc/cmdline); do
         vub.hold=*) hold=${arg#vub.hold=} ;;
         vub.idle=*) idle=${arg#vub.idle=} ;;
         vub.watch=*) watch=${arg#vub.watch=} ;;
+        vub.cache=*) cache=${arg#vub.cache=} ;;
     esac
 done
 
@@ -45,6 +48,13 @@ if [ -n "$order" ]; then
         && echo "VUB: page_reporting_order=$(cat /sys/module/page_reporting/parameters/page_reporting_order)"
 fi
 meminfo boot
+if [ "$cache" -gt 0 ]; then
+    # the last close of a block device drops its cache: hold it open
+    exec 3</dev/vda
+    dd if=/dev/vda of=/dev/null bs=1M count="$cache" 2>/dev/null
+    meminfo cached
+    echo "VUB: cached mib=$cache"
+fi
 mkdir -p /work
 mount -t tmpfs -o size=95% tmpfs /work
 sleep "$idle"

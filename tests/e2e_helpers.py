@@ -21,12 +21,14 @@ class Console:
         self.markers: dict[str, float] = {}
         self.stderr: list[str] = []
         self.tail: collections.deque[str] = collections.deque(maxlen=12)
+        self.lines: list[str] = []
         self._cond = threading.Condition()
         pump(proc.stdout, self._line)
         pump(proc.stderr, self.stderr.append)
 
     def _line(self, line: str) -> None:
         self.tail.append(line)
+        self.lines.append(line)
         at = line.find("VUB: ")
         if at >= 0:
             with self._cond:

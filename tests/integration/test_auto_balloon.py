@@ -30,7 +30,7 @@ def settings(observe_only: bool = False) -> AutoBalloon:
 
 
 async def attach(
-    path: Path, guest: GuestMemfd, available: int
+    path: Path, guest: GuestMemfd, available: int, total: int
 ) -> tuple[FakeFrontend, socket.socket]:
     ours, qemus = socket.socketpair()
     fe = await FakeFrontend.connect(str(path), guest)
@@ -38,7 +38,7 @@ async def attach(
     ours.close()
     await fe.start()
     guest.populate(16 * MiB, 30 * MiB)  # 30 MiB resident each (and the rings): over 40 MiB
-    post_stats(fe, guest, [(6, available), (5, 64 * MiB)])  # MemAvailable, MemTotal
+    post_stats(fe, guest, [(6, available), (5, total)])  # MemAvailable, MemTotal
     qemus.settimeout(5)
     return fe, qemus
 
@@ -53,14 +53,16 @@ async def test_the_policy_inflates_the_guest_with_most_to_give_and_pins_hold(
     runner.host = HostView  # this machine's own pressure must not decide the test
     guests = [GuestMemfd(64 * MiB), GuestMemfd(64 * MiB)]
     (fa, qa), (fb, qb) = [
-        await attach(vm.socket, g, avail)
-        for vm, g, avail in zip(daemon.vms, guests, (40 * MiB, 20 * MiB), strict=True)
+        await attach(vm.socket, g, avail, total)
+        for vm, g, (avail, total) in zip(
+            daemon.vms, guests, ((40 * MiB, 48 * MiB), (30 * MiB, 40 * MiB)), strict=True
+        )
     ]
     try:
         await wait_for(lambda: sample(daemon, "guest_memory_available_bytes", vm="b") > 0)
         out = await runner.step()
-        # 20 MiB over: a (40 - 4 - 8 = 28 MiB to give) first, one 8 MiB step; then b
-        # (20 - 4 - 8 = 8 MiB) one step (the rest is on its way).
+        # 20 MiB over: a first (40 - 4 - 8 = 28 MiB reclaimable, of which 30 - 8 = 22
+        # resident), one 8 MiB step; then b (18 reclaimable, 20 resident) one step.
         assert {d.vm: (d.target_bytes, d.reason) for d in out.decisions} == {
             "a": (8 * MiB, "over_budget"), "b": (8 * MiB, "over_budget")}  # fmt: skip
         assert struct.unpack("<I", (await fa.get_config())[:4])[0] == 8 * MiB // 4096
@@ -96,7 +98,7 @@ async def test_observe_only_decides_and_applies_nothing(
     assert runner is not None
     runner.host = HostView
     guest = GuestMemfd(64 * MiB)
-    fe, qemus = await attach(daemon.vms[0].socket, guest, 40 * MiB)
+    fe, qemus = await attach(daemon.vms[0].socket, guest, 40 * MiB, 48 * MiB)
     try:
         guest.populate(48 * MiB, 14 * MiB)  # 44 MiB resident, one VM
         await wait_for(lambda: sample(daemon, "guest_memory_available_bytes", vm="a") > 0)

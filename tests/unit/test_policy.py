@@ -66,10 +66,12 @@ LOW_AVAILABLE = dataclasses.replace(CONFIG, host_min_available_bytes=512 * MiB)
 @pytest.mark.parametrize(
     ("guests", "host", "config", "expect"),
     [
-        # over budget by 512 MiB: the guest with the most reclaimable first, a step each
+        # over budget by 512 MiB: the guest with the most to give first, a step each; a
+        # can give only the 88 MiB of its MemAvailable that is resident (1536 MiB
+        # resident, 2048 - 600 MiB in use)
         ([guest("a", resident=1536 * MiB, available=600 * MiB),
           guest("b", resident=1024 * MiB, available=1500 * MiB)], HostView(), CONFIG,
-         {"a": (128 * MiB, "over_budget"), "b": (128 * MiB, "over_budget")}),
+         {"a": (88 * MiB, "over_budget"), "b": (128 * MiB, "over_budget")}),
         # between budget - margin and the budget: nothing moves
         ([guest(resident=1900 * MiB, target=256 * MiB)], HostView(), CONFIG,
          {"a": (256 * MiB, "within_band")}),
@@ -77,12 +79,15 @@ LOW_AVAILABLE = dataclasses.replace(CONFIG, host_min_available_bytes=512 * MiB)
         ([guest(resident=GiB, target=300 * MiB)], HostView(), CONFIG,
          {"a": (172 * MiB, "room")}),
         # the host's own pressure (under budget): one step, as reclaimable allows
-        ([guest(resident=GiB)], HostView(psi_some_avg10=30.0), CONFIG,
+        ([guest(resident=1536 * MiB)], HostView(psi_some_avg10=30.0), CONFIG,
          {"a": (128 * MiB, "host_pressure")}),
-        ([guest(resident=GiB)], HostView(mem_available_bytes=100 * MiB), LOW_AVAILABLE,
+        ([guest(resident=1536 * MiB)], HostView(mem_available_bytes=100 * MiB), LOW_AVAILABLE,
          {"a": (128 * MiB, "host_pressure")}),
-        ([guest(resident=GiB)], HostView(mem_available_bytes=100 * MiB), CONFIG,
+        ([guest(resident=1536 * MiB)], HostView(mem_available_bytes=100 * MiB), CONFIG,
          {"a": (0, "within_band")}),
+        # free memory the guest reported already is not resident: nothing to take
+        ([guest(resident=1024 * MiB)], HostView(psi_some_avg10=30.0), CONFIG,
+         {"a": (0, "nothing_to_reclaim")}),
         # stale or missing statistics: never inflated
         ([guest(resident=3 * GiB, age=31.0)], HostView(), CONFIG,
          {"a": (0, "stale_statistics")}),
@@ -103,8 +108,8 @@ LOW_AVAILABLE = dataclasses.replace(CONFIG, host_min_available_bytes=512 * MiB)
          HostView(), CONFIG, {"a": (400 * MiB, "nothing_to_reclaim")}),
     ],
     ids=["over_budget", "within_band", "room", "host_psi", "host_low_available",
-         "host_available_unset", "stale", "no_stats", "below_floor", "min_memory",
-         "opted_out", "pinned", "behind_target"],
+         "host_available_unset", "reported_already", "stale", "no_stats", "below_floor",
+         "min_memory", "opted_out", "pinned", "behind_target"],
 )  # fmt: skip
 def test_rule(
     guests: list[GuestView], host: HostView, config: PolicyConfig, expect: dict[str, object]
@@ -232,3 +237,10 @@ def test_a_steady_input_settles(snapshot: list[GuestView], budget: int) -> None:
         # monotonic: no back and forth on a steady input
         steps = [b - a for a, b in itertools.pairwise(targets) if b != a]
         assert all(s > 0 for s in steps) or all(s < 0 for s in steps), (vm, targets)
+
+
+def test_inflation_on_its_way_is_not_asked_for_again() -> None:
+    # 200 MiB over, and 256 MiB asked of the guest that it has not given yet
+    slow = guest(resident=2248 * MiB, target=256 * MiB, actual=0, available=1800 * MiB)
+    (d,) = decide(slow).decisions
+    assert (d.target_bytes, d.reason) == (256 * MiB, "budget_met")
