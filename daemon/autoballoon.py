@@ -26,7 +26,7 @@ from vhost_user_balloon.policy import (
     Outcome,
     Policy,
 )
-from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonStat
+from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonFeature, BalloonStat
 
 from .config import AutoBalloon, VmSpec
 from .connection import BalloonTargetError, VmConnection
@@ -144,6 +144,7 @@ class AutoBalloonRunner:
                 min_memory_bytes=spec.min_memory if spec is not None else 0,
                 opted_out=spec is not None and not spec.auto_balloon,
                 pinned=name in self.pins,
+                balloon_in_total=bool(conn.session.features & BalloonFeature.DEFLATE_ON_OOM),
             )
 
     def _record(self, outcome: Outcome, guests: list[GuestView]) -> None:

@@ -19,9 +19,10 @@ actual, the guest's latest statistics and their age) and the host (``HostView``)
    targets will still free (inflation asked for and not done yet). What a guest can
    give: its MemAvailable (page cache included) above its floor plus one step, and no
    more of it than is resident on the host (its resident bytes less what it uses:
-   free memory it already reported is not). Its target never goes past its balloon's
-   actual size plus that, nor past RAM minus ``min_memory``. A guest whose statistics
-   are missing or older than three intervals is never inflated.
+   free memory it already reported is not), if that is 16 MiB or more. Its target
+   never goes past its balloon's actual size plus that, nor past RAM minus
+   ``min_memory``. A guest whose statistics are missing or older than three intervals
+   is never inflated.
 4. With room again (resident bytes under the budget by the margin, no host pressure),
    balloons are deflated by one step per interval toward 0. Between the budget and
    budget - margin nothing moves: that band is the hysteresis.
@@ -54,6 +55,8 @@ __all__ = [
 MiB = 1 << 20
 #: Statistics older than this many intervals are stale.
 STALE_INTERVALS = 3
+#: A guest that can give less than this is not inflated: not worth its balloon moving.
+MIN_INFLATE = 16 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,9 @@ class GuestView:
     opted_out: bool = False
     #: its target was set by hand and is kept until released
     pinned: bool = False
+    #: the guest counts its balloon in MemTotal (with DEFLATE_ON_OOM, Linux keeps
+    #: balloon pages in MemTotal; without it, MemTotal shrinks as the balloon grows)
+    balloon_in_total: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +249,11 @@ class Policy:
         if g.stats is None:
             return 0
         total = g.stats.total_bytes or g.ram_bytes - g.actual_bytes
+        if g.balloon_in_total and g.stats.total_bytes:
+            total -= g.actual_bytes  # balloon pages are not resident: not "used" here
         used = max(0, total - g.stats.available_bytes)
-        return min(self._reclaimable(g), max(0, g.resident_bytes - used))
+        giveable = min(self._reclaimable(g), max(0, g.resident_bytes - used))
+        return giveable if giveable >= MIN_INFLATE else 0
 
     def _guest_pressure(self, g: GuestView) -> str | None:
         """Why this guest needs memory back now (None: it does not)."""

@@ -244,3 +244,15 @@ def test_inflation_on_its_way_is_not_asked_for_again() -> None:
     slow = guest(resident=2248 * MiB, target=256 * MiB, actual=0, available=1800 * MiB)
     (d,) = decide(slow).decisions
     assert (d.target_bytes, d.reason) == (256 * MiB, "budget_met")
+
+
+def test_a_balloon_counted_in_memtotal_is_not_taken_for_memory_in_use() -> None:
+    # DEFLATE_ON_OOM: MemTotal keeps the 512 MiB balloon. 600 MiB resident; the guest
+    # uses 2048 - 512 (balloon) - 1200 (available) = 336 MiB: 264 MiB can be given.
+    view = guest(resident=600 * MiB, target=512 * MiB, available=1200 * MiB)
+    budget = dataclasses.replace(CONFIG, budget_bytes=256 * MiB)
+    (d,) = decide(dataclasses.replace(view, balloon_in_total=True), config=budget).decisions
+    assert (d.target_bytes, d.reason) == (640 * MiB, "over_budget")
+    # Read as if MemTotal had shrunk, the balloon would look like 848 MiB in use.
+    (d,) = decide(view, config=budget).decisions
+    assert (d.target_bytes, d.reason) == (512 * MiB, "nothing_to_reclaim")
