@@ -59,10 +59,26 @@ class AutoBalloonMetrics:
             f"{ns}_floor_bytes", "A guest's floor: under it the policy deflates its balloon.",
             ["vm"], registry=registry,
         )  # fmt: skip
+        self.reason = Gauge(
+            f"{ns}_reason", "1 for the reason of the policy's latest decision on a VM (its "
+            "target and why, for vhost-user-balloon status).", ["vm", "reason"],
+            registry=registry,
+        )  # fmt: skip
+        self._reasons: dict[str, str] = {}
         self.decisions = Counter(
             f"{ns}_decisions", "Targets the policy moved, by direction and reason.",
             ["vm", "direction", "reason"], registry=registry,
         )  # fmt: skip
+
+    def latest(self, vm: str, reason: str) -> None:
+        """The reason of the latest decision on ``vm``: one series per VM at a time."""
+        old = self._reasons.get(vm)
+        if old == reason:
+            return
+        if old is not None:
+            self.reason.remove(vm, old)
+        self.reason.labels(vm=vm, reason=reason).set(1)
+        self._reasons[vm] = reason
 
 
 @dataclass
@@ -155,6 +171,7 @@ class AutoBalloonRunner:
         for d in outcome.decisions:
             m.reclaimable.labels(vm=d.vm).set(d.reclaimable_bytes)
             m.floor.labels(vm=d.vm).set(d.floor_bytes)
+            m.latest(d.vm, d.reason)
             if d.direction is not Direction.HOLD:
                 m.decisions.labels(vm=d.vm, direction=d.direction.value, reason=d.reason).inc()
                 _log_decision(d, views[d.vm], self.settings.observe_only)

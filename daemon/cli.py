@@ -55,8 +55,8 @@ config_size=16 is required: without it the guest inflates the balloon over all i
 memory, and the daemon refuses the connection.
 
 status: "vhost-user-balloon status [--metrics-listen HOST:PORT]" prints a per-VM table
-(attached or waiting, features, RAM, resident, given back, reported by order) from a
-running daemon's /metrics.
+(attached or waiting, features, RAM, resident, given back, balloon target and the
+automatic policy's reason, reported by order) from a running daemon's /metrics.
 
 signals: SIGHUP re-reads the configuration: VMs added are served, VMs removed stop
 listening (a QEMU still attached keeps its connection), the others are not touched.

@@ -28,6 +28,7 @@ def render(text: str) -> str:
     """The table for one scrape of /metrics."""
     vms: dict[str, dict[str, float]] = defaultdict(dict)
     orders: dict[str, dict[str, float]] = defaultdict(dict)
+    why: dict[str, str] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             vm = s.labels.get("vm")
@@ -36,13 +37,16 @@ def render(text: str) -> str:
             name = s.name[len(PREFIX) + 1 :]
             if name == "reported_bytes_total":
                 orders[vm][s.labels["order"]] = s.value
+            elif name == "auto_balloon_reason" and s.value:
+                why[vm] = s.labels["reason"]
             elif name in ("protocol_errors_total", "discard_skipped_bytes_total"):
                 vms[vm][name] = vms[vm].get(name, 0.0) + s.value
             else:
                 vms[vm][name] = s.value
     lines = [
         f"{'VM':16} {'state':9} {'features':24} {'RAM':>9} {'resident':>9} "
-        f"{'given back':>11} {'skipped':>8} {'errors':>6}  reported by order"
+        f"{'given back':>11} {'skipped':>8} {'errors':>6} {'balloon':>8} {'why':18}"
+        "  reported by order"
     ]
     for vm in sorted(vms):
         v = vms[vm]
@@ -58,7 +62,8 @@ def render(text: str) -> str:
             f"{v.get('guest_ram_resident_bytes', 0) / MiB:8.0f}M "
             f"{v.get('discarded_bytes_total', 0) / MiB:10.0f}M "
             f"{v.get('discard_skipped_bytes_total', 0) / MiB:7.0f}M "
-            f"{v.get('protocol_errors_total', 0):6.0f}  {by_order or '-'}"
+            f"{v.get('protocol_errors_total', 0):6.0f} "
+            f"{v.get('target_bytes', 0) / MiB:7.0f}M {why.get(vm, '-'):18}  {by_order or '-'}"
         )
     return "\n".join(lines)
 

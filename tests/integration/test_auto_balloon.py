@@ -11,10 +11,13 @@ from pathlib import Path
 import trio
 from daemon_helpers import StartDaemon, sample
 from frontend import FakeFrontend, GuestMemfd, MiB
+from prometheus_client import generate_latest
 from test_balloon import control
 from test_stats import post_stats, wait_for
 
 from vhost_user_balloon.daemon.config import AutoBalloon
+from vhost_user_balloon.daemon.metrics import PREFIX
+from vhost_user_balloon.daemon.status import render
 from vhost_user_balloon.policy import HostView, PolicyConfig
 
 BUDGET = 40 * MiB
@@ -77,6 +80,15 @@ async def test_the_policy_inflates_the_guest_with_most_to_give_and_pins_hold(
         assert (await control(ctl, {"vm": "b", "target_bytes": 2 * MiB}))["pinned"]
         out = await runner.step()
         assert [(d.vm, d.reason) for d in out.decisions if d.vm == "b"] == [("b", "pinned")]
+        # status shows each VM's balloon and why, from the one reason series per VM
+        assert sample(daemon, "auto_balloon_reason", vm="b", reason="pinned") == 1
+        gone = {"vm": "b", "reason": "over_budget"}
+        assert (
+            daemon.metrics.registry.get_sample_value(f"{PREFIX}_auto_balloon_reason", gone) is None
+        )
+        table = render(generate_latest(daemon.metrics.registry).decode())
+        row = next(line for line in table.splitlines() if line.startswith("b "))
+        assert "2M pinned" in " ".join(row.split()), table
         assert (await control(ctl, {"vm": "b"}))["target_bytes"] == 2 * MiB
         assert not (await control(ctl, {"vm": "b", "release": True}))["pinned"]
         out = await runner.step()
