@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         "summed, under SIZE (e.g. 6G); its other settings: [auto_balloon] in --config",
     )  # fmt: skip
     p.add_argument(
+        "--auto-balloon", metavar="KEY=VALUE", action="append", default=[],
+        help="any [auto_balloon] setting (repeatable), e.g. step=256M or interval=5",
+    )  # fmt: skip
+    p.add_argument(
         "--auto-balloon-observe-only", action="store_true",
         help="the policy logs and counts its decisions but applies none",
     )  # fmt: skip
@@ -189,6 +193,7 @@ def settings_from_args(args: argparse.Namespace, activated: Mapping[str, str]) -
         control_socket=args.control_socket,
         auto_budget=args.auto_balloon_budget,
         auto_observe_only=args.auto_balloon_observe_only,
+        auto_options=args.auto_balloon,
     )
 
 

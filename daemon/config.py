@@ -300,6 +300,7 @@ def load_settings(
     activated: Mapping[str, str] | None = None,
     auto_budget: int | None = None,
     auto_observe_only: bool = False,
+    auto_options: Sequence[str] = (),
 ) -> Settings:
     """Merge the TOML file (if any) and the command line; the command line wins."""
     where = f"--config {str(config_file)!r}"
@@ -327,7 +328,12 @@ def load_settings(
         )
     group = socket_group if socket_group is not None else file["socket_group"]
     return Settings(
-        auto_balloon=_auto_balloon(file["auto_balloon"], auto_budget, auto_observe_only, where),
+        auto_balloon=_auto_balloon(
+            {**_as_table(file["auto_balloon"]), **_auto_options(auto_options)},
+            auto_budget,
+            auto_observe_only,
+            where,
+        ),
         control_socket=control_path,
         stats_interval=float(interval),
         deflate_on_oom=deflate_on_oom or bool(file["deflate_on_oom"]),
@@ -389,6 +395,36 @@ def _bytes(value: object, where: str) -> int:
         return parse_size(str(value))
     except ArgumentTypeError:
         raise ConfigError(f'{where} = {value!r}: give bytes or a size such as "512M"') from None
+
+
+def _as_table(value: object) -> dict[str, object]:
+    assert isinstance(value, dict)  # _typed checked it
+    return value
+
+
+def _auto_options(options: Sequence[str]) -> dict[str, object]:
+    """``--auto-balloon KEY=VALUE`` options as [auto_balloon] entries, typed by the key."""
+    out: dict[str, object] = {}
+    for text in options:
+        name, sep, raw = text.partition("=")
+        key = AUTO_KEYS.get(name)
+        if not sep or key is None:
+            raise ConfigError(
+                f"--auto-balloon {text!r}: expected KEY=VALUE with KEY one of "
+                f"{', '.join(AUTO_KEYS)}"
+            )
+        value: object = raw
+        if bool in key.types:
+            if raw not in ("true", "false"):
+                raise ConfigError(f"--auto-balloon {text!r}: {name} is true or false")
+            value = raw == "true"
+        elif float in key.types:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"--auto-balloon {text!r}: {name} is a number") from None
+        out[name] = value
+    return out
 
 
 def _auto_balloon(

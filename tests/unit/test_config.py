@@ -116,3 +116,18 @@ def test_auto_balloon_mistakes_are_named(tmp_path: Path, table: str, words: str)
     with pytest.raises(ConfigError) as err:
         load(tmp_path, f"[auto_balloon]\n{table}")
     assert words in str(err.value)
+
+
+def test_auto_balloon_options_on_the_command_line(tmp_path: Path) -> None:
+    vm = [f"a={tmp_path}/a.sock"]
+    auto = load_settings(
+        vm_args=vm, auto_options=["budget=2G", "step=64M", "interval=2.5", "observe_only=true"]
+    ).auto_balloon
+    assert auto is not None and auto.observe_only
+    assert (auto.policy.budget_bytes, auto.policy.step_bytes, auto.policy.interval_s) == (
+        2 << 30, 64 << 20, 2.5)  # fmt: skip
+    for bad, words in (("stepp=1M", "KEY one of budget"), ("interval=soon", "is a number"),
+                       ("observe_only=yes", "true or false")):  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            load_settings(vm_args=vm, auto_options=[bad])
+        assert words in str(err.value)
