@@ -141,14 +141,20 @@ async def test_prometheus_scrapes_the_daemon_and_the_alerts_react(
     await provoke(daemon, guests, frontends)
     prom: Prometheus = run_prometheus(f"127.0.0.1:{port}")
 
-    async def report_for(seconds: float) -> None:
-        with trio.move_on_after(seconds):
+    # web1 reports until the alerts are checked: however late Prometheus's first scrape
+    # comes, it sees web1's reports increase (a loaded machine once started it after
+    # a fixed 8 s of reports had ended, and web1 looked stalled).
+    reporting = trio.CancelScope()
+
+    async def keep_reporting() -> None:
+        with reporting:
             while True:
                 guest.populate(8 * MiB, 4 * MiB)
                 await fe.report(3, [(8 * MiB, 4 * MiB)])
                 await trio.sleep(0.5)
 
-    await report_for(8)
+    nursery.start_soon(keep_reporting)
+    await trio.sleep(8)
     # The series, with the labels README documents and the job the rules expect.
     series = await trio.to_thread.run_sync(
         prom.until, "reported bytes",
@@ -185,6 +191,7 @@ async def test_prometheus_scrapes_the_daemon_and_the_alerts_react(
     )  # fmt: skip
     assert [(a["labels"]["vm"], a["labels"]["reason"]) for a in fired] == [("bad1", "bad_version")]
     # The daemon stops answering: "daemon down" (pending for its `for: 5m`).
+    reporting.cancel()
     daemon_scope.cancel()
     down = await trio.to_thread.run_sync(
         prom.until, "VhostUserBalloonDown",
