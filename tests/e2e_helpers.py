@@ -1,5 +1,6 @@
-"""What the e2e tests that drive several QEMUs share: a guest's console markers and
-the daemon's metrics read the way the tests read them."""
+"""What the e2e tests that drive several QEMUs share: starting a guest and following its
+console, waiting for a condition, and the daemon's metrics read the way the tests read
+them."""
 
 from __future__ import annotations
 
@@ -8,10 +9,20 @@ import subprocess
 import threading
 import time
 import urllib.request
+from typing import Any
 
-from guestrun import MiB, parse_metrics, pump
+from guestrun import Env, GuestSpec, MiB, parse_metrics, pump, qemu_args
 
-__all__ = ["Console", "assert_gets_memory_back", "metric", "reported"]
+__all__ = ["Console", "assert_gets_memory_back", "metric", "reported", "start_guest", "wait"]
+
+
+def wait(what: str, check: Any, timeout: float = 90) -> Any:
+    """Poll ``check`` every half second until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+    return value
 
 
 class Console:
@@ -83,3 +94,16 @@ def assert_gets_memory_back(
     )
     assert peak - now >= 400 * MiB, (peak / MiB, now / MiB)
     assert reported(url, vm) - before >= 400 * MiB
+
+
+def start_guest(
+    env: Env, spec: GuestSpec, args: list[str], started: list[subprocess.Popen[bytes]]
+) -> Console:
+    """A QEMU running ``spec``'s guest with ``args`` (the attach options and any more),
+    its console followed. It joins ``started``, which the test stops at its end."""
+    qemu = subprocess.Popen(
+        env.command(qemu_args(spec, env, args)),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    started.append(qemu)
+    return Console(qemu)

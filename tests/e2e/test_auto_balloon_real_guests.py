@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from daemon_helpers import Logs
-from e2e_helpers import Console, metric
-from guestrun import Env, GuestSpec, MiB, attach_args, qemu_args, stop_process
+from e2e_helpers import Console, metric, start_guest
+from guestrun import Env, GuestSpec, MiB, attach_args, stop_process
 
 BUDGET_MIB = 900
 
@@ -70,12 +70,7 @@ def test_the_policy_takes_page_cache_from_the_guest_that_holds_it(env: Env, rund
     def boot(name: str, spec: GuestSpec, extra: list[str]) -> Console:
         attach = attach_args("vhost-user-balloon", socket=env.inside(rundir / f"{name}.sock"),
                              mem=f"{spec.mem_mib}M")  # fmt: skip
-        qemu = subprocess.Popen(
-            env.command(qemu_args(spec, env, [*attach, *extra])),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        qemus.append(qemu)
-        return Console(qemu)
+        return start_guest(env, spec, [*attach, *extra], qemus)
 
     try:
         url = str(log.wait_for("daemon_ready")["metrics"])

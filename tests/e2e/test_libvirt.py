@@ -25,11 +25,10 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from daemon_helpers import Logs
-from e2e_helpers import metric
+from e2e_helpers import metric, wait
 from guestrun import HERE, Env, MiB, stop_process
 
 from vhost_user_balloon.daemon.control import ask
@@ -164,14 +163,6 @@ def kvm_gid(root: Path) -> int:
         if name == "kvm":
             return int(gid)
     raise AssertionError("no kvm group in the chroot")
-
-
-def wait(what: str, check: Any, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.5)
-    return value
 
 
 def test_a_libvirt_domain_with_the_shipped_xml(env: Env, rundir: Path, libvirt: Libvirt) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 from daemon_helpers import Logs
-from e2e_helpers import Console, assert_gets_memory_back, metric
-from guestrun import Env, GuestSpec, MiB, attach_args, qemu_args, stop_process
+from e2e_helpers import Console, assert_gets_memory_back, metric, start_guest
+from guestrun import Env, GuestSpec, MiB, attach_args, stop_process
 
 from vhost_user_balloon.daemon.control import ask
 from vhost_user_balloon.daemon.qmp import Qmp
@@ -87,13 +87,9 @@ class Rig:
     def start(self, name: str, spec: GuestSpec, args: list[str]) -> Console:
         """A QEMU with a QMP socket at RUNDIR/NAME-qmp.sock."""
         qmp_path = self.rundir / f"{name}-qmp.sock"
-        qemu = subprocess.Popen(
-            self.env.command([*qemu_args(spec, self.env, args), "-qmp",
-                              f"unix:{self.env.inside(qmp_path)},server=on,wait=off"]),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        self.qemus.append(qemu)
-        console = Console(qemu)
+        qmp = ["-qmp", f"unix:{self.env.inside(qmp_path)},server=on,wait=off"]
+        console = start_guest(self.env, spec, [*args, *qmp], self.qemus)
+        qemu = self.qemus[-1]
         deadline = time.monotonic() + 30
         while not qmp_path.exists():
             assert time.monotonic() < deadline and qemu.poll() is None, console.stderr

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import Console, metric, reported
+from e2e_helpers import Console, metric, reported, wait
 from guestrun import HERE, Env, GuestSpec, MiB, attach_args, qemu_args, stop_process
 
 REPO = HERE.parent
@@ -153,14 +153,6 @@ def container(env: Env, rundir: Path) -> Iterator[Container]:
         yield made
     finally:
         made.close()
-
-
-def wait(what: str, check: Any, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.5)
-    return value
 
 
 def start_guest(ct: Container, env: Env) -> tuple[subprocess.Popen[bytes], Console]:

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 from daemon_helpers import Logs
-from e2e_helpers import Console, assert_gets_memory_back
+from e2e_helpers import Console, assert_gets_memory_back, start_guest
 from guestrun import (
     Env,
     GuestSpec,
     attach_args,
-    qemu_args,
     stop_process,
 )
 
@@ -48,12 +47,7 @@ def test_a_balloon_command_during_an_unplug_harms_no_vm(env: Env, rundir: Path) 
     def boot(name: str, spec: GuestSpec, extra: list[str]) -> Console:
         """A guest attached with qemu-config/vhost-user-balloon.args, ``extra`` first."""
         attach = attach_args("vhost-user-balloon", socket=env.inside(socks[name]), mem="1G")
-        qemu = subprocess.Popen(
-            env.command(qemu_args(spec, env, [*extra, *attach])),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        qemus.append(qemu)
-        return Console(qemu)
+        return start_guest(env, spec, [*extra, *attach], qemus)
 
     try:
         url = str(log.wait_for("daemon_ready")["metrics"])
