@@ -406,8 +406,17 @@ class VmConnection:
                 except BaseException:
                     close_fds([fd])
                     raise
+                log.info(
+                    "memory_region_added", gpa=region.guest_phys_addr, size=region.memory_size,
+                    regions=len(memory.regions), ram_bytes=memory.total_size,
+                )  # fmt: skip
             case RemoveRegion(region=region, memory=memory):
                 self.memory.remove(region, memory)
+                log.info(
+                    "memory_region_removed", gpa=region.guest_phys_addr, size=region.memory_size,
+                    regions=0 if memory is None else len(memory.regions),
+                    ram_bytes=0 if memory is None else memory.total_size,
+                )  # fmt: skip
 
     async def _start_queue(self, effect: StartQueue) -> None:
         assert self.memory.memory is not None

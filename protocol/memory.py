@@ -14,6 +14,7 @@ over a bytearray.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -102,6 +103,16 @@ def validate_regions(
     return tuple(regions)
 
 
+class _SpaceIndex:
+    """Region starts in one address space, ascending, and the region index of each."""
+
+    __slots__ = ("order", "starts")
+
+    def __init__(self, pairs: list[tuple[int, int]]) -> None:
+        self.starts = [start for start, _ in pairs]
+        self.order = [i for _, i in pairs]
+
+
 class GuestMemory:
     """A validated memory table plus, optionally, access to each region's bytes."""
 
@@ -116,19 +127,29 @@ class GuestMemory:
         if backings and len(backings) != len(self.regions):
             raise LocalProtocolError(f"{len(backings)} backings for {len(self.regions)} regions")
         self._backings = tuple(backings)
+        # Regions never overlap, so the only one that can hold an address is the last
+        # that starts at or below it: a binary search per space, not a scan of up to
+        # MAX_MEM_SLOTS regions for every descriptor.
+        self._index = {
+            _GPA: _SpaceIndex(sorted((r.guest_phys_addr, i) for i, r in enumerate(self.regions))),
+            _UVA: _SpaceIndex(sorted((r.userspace_addr, i) for i, r in enumerate(self.regions))),
+        }
 
     @property
     def total_size(self) -> int:
         return sum(r.memory_size for r in self.regions)
 
     def _find(self, addr: int, length: int, space: str) -> Location | None:
-        end = addr + length
-        for i, r in enumerate(self.regions):
-            start = r.guest_phys_addr if space == _GPA else r.userspace_addr
-            if start <= addr and end <= start + r.memory_size:
-                offset = addr - start
-                return Location(i, offset, r.mmap_offset + offset)
-        return None
+        index = self._index[space]
+        at = bisect_right(index.starts, addr) - 1
+        if at < 0:
+            return None
+        i = index.order[at]
+        r = self.regions[i]
+        offset = addr - index.starts[at]
+        if offset + length > r.memory_size:
+            return None
+        return Location(i, offset, r.mmap_offset + offset)
 
     def _locate(self, addr: int, length: int, space: str) -> Location:
         if length <= 0:

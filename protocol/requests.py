@@ -141,8 +141,10 @@ REQUESTS: Final[Mapping[Request, RequestSpec]] = MappingProxyType({
         feature=ProtocolFeature.MQ, ring_lock=False, saved=False),
     Request.SET_FEATURES: _device("_set_features", U64),
     Request.SET_MEM_TABLE: _device("_set_mem_table", MemoryTable, fds=None),
-    Request.GET_MAX_MEM_SLOTS: _device(
-        "_get_max_mem_slots", Empty, feature=ProtocolFeature.CONFIGURE_MEM_SLOTS, saved=False),
+    # QEMU asks right after the protocol features, before SET_OWNER (measured, 11.1).
+    Request.GET_MAX_MEM_SLOTS: RequestSpec(
+        Empty, handler="_get_max_mem_slots", session=_stay(_S.NEGOTIATED, _S.ACTIVE),
+        feature=ProtocolFeature.CONFIGURE_MEM_SLOTS, ring_lock=False, saved=False),
     Request.ADD_MEM_REG: _device(
         "_add_mem_reg", MemoryRegionMsg, fds=(1, 1),
         feature=ProtocolFeature.CONFIGURE_MEM_SLOTS),

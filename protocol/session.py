@@ -71,13 +71,20 @@ __all__ = [
 ]
 
 #: CONFIG (the guest reads the balloon config through us; without it the guest sees
-#: num_pages = 0xffffffff) and REPLY_ACK (QEMU then waits for each fd message to land).
+#: num_pages = 0xffffffff), REPLY_ACK (QEMU then waits for each fd message to land),
+#: BACKEND_REQ (config-change notices) and CONFIGURE_MEM_SLOTS (regions come and go one
+#: at a time with ADD_MEM_REG / REM_MEM_REG, and more than SET_MEM_TABLE's 8 fit).
 DEFAULT_PROTOCOL_FEATURES = (
-    ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK | ProtocolFeature.BACKEND_REQ
+    ProtocolFeature.CONFIG
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
 )
-#: Regions we accept with CONFIGURE_MEM_SLOTS: RAM blocks plus hot-plugged DIMMs;
-#: each is one mapping and one fd held open for as long as the guest runs.
-MAX_MEM_SLOTS = 32
+#: Regions we accept with CONFIGURE_MEM_SLOTS (our GET_MAX_MEM_SLOTS answer). QEMU
+#: refuses a vhost backend with fewer than 509 slots once a memory device (virtio-mem
+#: with dynamic-memslots=on) has sized itself by the slots there are; 509 is the most
+#: it ever plans with. Each region is one mapping and one fd while it is mapped.
+MAX_MEM_SLOTS = 509
 #: vhost-user.rst SET_VRING_ADDR flags: bit 0, VHOST_VRING_F_LOG.
 _VRING_ADDR_KNOWN_FLAGS = 1
 #: Split rings keep a 16-bit avail index (virtio 1.2 2.7.6).

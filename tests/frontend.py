@@ -26,6 +26,7 @@ from vhost_user_balloon.protocol import (
     Config,
     Empty,
     MemoryRegion,
+    MemoryRegionMsg,
     MemoryTable,
     Payload,
     Request,
@@ -195,14 +196,15 @@ class FakeFrontend:
         queues: Sequence[int] = (0, 1, 2, 3),
         ring_base: int = 0x1000,
         size: int = 64,
+        *,
+        mapped: int | None = None,
     ) -> None:
-        """The guest's DRIVER_OK: features, memory table, rings, enable, config read."""
+        """The guest's DRIVER_OK: features, memory table, rings, enable, config read.
+        With ``mapped``, only the first ``mapped`` regions of the guest's layout are in
+        the table (the others can come later with ``add_region``)."""
         await self.request(Request.SET_FEATURES, U64(features))
-        await self.ack(
-            Request.SET_MEM_TABLE,
-            MemoryTable(self.guest.memory_regions()),
-            [self.guest.fd] * len(self.guest.layout),
-        )
+        regions = self.guest.memory_regions()[:mapped]
+        await self.ack(Request.SET_MEM_TABLE, MemoryTable(regions), [self.guest.fd] * len(regions))
         for i in queues:
             ring = DriverRing(self.guest.ram, ring_base + i * 0x2000, size, index=i)
             self.rings[i] = ring
@@ -232,6 +234,15 @@ class FakeFrontend:
             assert reply is not None
             bases.append(struct.unpack("=II", reply)[1])
         return bases
+
+    async def add_region(self, i: int) -> None:
+        """ADD_MEM_REG for region ``i`` of the guest's layout (CONFIGURE_MEM_SLOTS)."""
+        region = self.guest.memory_regions()[i]
+        await self.ack(Request.ADD_MEM_REG, MemoryRegionMsg(region), [self.guest.fd])
+
+    async def remove_region(self, i: int) -> None:
+        """REM_MEM_REG for region ``i`` of the guest's layout, as QEMU sends it (no fd)."""
+        await self.ack(Request.REM_MEM_REG, MemoryRegionMsg(self.guest.memory_regions()[i]))
 
     def kick(self, index: int) -> None:
         os.eventfd_write(self.fds[index].kick, 1)

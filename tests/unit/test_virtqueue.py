@@ -225,6 +225,39 @@ def test_translation_and_ranges() -> None:
         GuestMemory(mem.regions).read_gpa(0, 1)
 
 
+@given(
+    st.lists(st.tuples(st.integers(1, 8), st.integers(0, 8)), min_size=1, max_size=509),
+    st.data(),
+)
+def test_lookup_among_many_regions_matches_a_scan(
+    shapes: list[tuple[int, int]], data: st.DataObject
+) -> None:
+    """Up to 509 regions (CONFIGURE_MEM_SLOTS), out of order in the table, with gaps:
+    a range is found in the one region that holds it whole, and nowhere else."""
+    regions, gpa = [], 0
+    for pages, gap in shapes:
+        # user addresses run the other way, so the two lookups sort differently
+        uva = 0x7F00_0000_0000 - gpa - pages * 4096
+        regions.append(MemoryRegion(gpa, pages * 4096, uva, gpa))
+        gpa += (pages + gap) * 4096
+    order = data.draw(st.permutations(regions))
+    mem = GuestMemory(order, limit=509)
+    for _ in range(20):
+        addr = data.draw(st.integers(0, gpa + 4096))
+        length = data.draw(st.integers(1, 3 * 4096))
+        holders = [
+            i for i, r in enumerate(order)
+            if r.guest_phys_addr <= addr and addr + length <= r.guest_phys_addr + r.memory_size
+        ]  # fmt: skip
+        found = mem.find_gpa(addr, length)
+        assert (found.region if found else None) == (holders[0] if holders else None)
+        if found is not None:
+            r = order[found.region]
+            assert found.offset == addr - r.guest_phys_addr
+            uva = r.userspace_addr + found.offset
+            assert mem.find_uva(uva, length) == found
+
+
 # -- reports -----------------------------------------------------------------------------
 def chain_of(*descs: tuple[int, int, bool]) -> Chain:
     return Chain(0, tuple(Descriptor(a, n, w, None) for a, n, w in descs))
