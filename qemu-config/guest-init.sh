@@ -13,13 +13,15 @@
 #                   (default 0), e.g. while the host resizes the balloon
 #   vub.cache=N     after boot, read N MiB of the first virtio disk (/dev/vda) and
 #                   keep it open, so that it stays in the page cache (default 0)
+#   vub.plugged=N   before the rounds, wait (up to 60 s) until MemTotal reaches N MiB:
+#                   memory plugged at boot (virtio-mem) is online and in the tmpfs size
 # Markers start with "VUB:" so the runner can follow along.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 
-order= mib=1024 rounds=1 settle=40 hold=2 idle=3 watch=0 cache=0
+order= mib=1024 rounds=1 settle=40 hold=2 idle=3 watch=0 cache=0 plugged=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vub.order=*) order=${arg#vub.order=} ;;
@@ -30,6 +32,7 @@ for arg in $(cat /proc/cmdline); do
         vub.idle=*) idle=${arg#vub.idle=} ;;
         vub.watch=*) watch=${arg#vub.watch=} ;;
         vub.cache=*) cache=${arg#vub.cache=} ;;
+        vub.plugged=*) plugged=${arg#vub.plugged=} ;;
     esac
 done
 
@@ -54,6 +57,16 @@ if [ "$cache" -gt 0 ]; then
     dd if=/dev/vda of=/dev/null bs=1M count="$cache" 2>/dev/null
     meminfo cached
     echo "VUB: cached mib=$cache"
+fi
+if [ "$plugged" -gt 0 ]; then
+    j=0
+    while [ "$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)" -lt "$plugged" ] \
+            && [ "$j" -lt 120 ]; do
+        sleep 0.5
+        j=$((j + 1))
+    done
+    meminfo plugged
+    echo "VUB: plugged"
 fi
 mkdir -p /work
 mount -t tmpfs -o size=95% tmpfs /work

@@ -88,6 +88,8 @@ def attach_args(name: str, **values: str) -> list[str]:
 class GuestSpec:
     kernel: str = "6.1"
     mem_mib: int = 2048
+    #: room for memory plugged later, appended to -m: e.g. "slots=2,maxmem=4G"
+    hotplug: str = ""
     workload_mib: int = 1024
     rounds: int = 1
     order: int | None = None
@@ -359,7 +361,8 @@ def qemu_args(spec: GuestSpec, env: Env, attach: list[str]) -> list[str]:
     if spec.append:
         append += " " + spec.append
     return [
-        "-accel", spec.accel, "-m", f"{spec.mem_mib}M", "-smp", "1", "-nodefaults",
+        "-accel", spec.accel, "-m", ",".join(filter(None, [f"{spec.mem_mib}M", spec.hotplug])),
+        "-smp", "1", "-nodefaults",
         "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none",
         "-no-reboot", *attach,
         "-kernel", env.inside(images["kernel"]), "-initrd", env.inside(images["initrd"]),
