@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--no-discard", action="store_true",
-        help="complete and count reports but never free guest memory (for VFIO or other "
-        "pinned guest memory, where discarding breaks DMA)",
+        help="complete and count reports but never free guest memory: for guest memory "
+        "pinned in ways the daemon cannot see (a VFIO device in QEMU is noticed by "
+        "itself, from QEMU's open files)",
     )  # fmt: skip
     p.add_argument(
         "--stats-interval", type=float, metavar="SECONDS",

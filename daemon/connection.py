@@ -68,6 +68,7 @@ from .fds import close_fds
 from .framing import BackendChannel, FrontendStream, PeerGone, Received
 from .guestram import VmMemory
 from .metrics import Metrics
+from .passthrough import VFIO_MARKERS, PinWatch, peer_pid
 from .problems import report_problem
 from .queues import QueueRunner
 
@@ -102,6 +103,8 @@ class ConnectionOptions:
     stats_interval: float = DEFAULT_STATS_INTERVAL_S
     #: virtio feature bits offered to the guest
     features: int = DEFAULT_FEATURES
+    #: QEMU's open files that mean guest RAM is pinned (daemon/passthrough.py)
+    passthrough_markers: tuple[str, ...] = VFIO_MARKERS
 
 
 class VmConnection:
@@ -138,6 +141,8 @@ class VmConnection:
         else:
             self.targets[vm] = self.device.config.num_pages * GUEST_PAGE_SIZE
         self.memory = VmMemory()
+        #: whether QEMU holds a VFIO device, which forbids discarding
+        self.passthrough = PinWatch(vm, peer_pid(sock), options.passthrough_markers)
         self.ring_lock = trio.Lock()
         self.runners: dict[int, QueueRunner] = {}
         self._vring_fds: dict[tuple[int, FdKind], int] = {}
@@ -155,12 +160,23 @@ class VmConnection:
     def vring_fd(self, index: int, kind: FdKind) -> int | None:
         return self._vring_fds.get((index, kind))
 
+    def discard_blocked(self) -> str | None:
+        """Why reported memory must not be discarded now (the skip reason), or None."""
+        if not self.discard:
+            return "inhibited"
+        return "vfio" if self.passthrough.check() else None
+
     # -- lifecycle ------------------------------------------------------------------
     async def serve(self) -> None:
         """Serve until the frontend goes away; log why; always clean up."""
         structlog.contextvars.bind_contextvars(vm=self.vm)
         self.vm_metrics.set_connected(True)
-        log.info("frontend_adopted" if self._adopted else "frontend_connected")
+        self.passthrough.check()
+        log.info(
+            "frontend_adopted" if self._adopted else "frontend_connected",
+            peer_pid=self.passthrough.pid,
+            passthrough_check="unavailable" if self.passthrough.last.unavailable else "ok",
+        )
         why = "shutdown"  # unless the frontend or an error ends it first
         try:
             async with trio.open_nursery() as nursery:

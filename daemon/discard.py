@@ -5,11 +5,12 @@ located each one wholly inside a region (or marked it outside RAM). Planning tur
 each block into a hole to punch in the region's fd at ``mmap_offset + (gpa -
 guest_phys_addr)``, clamped to the region and shrunk to whole pages of the file
 (4 KiB for a memfd, 2 MiB for hugetlbfs). Whatever is not punched is counted under
-one reason: ``outside_ram``, ``inhibited`` (the operator said no: VFIO, pinned
-memory), ``poison`` (the guest wants its poison pattern back), ``unaligned`` or
-``error`` (fallocate failed). Executing the plan makes blocking syscalls, so it runs
-in a worker thread; cffi releases the GIL, and the event loop stays free for other
-VMs and for the vCPUs waiting on GET_CONFIG.
+one reason: ``outside_ram``, ``inhibited`` (the operator said no: --no-discard),
+``vfio`` (QEMU holds a passthrough device: guest RAM is pinned), ``poison`` (the
+guest wants its poison pattern back), ``unaligned`` or ``error`` (fallocate failed).
+Executing the plan makes blocking syscalls, so it runs in a worker thread; cffi
+releases the GIL, and the event loop stays free for other VMs and for the vCPUs
+waiting on GET_CONFIG.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 #: Every reason a reported byte may not be given back (the ``reason`` metric label).
-SKIP_REASONS = ("poison", "inhibited", "unaligned", "outside_ram", "error")
+SKIP_REASONS = ("poison", "inhibited", "vfio", "unaligned", "outside_ram", "error")
 #: Nice value of the threads that punch holes: discarding is background work, while a
 #: vCPU waits on every GET_CONFIG. On a busy host the event loop must win the CPU.
 DISCARD_NICE = 10
@@ -79,15 +80,17 @@ class DiscardResult:
 
 
 def plan_discards(
-    ranges: Iterable[ReportedRange], memory: VmMemory, *, poisoned: bool, inhibited: bool
+    ranges: Iterable[ReportedRange], memory: VmMemory, *, poisoned: bool, blocked: str | None
 ) -> DiscardPlan:
+    """The punches that give ``ranges`` back. ``blocked`` names why nothing may be
+    discarded now (``inhibited``, ``vfio``), which is then the skip reason."""
     plan = DiscardPlan()
     for r in ranges:
         if r.location is None:
             plan.skipped["outside_ram"] += r.length
             continue
-        if inhibited:
-            plan.skipped["inhibited"] += r.length
+        if blocked is not None:
+            plan.skipped[blocked] += r.length
             continue
         if poisoned:
             plan.skipped["poison"] += r.length

@@ -162,7 +162,7 @@ class Metrics:
         self.discard_skipped_bytes = t.counter(
             "discard_skipped_bytes",
             "Reported or inflated bytes not given back, by reason: poison, inhibited, "
-            "unaligned, outside_ram, error.",
+            "vfio, unaligned, outside_ram, error.",
             ["vm", "reason"],
         )  # fmt: skip
         self.reports = t.counter(

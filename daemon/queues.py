@@ -60,7 +60,6 @@ class QueueHost(Protocol):
     """What a runner needs from its connection."""
 
     vm: str
-    discard: bool
     vm_metrics: VmMetrics
     memory: VmMemory
     device: BalloonDevice
@@ -69,6 +68,8 @@ class QueueHost(Protocol):
     stats_interval: float
 
     def vring_fd(self, index: int, kind: FdKind) -> int | None: ...
+
+    def discard_blocked(self) -> str | None: ...
 
 
 class QueueRunner:
@@ -173,7 +174,7 @@ class QueueRunner:
             ranges,
             host.memory,
             poisoned=not host.device.discard_allowed,
-            inhibited=not host.discard,
+            blocked=host.discard_blocked(),
         )
         if not plan.punches:
             return DiscardResult(skipped=Counter(plan.skipped))

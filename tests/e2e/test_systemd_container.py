@@ -199,6 +199,9 @@ def test_readme_install_under_systemd_257_with_a_real_guest(
         guest.wait("balloon features", 90)
         wait("attached", lambda: ct.show("vhost-user-balloon.service", "StatusText")
              == {"StatusText": "1 of 2 VMs attached"})  # fmt: skip
+        # The daemon (its own user) can see QEMU's (libvirt-qemu's) open files: it
+        # would notice a VFIO device.
+        assert ct.wait_journal("frontend_connected", 1)[0]["passthrough_check"] == "ok"
 
         def reports_go_on(after_round: int) -> None:
             """Round ``after_round`` + 1 runs after the event; its free is reported."""
@@ -210,7 +213,8 @@ def test_readme_install_under_systemd_257_with_a_real_guest(
         reports_go_on(1)
         # systemctl restart: the connection goes through the fd store; QEMU sees nothing.
         ct.run("systemctl", "restart", "vhost-user-balloon.service")
-        assert ct.wait_journal("frontend_adopted", 1)[-1]["vm"] == "web1"
+        adopted = ct.wait_journal("frontend_adopted", 1)[-1]
+        assert adopted["vm"] == "web1" and adopted["passthrough_check"] == "ok", adopted
         ct.wait_journal("daemon_ready", 2)  # the metrics port is served again
         stored = ct.show("vhost-user-balloon.service", "NFileDescriptorStore")
         assert int(stored["NFileDescriptorStore"]) > 10, stored

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from pathlib import Path
 
 import pytest
+import structlog
 import trio
 from daemon_helpers import StartDaemon, attach, one_guest, sample, wait_disconnected
 from fakes import F_NEXT, F_WRITE
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
 from vhost_user_balloon.daemon import discard, queues
+from vhost_user_balloon.daemon.passthrough import RECHECK_SECONDS
 from vhost_user_balloon.protocol import U64, Config, Request
 
 pytestmark = pytest.mark.trio
@@ -102,6 +105,42 @@ async def test_no_discard_completes_and_counts(
     await fe.report(3, [(4 * MiB, 2 * MiB)])
     assert guest.allocated() == before
     assert sample(daemon, "discard_skipped_bytes_total", vm="vfio", reason="inhibited") == 2 * MiB
+
+
+async def test_a_passthrough_device_in_qemu_stops_discards_while_it_is_there(
+    start_daemon: StartDaemon,
+    guests: list[GuestMemfd],
+    frontends: list[FakeFrontend],
+    tmp_path: Path,
+) -> None:
+    """No VFIO device exists here: the daemon is told that a file under the test's own
+    folder stands for /dev/vfio/, and the frontend's process (this one) opens it, as
+    QEMU opens /dev/vfio/N when a device is hot-plugged. The fd table read is real."""
+    marker = tmp_path / "vfio" / "12"
+    marker.parent.mkdir()
+    marker.write_text("")
+    daemon, guest, fe = await one_guest(
+        start_daemon, guests, frontends, "vm", 32 * MiB, passthrough_markers=(f"{marker.parent}/",)
+    )
+    assert daemon.connections["vm"].passthrough.pid == os.getpid()
+
+    async def report_and_measure() -> int:
+        guest.populate(4 * MiB, 2 * MiB)
+        before = guest.allocated()
+        await fe.report(3, [(4 * MiB, 2 * MiB)])
+        return before - guest.allocated()
+
+    assert await report_and_measure() == 2 * MiB
+    with marker.open() as device, structlog.testing.capture_logs() as logs:
+        await trio.sleep(RECHECK_SECONDS)  # the next look at QEMU's fds sees it
+        assert await report_and_measure() == 0
+        assert await report_and_measure() == 0
+        assert sample(daemon, "discard_skipped_bytes_total", vm="vm", reason="vfio") == 4 * MiB
+        found = [e for e in logs if e["event"].startswith("passthrough")]
+        assert [e["event"] for e in found] == ["passthrough_detected"]  # once, not per report
+        assert found[0]["devices"] == [device.name]
+    await trio.sleep(RECHECK_SECONDS)
+    assert await report_and_measure() == 2 * MiB  # the device went away again
 
 
 async def test_stats_buffer_is_held_and_reporting_goes_on(
