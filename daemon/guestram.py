@@ -9,8 +9,12 @@ its file raises SIGBUS, which would kill every VM this daemon serves.
 A frontend could shrink the file after that check. QEMU seals its memfds against
 shrinking (memory-backend-memfd, seal=on by default), and then we read and write
 through the mapping. A file without that seal is read and written with
-pread/pwrite instead, which fail cleanly past the end of the file; hugetlbfs files
-do not support write(), so an unsealed one is mapped anyway, with a warning.
+pread/pwrite instead, which fail cleanly past the end of the file. Hugetlbfs files
+(memory-backend-file on /dev/hugepages is never sealed) do not support write(), so
+such a region is read and written through /proc/self/mem at its mapping's address:
+the kernel resolves the access like a page fault, and a page past the end of the
+file is an EIO for that read instead of a SIGBUS for the whole daemon. Either way a
+shrunk file costs that VM its connection (``region_truncated``), nothing more.
 
 The fd stays open beside the mapping: discards are ``fallocate`` calls on it, and
 ``resident_bytes`` reads its allocated blocks, which is how much host memory the
@@ -19,7 +23,10 @@ guest's RAM really takes.
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import fcntl
+import functools
 import mmap
 import os
 import stat
@@ -35,6 +42,29 @@ from .fds import close_fds
 __all__ = ["MappedRegion", "VmMemory"]
 
 log = structlog.get_logger()
+
+
+class Access(enum.Enum):
+    """How a region's bytes are read and written."""
+
+    MAP = "map"  #: through the mapping: the file is sealed against shrinking
+    FILE = "file"  #: pread/pwrite on the fd: unsealed, and the file system supports them
+    PROC_MEM = "proc_mem"  #: pread/pwrite on /proc/self/mem: unsealed hugetlbfs
+
+
+@functools.cache
+def _proc_mem() -> int:
+    """This process's memory as a file (opened once, kept for the process's life)."""
+    return os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+
+
+def _address(mapping: mmap.mmap) -> int:
+    """Where ``mapping`` starts in this process's address space."""
+    view = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view  # an exported buffer would keep the mmap from closing
 
 
 def _seals(fd: int) -> int:
@@ -54,8 +84,10 @@ class MappedRegion:
     page_size: int
     file_id: tuple[int, int]
     _map: mmap.mmap
-    #: read and write with pread/pwrite (the file may shrink under us) instead of the map
-    use_syscalls: bool = False
+    #: how bytes are read and written (not through the map if the file may shrink)
+    access: Access = Access.MAP
+    #: the mapping's address, for Access.PROC_MEM
+    address: int = 0
 
     @classmethod
     def open(cls, region: MemoryRegion, fd: int) -> MappedRegion:
@@ -97,37 +129,49 @@ class MappedRegion:
                 f"{region.memory_size:#x}: {err.strerror}",
                 reason="region_map_failed",
             ) from err
-        shrink_sealed = bool(_seals(fd) & fcntl.F_SEAL_SHRINK)
-        use_syscalls = not shrink_sealed and page == mmap.PAGESIZE
-        if not shrink_sealed and not use_syscalls:
-            log.warning(
-                "region_unsealed",
-                gpa=region.guest_phys_addr,
-                page_size=page,
-                message="guest RAM file is not sealed against shrinking and cannot "
-                "be written with pwrite; a frontend that truncates it could crash "
-                "the daemon (use a sealed memfd)",
-            )
-        return cls(region, fd, page, (st.st_dev, st.st_ino), mapping, use_syscalls)
+        if _seals(fd) & fcntl.F_SEAL_SHRINK:
+            access, address = Access.MAP, 0
+        elif page == mmap.PAGESIZE:
+            access, address = Access.FILE, 0
+        else:
+            access, address = Access.PROC_MEM, _address(mapping)
+            log.info(
+                "region_unsealed", gpa=region.guest_phys_addr, page_size=page,
+                message="huge-page guest RAM not sealed against shrinking: read and "
+                "written through /proc/self/mem, so that a truncation ends this VM's "
+                "connection only",
+            )  # fmt: skip
+        return cls(region, fd, page, (st.st_dev, st.st_ino), mapping, access, address)
 
     def read(self, offset: int, length: int) -> bytes:
-        if not self.use_syscalls:
+        if self.access is Access.MAP:
             return self._map[offset : offset + length]
-        data = os.pread(self.fd, length, self.region.mmap_offset + offset)
+        fd, at = self._where(offset)
+        try:
+            data = os.pread(fd, length, at)
+        except OSError as err:
+            raise self._truncated(offset, length) from err
         if len(data) != length:
             raise self._truncated(offset, length)
         return data
 
     def write(self, offset: int, data: bytes) -> None:
-        if not self.use_syscalls:
+        if self.access is Access.MAP:
             self._map[offset : offset + len(data)] = data
             return
+        fd, at = self._where(offset)
         try:
-            written = os.pwrite(self.fd, data, self.region.mmap_offset + offset)
+            written = os.pwrite(fd, data, at)
         except OSError as err:
             raise self._truncated(offset, len(data)) from err
         if written != len(data):
             raise self._truncated(offset, len(data))
+
+    def _where(self, offset: int) -> tuple[int, int]:
+        """The file and position that hold byte ``offset`` of the region."""
+        if self.access is Access.FILE:
+            return self.fd, self.region.mmap_offset + offset
+        return _proc_mem(), self.address + offset
 
     def _truncated(self, offset: int, length: int) -> MemoryTableError:
         return MemoryTableError(

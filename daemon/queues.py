@@ -127,7 +127,11 @@ class QueueRunner:
             if chain is None:
                 return
             with trio.CancelScope(shield=True):
-                await self._serve_chain(chain, mem, seen)
+                try:
+                    await self._serve_chain(chain, mem, seen)
+                except RemoteProtocolError as err:  # e.g. the RAM file shrank under us
+                    self._fail(err)
+                    return
 
     async def _serve_chain(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
         if self.role is QueueRole.REPORTING:
@@ -230,7 +234,10 @@ class QueueRunner:
                 mem = self.host.memory.memory
                 if self.held is not None and self.enabled and not self.broken and mem:
                     held, self.held = self.held, None
-                    self._complete(held, mem)
+                    try:
+                        self._complete(held, mem)
+                    except RemoteProtocolError as err:
+                        self._fail(err)
 
     def _complete(self, chain: Chain, mem: GuestMemory) -> None:
         self.queue.push(mem, chain.head, 0)

@@ -7,12 +7,17 @@ huge pages for itself (these machines can: docs/facts.md section 3) and gives th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from daemon_helpers import StartDaemon, sample
+import trio
+from daemon_helpers import StartDaemon, attach, sample
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
+
+from vhost_user_balloon.daemon import queues
 
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 PAGES = 24  # 48 MiB
@@ -60,3 +65,58 @@ async def test_only_whole_huge_pages_are_discarded(
     assert allocated_before - guest.allocated() == 6 * MiB
     assert free_huge_pages() - free_before == 3
     assert sample(daemon, "discarded_bytes_total", vm="huge") == 6 * MiB
+
+
+async def test_unsealed_huge_page_ram_truncated_under_load_costs_only_that_vm(
+    huge_pages: None,
+    start_daemon: StartDaemon,
+    frontends: list[FakeFrontend],
+    guests: list[GuestMemfd],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hugetlbfs RAM (memory-backend-file on /dev/hugepages) is never sealed. Touching a
+    mapping past the end of a truncated file raises SIGBUS, which would end this very
+    process (the daemon runs in it). The frontend truncates the file while the daemon
+    is serving a report (inside its discard), with another VM reporting all along."""
+    daemon = await start_daemon("huge", "bystander")
+    huge, other = GuestMemfd(32 * MiB, hugetlb=True, sealed=False), GuestMemfd(32 * MiB)
+    guests += [huge, other]
+    fe = await attach(str(daemon.vms[0].socket), huge, frontends)
+    ok = await attach(str(daemon.vms[1].socket), other, frontends)
+    huge.populate(4 * MiB, 8 * MiB)
+    before = huge.allocated()
+    await fe.report(3, [(4 * MiB, 2 * MiB)])  # rings read through /proc/self/mem work
+    assert before - huge.allocated() == 2 * MiB
+
+    execute = queues.execute
+    truncated = trio.Event()
+    huge_fd = daemon.connections["huge"].memory.regions[0].fd  # the daemon's own copy
+
+    def truncate_then_execute(plan: Any, *args: Any) -> Any:
+        if any(p.fd == huge_fd for p in plan.punches) and not truncated.is_set():
+            os.ftruncate(huge.fd, 0)  # the rings and the reported pages are gone
+            trio.from_thread.run_sync(truncated.set)
+        return execute(plan, *args)
+
+    monkeypatch.setattr(queues, "execute", truncate_then_execute)
+
+    async def bystander_load() -> None:
+        for _ in range(30):
+            other.populate(8 * MiB, 2 * MiB)
+            await ok.report(3, [(8 * MiB, 2 * MiB)])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bystander_load)
+        for _ in range(3):
+            await trio.sleep(0.01)
+            fe.rings[3].add_chain([(6 * MiB, 2 * MiB, True)])
+        fe.kick(3)
+        with trio.fail_after(5):
+            await truncated.wait()
+            while not sample(daemon, "protocol_errors_total", vm="huge", reason="region_truncated"):
+                await trio.sleep(0.01)
+    # The daemon is alive; the other VM was served throughout and still is.
+    other.populate(8 * MiB, 2 * MiB)
+    await ok.report(3, [(8 * MiB, 2 * MiB)])
+    assert sample(daemon, "reports_total", vm="bystander") == 31
+    assert sample(daemon, "connected", vm="bystander") == 1
