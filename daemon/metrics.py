@@ -146,11 +146,15 @@ class Metrics:
         self.totals = Totals(ns)
         t = self.totals
         self.reported_blocks = t.counter(
-            "reported_blocks", "Free page report entries received, by page order.",
+            "reported_blocks",
+            "Free page report entries received, by order = log2(entry bytes / 4 KiB), "
+            "whatever the guest's page size (a 16 KiB-page arm64 guest's 32 MiB blocks "
+            "are order 13).",
             ["vm", "order"],
         )  # fmt: skip
         self.reported_bytes = t.counter(
-            "reported_bytes", "Bytes reported free by the guest, by page order.",
+            "reported_bytes",
+            "Bytes reported free by the guest, by order = log2(entry bytes / 4 KiB).",
             ["vm", "order"],
         )  # fmt: skip
         self.discarded_bytes = t.counter(

@@ -72,13 +72,15 @@ __all__ = [
 
 #: CONFIG (the guest reads the balloon config through us; without it the guest sees
 #: num_pages = 0xffffffff), REPLY_ACK (QEMU then waits for each fd message to land),
-#: BACKEND_REQ (config-change notices) and CONFIGURE_MEM_SLOTS (regions come and go one
-#: at a time with ADD_MEM_REG / REM_MEM_REG, and more than SET_MEM_TABLE's 8 fit).
+#: BACKEND_REQ (config-change notices), CONFIGURE_MEM_SLOTS (regions come and go one
+#: at a time with ADD_MEM_REG / REM_MEM_REG, and more than SET_MEM_TABLE's 8 fit) and
+#: MQ (GET_QUEUE_NUM: without it crosvm gives the device only 2 queues, no reporting).
 DEFAULT_PROTOCOL_FEATURES = (
     ProtocolFeature.CONFIG
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.MQ
 )
 #: Regions we accept with CONFIGURE_MEM_SLOTS (our GET_MAX_MEM_SLOTS answer). QEMU
 #: refuses a vhost backend with fewer than 509 slots once a memory device (virtio-mem
@@ -332,8 +334,10 @@ class Session:
         return self._ack(msg, self._features_set())
 
     def _get_queue_num(self, msg: Message) -> Outcome:
-        # The queues the offered features give (dense numbering, balloon.py).
-        return self._reply(msg, U64(len(queue_layout(self.device.features))))
+        # Every queue a balloon can have (the offered features use the first ones,
+        # balloon.py): crosvm makes the device with this many queues, and Cloud
+        # Hypervisor refuses a device given more queue sizes than this.
+        return self._reply(msg, U64(len(QueueRole)))
 
     def _get_protocol_features(self, msg: Message) -> Outcome:
         return self._reply(msg, U64(self.offered_protocol_features))

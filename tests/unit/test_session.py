@@ -220,7 +220,7 @@ def test_unoffered_features_are_refused() -> None:
         s.handle(msg(Request.SET_FEATURES, U64(1 << 3)))
     assert err.value.reason == "unoffered_features"
     with pytest.raises(PayloadError):
-        Session().handle(msg(Request.SET_PROTOCOL_FEATURES, U64(1 << 0 | 0x208)))  # MQ
+        Session().handle(msg(Request.SET_PROTOCOL_FEATURES, U64(1 << 1 | 0x208)))  # LOG_SHMFD
 
 
 def test_unsupported_and_unnegotiated_requests_keep_the_connection() -> None:
@@ -639,18 +639,17 @@ def test_features_and_balloon_changes_come_out_as_effects() -> None:
     assert BalloonChanged(0, 77) in out.effects
 
 
-def test_get_queue_num_answers_the_queues_of_the_offered_features_once_mq_is_negotiated() -> None:
-    """Not offered by default (QEMU's path stays as measured): without MQ it is refused
-    and the connection goes on; with MQ it is answered before SET_OWNER."""
+def test_get_queue_num_answers_every_queue_a_balloon_can_have_once_mq_is_negotiated() -> None:
+    """Offered by default (crosvm needs it for more than 2 queues): without MQ
+    negotiated it is refused and the connection goes on; with MQ it is answered
+    before SET_OWNER."""
+    assert DEFAULT_PROTOCOL_FEATURES & ProtocolFeature.MQ
     s = Session()
     with pytest.raises(UnsupportedRequestError, match="MQ"):
         s.handle(msg(Request.GET_QUEUE_NUM))
-    s = Session(protocol_features=DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.MQ)
-    s.handle(
-        msg(Request.SET_PROTOCOL_FEATURES, U64(DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.MQ))
-    )
+    s = Session()
+    s.handle(msg(Request.SET_PROTOCOL_FEATURES, U64(DEFAULT_PROTOCOL_FEATURES)))
     assert s.state is SessionState.NEGOTIATED
     out = s.handle(msg(Request.GET_QUEUE_NUM))
-    assert out.reply == encode_reply(
-        Request.GET_QUEUE_NUM, U64(4)
-    )  # inflate, deflate, stats, reporting
+    # inflate, deflate, stats, free page hint, reporting
+    assert out.reply == encode_reply(Request.GET_QUEUE_NUM, U64(5))
