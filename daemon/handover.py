@@ -107,7 +107,11 @@ class StateFile:
         return cls(fd, slot_bytes=slot_bytes)
 
     def write(self, record: Mapping[str, Any]) -> None:
-        data = json.dumps(record, separators=(",", ":")).encode()
+        self.write_json(json.dumps(record, separators=(",", ":")))
+
+    def write_json(self, text: str) -> None:
+        """Save a record already written as JSON text (a JSON object)."""
+        data = text.encode()
         if len(data) > self.slot_bytes - _SLOT_HEADER.size:
             raise ValueError(f"a state of {len(data)} bytes does not fit a state slot")
         self.seq += 1

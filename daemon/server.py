@@ -288,7 +288,8 @@ class Daemon:
         if self._totals is None:
             return
         try:
-            self._totals.write({"format": _TOTALS_FORMAT, "totals": self.metrics.export_totals()})
+            totals = self.metrics.export_totals_json()
+            self._totals.write_json(f'{{"format":{_TOTALS_FORMAT},"totals":{totals}}}')
         except (ValueError, OSError) as err:
             log.warning("metrics_not_saved", error=str(err))
 

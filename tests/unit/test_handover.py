@@ -182,6 +182,23 @@ def _busy_metrics() -> Metrics:
     return m
 
 
+def test_the_saved_json_text_is_the_export_and_follows_every_change() -> None:
+    """What is saved before each scrape is text kept per series until it changes; it
+    must always read back as exactly what ``export_totals`` gives."""
+    m = _busy_metrics()
+    assert json.loads(m.export_totals_json()) == m.export_totals()
+    vm = m.for_vm("web1")
+    vm.record_report({9: (1, 2 << 20)}, 2 << 20, {"poison": 4096}, 0.5)  # a new bucket too
+    m.protocol_errors.labels(vm="web2", reason="bad_flags").inc()
+    assert json.loads(m.export_totals_json()) == m.export_totals()
+    restored = Metrics()
+    restored.restore_totals(m.export_totals())
+    assert json.loads(restored.export_totals_json()) == m.export_totals()
+    restored.for_vm("web1").record_report({10: (1, 4 << 20)}, 4 << 20, {}, 0.001)
+    assert json.loads(restored.export_totals_json()) == restored.export_totals()
+    assert json.loads(Metrics().export_totals_json()) == []
+
+
 def test_metric_totals_go_on_in_the_next_process() -> None:
     before = _busy_metrics()
     saved = json.loads(json.dumps(before.export_totals()))  # crosses a process boundary
