@@ -201,7 +201,8 @@ def test_readme_install_under_systemd_257_with_a_real_guest(
              == {"StatusText": "1 of 2 VMs attached"})  # fmt: skip
         # The daemon (its own user) can see QEMU's (libvirt-qemu's) open files: it
         # would notice a VFIO device.
-        assert ct.wait_journal("frontend_connected", 1)[0]["passthrough_check"] == "ok"
+        assert ct.wait_journal("frontend_connected", 1)[0]["passthrough_check"] == "ok", (
+            ct.journal("passthrough_check_unavailable"))  # fmt: skip
 
         def reports_go_on(after_round: int) -> None:
             """Round ``after_round`` + 1 runs after the event; its free is reported."""
