@@ -13,7 +13,8 @@ The check runs when QEMU connects and again before a discard, at most once every
 ``RECHECK_SECONDS`` (a device can be hot-plugged). While it finds such an fd, reports
 and inflated pages are completed without being discarded and counted under the reason
 ``vfio``. Each change is logged once. If the check cannot be made (the peer's pid is
-not visible, or /proc/PID/fd is not readable: that needs QEMU's uid or CAP_SYS_PTRACE),
+not visible, or /proc/PID/fd is not readable: that needs QEMU's uid, or
+CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE),
 that is logged once and discarding goes on: ``--no-discard`` is for what cannot be
 detected.
 """
@@ -73,8 +74,8 @@ def scan(pid: int, markers: tuple[str, ...] = VFIO_MARKERS, proc: Path = Path("/
         names = os.listdir(fd_dir)
     except PermissionError:
         return PinCheck(
-            unavailable=f"{fd_dir} is not readable: the daemon needs QEMU's uid or "
-            "CAP_SYS_PTRACE to see QEMU's open files"
+            unavailable=f"{fd_dir} is not readable: the daemon needs QEMU's uid, or "
+            "CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE, to see QEMU's open files"
         )
     except OSError as err:
         return PinCheck(unavailable=f"{fd_dir}: {err.strerror}")
