@@ -9,6 +9,8 @@ service         the daemon's whole path (kick, ring walk, punch, used ring, call
                 fallocate(PUNCH_HOLE) loop over the same ranges in this process; and the
                 per-report cost of our code alone (unpopulated memory, where the kernel
                 does almost nothing)
+parts           each step of serving one report (walk, check, plan, punch, complete),
+                timed in this process: the CPU a report costs, without the hand-offs
 responsiveness  GET_CONFIG round trips to one VM, idle, while another VM reports
                 without pause, and while the same VM does
 scale           64 VMs on one daemon, each reporting 128 MiB every 2 s: service times,
@@ -43,12 +45,18 @@ from pathlib import Path
 import trio
 from prometheus_client import generate_latest
 
+from vhost_user_balloon.daemon.discard import execute, plan_discards
+from vhost_user_balloon.daemon.guestram import VmMemory
 from vhost_user_balloon.daemon.handover import TOTALS_SLOT_BYTES, StateFile
 from vhost_user_balloon.daemon.metrics import Metrics
+from vhost_user_balloon.protocol import GuestMemory
+from vhost_user_balloon.protocol.balloon import report_ranges
+from vhost_user_balloon.protocol.virtqueue import SplitQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "qemu-config")]
 
+from fakes import DriverRing  # noqa: E402
 from frontend import FakeFrontend, GuestMemfd, MiB  # noqa: E402
 from guestrun import GuestSpec, run_guest  # noqa: E402
 
@@ -217,6 +225,49 @@ async def service(repeats: int) -> dict[str, object]:
                     "unpopulated_ms": statistics.median(idle_t) * 1e3,
                 }
     return results
+
+
+def parts(repeats: int) -> dict[str, float]:
+    """Each step of serving one 32 x 2 MiB report, timed in this process (no daemon, no
+    threads, no wake-ups): what the event loop and the discard thread each spend, the
+    rest of a report's service time being hand-offs."""
+    guest = GuestMemfd(REPORT_BASE + 64 * MiB)
+    memory = VmMemory()
+    memory.replace(GuestMemory(guest.memory_regions()), [os.dup(guest.fd)])
+    mem = memory.memory
+    assert mem is not None
+    ring = DriverRing(guest.ram, 0x1000, 64, index=3)
+    addr = ring.vring_addr()
+    queue = SplitQueue(64, addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
+    blocks = [(REPORT_BASE + i * 2 * MiB, 2 * MiB, True) for i in range(32)]
+    steps: dict[str, list[float]] = {
+        "walk the chain": [], "check the entries": [], "plan": [],
+        "punch (unpopulated)": [], "complete": [],
+    }  # fmt: skip
+    for _ in range(repeats):
+        ring.add_chain(blocks)
+        t0 = time.perf_counter()
+        chain = queue.pop(mem)
+        assert chain is not None
+        t1 = time.perf_counter()
+        ranges = report_ranges(chain)
+        t2 = time.perf_counter()
+        plan = plan_discards(ranges, memory, poisoned=False, blocked=None)
+        t3 = time.perf_counter()
+        execute(plan)
+        t4 = time.perf_counter()
+        queue.push(mem, chain.head, 0)
+        queue.should_notify(mem)
+        t5 = time.perf_counter()
+        ring.take_used()
+        marks = (t0, t1, t2, t3, t4, t5)
+        for name, a, b in zip(steps, marks, marks[1:], strict=False):
+            steps[name].append(b - a)
+    memory.close()
+    guest.close()
+    for name, values in steps.items():
+        print(f"{name:20} {spread(values, 'us', 1e6)}")
+    return {name: statistics.median(v) * 1e6 for name, v in steps.items()}
 
 
 # -- 2. responsiveness under load --------------------------------------------------------
@@ -516,7 +567,16 @@ def main() -> int:
         "which",
         nargs="?",
         default="all",
-        choices=("service", "responsiveness", "scale", "guest", "handover", "totals", "all"),
+        choices=(
+            "service",
+            "parts",
+            "responsiveness",
+            "scale",
+            "guest",
+            "handover",
+            "totals",
+            "all",
+        ),
     )
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -531,6 +591,9 @@ def main() -> int:
     if args.which in ("service", "all"):
         print("== service time")
         out["service"] = trio.run(service, 5 if q else 30)
+    if args.which in ("parts", "all"):
+        print("== a report's steps, one by one")
+        out["parts"] = parts(200 if q else 2000)
     if args.which in ("responsiveness", "all"):
         print("== responsiveness")
         out["responsiveness"] = trio.run(responsiveness, 100 if q else 1000)
