@@ -68,7 +68,7 @@ from .fds import close_fds
 from .framing import BackendChannel, FrontendStream, PeerGone, Received
 from .guestram import VmMemory
 from .metrics import Metrics
-from .passthrough import VFIO_MARKERS, PinWatch, peer_pid
+from .passthrough import PeerScans, PinWatch, peer_pid
 from .problems import report_problem
 from .queues import QueueRunner
 
@@ -103,8 +103,8 @@ class ConnectionOptions:
     stats_interval: float = DEFAULT_STATS_INTERVAL_S
     #: virtio feature bits offered to the guest
     features: int = DEFAULT_FEATURES
-    #: QEMU's open files that mean guest RAM is pinned (daemon/passthrough.py)
-    passthrough_markers: tuple[str, ...] = VFIO_MARKERS
+    #: looks at QEMU's open files for passthrough devices, shared by the connections
+    peer_scans: PeerScans = field(default_factory=PeerScans)
 
 
 class VmConnection:
@@ -142,7 +142,7 @@ class VmConnection:
             self.targets[vm] = self.device.config.num_pages * GUEST_PAGE_SIZE
         self.memory = VmMemory()
         #: whether QEMU holds a VFIO device, which forbids discarding
-        self.passthrough = PinWatch(vm, peer_pid(sock), options.passthrough_markers)
+        self.passthrough = PinWatch(vm, peer_pid(sock), options.peer_scans)
         self.ring_lock = trio.Lock()
         self.runners: dict[int, QueueRunner] = {}
         self._vring_fds: dict[tuple[int, FdKind], int] = {}
@@ -161,17 +161,16 @@ class VmConnection:
         return self._vring_fds.get((index, kind))
 
     def discard_blocked(self) -> str | None:
-        """Why reported memory must not be discarded now (the skip reason), or None."""
-        if not self.discard:
-            return "inhibited"
-        return "vfio" if self.passthrough.check() else None
+        """Why reported memory must not be discarded (the skip reason), or None; the
+        passthrough check is made apart (``passthrough``), in the discard's thread."""
+        return None if self.discard else "inhibited"
 
     # -- lifecycle ------------------------------------------------------------------
     async def serve(self) -> None:
         """Serve until the frontend goes away; log why; always clean up."""
         structlog.contextvars.bind_contextvars(vm=self.vm)
         self.vm_metrics.set_connected(True)
-        self.passthrough.check()
+        await trio.to_thread.run_sync(self.passthrough.check)
         log.info(
             "frontend_adopted" if self._adopted else "frontend_connected",
             peer_pid=self.passthrough.pid,

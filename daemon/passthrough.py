@@ -10,9 +10,12 @@ VFIO container or group (``/dev/vfio/...``), an iommufd (``/dev/iommu``) or a VF
 device fd (``anon_inode:[vfio-device]``) in ``/proc/PID/fd``.
 
 The check runs when QEMU connects and again before a discard, at most once every
-``RECHECK_SECONDS`` (a device can be hot-plugged). While it finds such an fd, reports
-and inflated pages are completed without being discarded and counted under the reason
-``vfio``. Each change is logged once. If the check cannot be made (the peer's pid is
+``RECHECK_SECONDS`` per QEMU process (a device can be hot-plugged), in the discard's
+worker thread: a look is a readlink per open fd, which must not stall the event loop
+when hundreds of VMs report. Connections from one process share its looks
+(``PeerScans``). While it finds such an fd, reports and inflated pages are completed
+without being discarded and counted under the reason ``vfio``. Each change is logged
+once per VM. If the check cannot be made (the peer's pid is
 not visible, or /proc/PID/fd is not readable: that needs QEMU's uid, or
 CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE),
 that is logged once and discarding goes on: ``--no-discard`` is for what cannot be
@@ -32,7 +35,15 @@ from pathlib import Path
 import structlog
 import trio
 
-__all__ = ["RECHECK_SECONDS", "VFIO_MARKERS", "PinCheck", "PinWatch", "peer_pid", "scan"]
+__all__ = [
+    "RECHECK_SECONDS",
+    "VFIO_MARKERS",
+    "PeerScans",
+    "PinCheck",
+    "PinWatch",
+    "peer_pid",
+    "scan",
+]
 
 log = structlog.get_logger()
 
@@ -90,22 +101,44 @@ def scan(pid: int, markers: tuple[str, ...] = VFIO_MARKERS, proc: Path = Path("/
     return PinCheck(tuple(sorted(found)))
 
 
-class PinWatch:
-    """One VM's passthrough check, looked at again at most every ``RECHECK_SECONDS``."""
+class PeerScans:
+    """The latest look at each peer process's open files, at most ``RECHECK_SECONDS``
+    old; shared by every connection of the daemon (thread-safe enough: two threads
+    that both find a look stale both look)."""
+
+    #: looks kept before the oldest are dropped (processes come and go)
+    MAX_KEPT = 4096
 
     def __init__(
         self,
-        vm: str,
-        pid: int,
         markers: tuple[str, ...] = VFIO_MARKERS,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.vm = vm
-        self.pid = pid
         self.markers = markers
         self._clock = clock
-        self._checked_at: float | None = None
+        self._looks: dict[int, tuple[float, PinCheck]] = {}
+
+    def get(self, pid: int) -> PinCheck:
+        now = self._clock()
+        look = self._looks.get(pid)
+        if look is not None and now - look[0] < RECHECK_SECONDS:
+            return look[1]
+        found = scan(pid, self.markers)
+        if len(self._looks) >= self.MAX_KEPT:
+            self._looks = {p: v for p, v in self._looks.items() if now - v[0] < RECHECK_SECONDS}
+        self._looks[pid] = (now, found)
+        return found
+
+
+class PinWatch:
+    """One VM's passthrough check: the latest look at its QEMU, and a log line each
+    time what it finds changes."""
+
+    def __init__(self, vm: str, pid: int, scans: PeerScans | None = None) -> None:
+        self.vm = vm
+        self.pid = pid
+        self.scans = scans if scans is not None else PeerScans()
         self.last = PinCheck()
 
     @property
@@ -114,12 +147,9 @@ class PinWatch:
         return bool(self.last.devices)
 
     def check(self) -> bool:
-        """Whether guest RAM is pinned now, looking again if the last look is stale."""
-        now = self._clock()
-        if self._checked_at is not None and now - self._checked_at < RECHECK_SECONDS:
-            return self.pinned
-        self._checked_at = now
-        found = scan(self.pid, self.markers)
+        """Whether guest RAM is pinned now (a fresh look if the last is stale). Blocking
+        syscalls: call it from a worker thread, or once (at connect)."""
+        found = self.scans.get(self.pid)
         if found != self.last:
             self._log_change(found)
         self.last = found

@@ -49,6 +49,7 @@ from vhost_user_balloon.protocol import (
 from .discard import DiscardResult, execute, plan_discards
 from .guestram import VmMemory
 from .metrics import VmMetrics
+from .passthrough import PinWatch
 from .problems import report_problem
 
 __all__ = ["QueueHost", "QueueRunner"]
@@ -70,6 +71,9 @@ class QueueHost(Protocol):
     def vring_fd(self, index: int, kind: FdKind) -> int | None: ...
 
     def discard_blocked(self) -> str | None: ...
+
+    @property
+    def passthrough(self) -> PinWatch: ...
 
 
 class QueueRunner:
@@ -182,7 +186,14 @@ class QueueRunner:
         )
         if not plan.punches:
             return DiscardResult(skipped=Counter(plan.skipped))
-        result = await trio.to_thread.run_sync(execute, plan, limiter=host.discard_limiter)
+
+        def work() -> DiscardResult:  # in a worker thread: both make blocking syscalls
+            if host.passthrough.check():  # QEMU holds a VFIO device: guest RAM is pinned
+                pinned = sum(p.length for p in plan.punches)
+                return DiscardResult(skipped=Counter(plan.skipped) + Counter(vfio=pinned))
+            return execute(plan)
+
+        result = await trio.to_thread.run_sync(work, limiter=host.discard_limiter)
         if result.errors:
             log.warning(
                 "discard_failed",

@@ -39,7 +39,7 @@ from .fds import close_fds
 from .handover import DAEMON, TOTALS_SLOT_BYTES, FdStore, StateFile, StoredVm, VmKeeper, fd_name
 from .http import open_metrics_listeners, serve_metrics
 from .metrics import Metrics, VmMemoryStats
-from .passthrough import VFIO_MARKERS
+from .passthrough import VFIO_MARKERS, PeerScans
 from .syscalls import peer_groups
 from .systemd import Notifier
 
@@ -180,8 +180,8 @@ class Daemon:
         passthrough_markers: tuple[str, ...] = VFIO_MARKERS,
     ) -> None:
         self.vms = tuple(vms)
-        #: what in QEMU's open files means a passthrough device (tests name their own)
-        self.passthrough_markers = passthrough_markers
+        #: looks at QEMU's open files for passthrough devices (tests name their markers)
+        self.peer_scans = PeerScans(passthrough_markers)
         self.auto_balloon = auto_balloon
         self._auto: tuple[AutoBalloonRunner, trio.CancelScope] | None = None
         self.metrics = metrics if metrics is not None else Metrics()
@@ -330,7 +330,7 @@ class Daemon:
             discard_limiter=self.discard_limiter,
             stats_interval=self.stats_interval,
             features=self.features,
-            passthrough_markers=self.passthrough_markers,
+            peer_scans=self.peer_scans,
         )
 
     def _handover(self, name: str) -> HandOver:

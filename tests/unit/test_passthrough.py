@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from vhost_user_balloon.daemon.passthrough import VFIO_MARKERS, PinWatch, scan
+from vhost_user_balloon.daemon.passthrough import VFIO_MARKERS, PeerScans, PinWatch, scan
 
 
 @pytest.fixture
@@ -101,12 +101,24 @@ def test_why_a_check_cannot_be_made() -> None:
     assert "not readable" in why and "CAP_SYS_PTRACE" in why, why
 
 
+def test_connections_of_one_process_share_its_looks(vfio: Path, holder: Holder) -> None:
+    """256 VMs behind one frontend process must not mean 256 looks a second at its fds."""
+    now = [100.0]
+    scans = PeerScans((f"{vfio}/",), clock=lambda: now[0])
+    watches = [PinWatch(f"vm{i}", holder.pid, scans) for i in range(3)]
+    assert all(w.check() for w in watches)
+    holder.close_file()
+    assert all(w.check() for w in watches)  # the same look, under a second old
+    now[0] += 1.0
+    assert not any(w.check() for w in watches)
+
+
 def test_a_watch_looks_again_at_most_once_a_second_and_logs_each_change(
     vfio: Path, holder: Holder
 ) -> None:
     now = [100.0]
-    watch = PinWatch("vm", holder.pid, (f"{vfio}/",), clock=lambda: now[0])
-    other = PinWatch("vm", holder.pid, (f"{vfio}/x",), clock=lambda: now[0])
+    watch = PinWatch("vm", holder.pid, PeerScans((f"{vfio}/",), clock=lambda: now[0]))
+    other = PinWatch("vm", holder.pid, PeerScans((f"{vfio}/x",), clock=lambda: now[0]))
     with structlog.testing.capture_logs() as logs:
         assert watch.check() and not other.check()
         holder.close_file()
