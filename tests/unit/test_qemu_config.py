@@ -49,13 +49,13 @@ def test_every_fragment_is_documented() -> None:
             assert f"`{path.name}`" in table, path.name
 
 
-def test_readme_shows_the_args_file_as_it_is() -> None:
+def test_readme_shows_the_args_files_as_they_are() -> None:
+    """README's blocks show these files (which the e2e tests give QEMU as they are)."""
     text = README.read_text()
-    for line in (QEMU_CONFIG / "vhost-user-balloon.args").read_text().splitlines():
-        if line and not line.startswith("#"):
-            option = (
-                line.split(" ", 1)[1]
-                .replace("{mem}", "2G")
-                .replace("{socket}", "/run/vhost-user-balloon/web1.sock")
-            )
-            assert option in text, option
+    values = {"mem": "2G", "socket": "/run/vhost-user-balloon/web1.sock",
+              "size": "2G", "requested": "1G"}  # fmt: skip
+    for name in ("vhost-user-balloon.args", "virtio-mem.args"):
+        for line in (QEMU_CONFIG / name).read_text().splitlines():
+            if line and not line.startswith("#"):
+                option = line.split(" ", 1)[1].format(**values)
+                assert option in text, (name, option)
