@@ -24,6 +24,7 @@ import bisect
 import json
 import math
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -87,10 +88,11 @@ class HistogramChild:
     def text(self) -> str:
         """This series' samples (cumulative buckets, then the sum) as saved JSON text."""
         if self._text is None:
-            parts, running = [], 0.0
-            for prefix, count in zip(self._prefixes, self.counts, strict=False):
-                running += count
-                parts.append(f"{prefix}{running!r}]")
+            # zip stops at the buckets: the last prefix is the sum's
+            parts = [
+                f"{prefix}{running!r}]"
+                for prefix, running in zip(self._prefixes, accumulate(self.counts), strict=False)
+            ]
             parts.append(f"{self._prefixes[-1]}{self.sum!r}]")
             self._text = ",".join(parts)
         return self._text
@@ -133,8 +135,8 @@ class CounterFamily(_Family):
         for key, child in self.children.items():
             yield [f"{self.name}_total", dict(zip(self.labelnames, key, strict=True)), child.value]
 
-    def texts(self) -> Iterator[str]:
-        return (child.text() for child in self.children.values())
+    def series(self) -> list[CounterChild]:
+        return list(self.children.values())
 
 
 class HistogramFamily(_Family):
@@ -180,8 +182,8 @@ class HistogramFamily(_Family):
                 yield [f"{self.name}_bucket", {**labels, "le": le}, running]
             yield [f"{self.name}_sum", labels, child.sum]
 
-    def texts(self) -> Iterator[str]:
-        return (child.text() for child in self.children.values())
+    def series(self) -> list[HistogramChild]:
+        return list(self.children.values())
 
 
 class Totals(Collector):
@@ -213,7 +215,7 @@ class Totals(Collector):
 
     def export_json(self) -> str:
         """What ``export`` gives, as JSON text (cheap when few series changed)."""
-        texts = (text for family in self.families.values() for text in family.texts())
+        texts = [child.text() for family in self.families.values() for child in family.series()]
         return "[" + ",".join(texts) + "]"
 
     def restore(self, samples: object) -> int:
