@@ -64,6 +64,7 @@ from vhost_user_balloon.protocol import (
 
 from .adoption import HandOver, LiveFds, OwedReply, Stored
 from .config import DEFAULT_STATS_INTERVAL_S
+from .discard import DiscardPool
 from .fds import close_fds
 from .framing import BackendChannel, FrontendStream, PeerGone, Received
 from .guestram import VmMemory
@@ -98,7 +99,7 @@ class ConnectionOptions:
     #: punch reported memory out of guest RAM (False: complete reports, free nothing)
     discard: bool = True
     #: worker threads punching holes, shared by every VM
-    discard_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
+    discard_pool: DiscardPool = field(default_factory=lambda: DiscardPool(2))
     #: seconds between requests for fresh guest statistics (0: never ask again)
     stats_interval: float = DEFAULT_STATS_INTERVAL_S
     #: virtio feature bits offered to the guest
@@ -127,7 +128,7 @@ class VmConnection:
         self.metrics = metrics
         self.vm_metrics = metrics.for_vm(vm)
         self.discard = options.discard
-        self.discard_limiter = options.discard_limiter
+        self.discard_pool = options.discard_pool
         self.stats_interval = options.stats_interval
         self.session = session if session is not None else Session(BalloonDevice(options.features))
         self.device = self.session.device

@@ -46,7 +46,7 @@ from vhost_user_balloon.protocol import (
     report_ranges,
 )
 
-from .discard import DiscardResult, execute, plan_discards
+from .discard import DiscardPool, DiscardResult, execute, plan_discards
 from .guestram import VmMemory
 from .metrics import VmMetrics
 from .passthrough import PinWatch
@@ -65,7 +65,7 @@ class QueueHost(Protocol):
     memory: VmMemory
     device: BalloonDevice
     ring_lock: trio.Lock
-    discard_limiter: trio.CapacityLimiter
+    discard_pool: DiscardPool
     stats_interval: float
 
     def vring_fd(self, index: int, kind: FdKind) -> int | None: ...
@@ -193,7 +193,7 @@ class QueueRunner:
                 return DiscardResult(skipped=Counter(plan.skipped) + Counter(vfio=pinned))
             return execute(plan)
 
-        result = await trio.to_thread.run_sync(work, limiter=host.discard_limiter)
+        result = await host.discard_pool.run(work)
         if result.errors:
             log.warning(
                 "discard_failed",

@@ -35,6 +35,7 @@ from .autoballoon import AutoBalloonRunner
 from .config import DEFAULT_STATS_INTERVAL_S, Access, AutoBalloon, VmSpec
 from .connection import ConnectionOptions, VmConnection
 from .control import serve_control
+from .discard import DiscardPool
 from .fds import close_fds
 from .handover import DAEMON, TOTALS_SLOT_BYTES, FdStore, StateFile, StoredVm, VmKeeper, fd_name
 from .http import open_metrics_listeners, serve_metrics
@@ -219,7 +220,7 @@ class Daemon:
         self.pins: set[str] = set()
         self._listeners: dict[str, tuple[_Listener, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
-        self.discard_limiter = trio.CapacityLimiter(DISCARD_THREADS)
+        self.discard_pool = DiscardPool(DISCARD_THREADS)
         for vm in self.vms:
             self.metrics.add_vm(vm.name)
         self.metrics.watch_memory(self.memory_snapshot)
@@ -327,7 +328,7 @@ class Daemon:
         """How VM ``name``'s connection is served (a VM no longer configured: defaults)."""
         return ConnectionOptions(
             discard=next((vm.discard for vm in self.vms if vm.name == name), True),
-            discard_limiter=self.discard_limiter,
+            discard_pool=self.discard_pool,
             stats_interval=self.stats_interval,
             features=self.features,
             peer_scans=self.peer_scans,

@@ -8,6 +8,7 @@ huge pages for itself (these machines can: docs/facts.md section 3) and gives th
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,13 @@ async def test_unsealed_huge_page_ram_truncated_under_load_costs_only_that_vm(
     assert before - huge.allocated() == 2 * MiB
 
     execute = queues.execute
-    truncated = trio.Event()
+    truncated = threading.Event()  # set in the daemon's discard thread
     huge_fd = daemon.connections["huge"].memory.regions[0].fd  # the daemon's own copy
 
     def truncate_then_execute(plan: Any, *args: Any) -> Any:
         if any(p.fd == huge_fd for p in plan.punches) and not truncated.is_set():
             os.ftruncate(huge.fd, 0)  # the rings and the reported pages are gone
-            trio.from_thread.run_sync(truncated.set)
+            truncated.set()
         return execute(plan, *args)
 
     monkeypatch.setattr(queues, "execute", truncate_then_execute)
@@ -112,7 +113,7 @@ async def test_unsealed_huge_page_ram_truncated_under_load_costs_only_that_vm(
             fe.rings[3].add_chain([(6 * MiB, 2 * MiB, True)])
         fe.kick(3)
         with trio.fail_after(5):
-            await truncated.wait()
+            assert await trio.to_thread.run_sync(truncated.wait, 5)
             while not sample(daemon, "protocol_errors_total", vm="huge", reason="region_truncated"):
                 await trio.sleep(0.01)
     # The daemon is alive; the other VM was served throughout and still is.

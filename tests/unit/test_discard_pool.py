@@ -1,0 +1,66 @@
+"""The threads that punch holes: results and errors come back, at most ``threads`` jobs
+run at once, and a caller that is cancelled still waits for its job."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+
+from vhost_user_balloon.daemon.discard import DiscardPool
+
+pytestmark = pytest.mark.trio
+
+
+async def test_results_and_errors_come_back_from_the_threads() -> None:
+    pool = DiscardPool(2)
+    assert await pool.run(threading.get_ident) != threading.get_ident()
+
+    def fails() -> None:
+        raise OSError(28, "no space")
+
+    with pytest.raises(OSError, match="no space"):
+        await pool.run(fails)
+    assert await pool.run(lambda: 42) == 42  # the thread went on after the error
+
+
+async def test_no_more_jobs_run_at_once_than_threads() -> None:
+    pool = DiscardPool(2)
+    release = threading.Event()
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def job() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        release.wait(5)
+        with lock:
+            running -= 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(pool.run, job)
+        await trio.sleep(0.2)
+        assert running == 2
+        release.set()
+    assert most == 2
+
+
+async def test_a_cancelled_caller_still_waits_for_its_job() -> None:
+    pool = DiscardPool(1)
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def job() -> None:
+        started.set()
+        release.wait(5)
+        finished.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run, job)
+        await trio.to_thread.run_sync(started.wait, 5)
+        threading.Timer(0.3, release.set).start()
+        nursery.cancel_scope.cancel()  # the nursery ends only when run() returns
+    assert finished.is_set()  # so run() returned only after the job ended
