@@ -19,6 +19,8 @@ scale           64 VMs on one daemon, each reporting 128 MiB every 2 s: service 
                 8 idle VMs for 10 s (CPU time, wakeups)
 guest           a real guest under QEMU's built-in balloon and under the daemon, same
                 workload, alternating: time until the memory is back, final level
+scrape          how long the event loop stops while /metrics is scraped at 256 VMs,
+                against the page written in the loop as before
 handover        what keeping connections across restarts costs: GET_CONFIG round trips
                 without a keeper and under `supervise` (every message is then peeked
                 and its state saved twice); and how long a GET_CONFIG sent just after
@@ -41,7 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -50,6 +53,7 @@ from prometheus_client import generate_latest
 from vhost_user_balloon.daemon.discard import DiscardPool, execute, plan_discards
 from vhost_user_balloon.daemon.guestram import VmMemory
 from vhost_user_balloon.daemon.handover import TOTALS_SLOT_BYTES, StateFile
+from vhost_user_balloon.daemon.http import open_metrics_listeners, serve_metrics
 from vhost_user_balloon.daemon.metrics import Metrics
 from vhost_user_balloon.protocol import GuestMemory
 from vhost_user_balloon.protocol.balloon import report_ranges
@@ -584,6 +588,67 @@ def totals(vms: int, repeats: int) -> dict[str, float]:
     }
 
 
+async def scrape_stall(vms: int, scrapes: int) -> dict[str, float]:
+    """How long the event loop stops while /metrics is scraped at ``vms`` VMs: a task
+    that wakes every millisecond records how late it wakes, while the daemon's metrics
+    endpoint (daemon/http.py) answers ``scrapes`` scrapes; against the same task while
+    the page is written in the loop, as it was before (the baseline, same run)."""
+    m = Metrics()
+    for i in range(vms):
+        m.for_vm(f"vm{i}").record_report(
+            {9: (16, 32 * MiB), 10: (16, 64 * MiB)}, 96 * MiB, {"unaligned": 4096}, 0.01
+        )
+    state = StateFile.create("bench", TOTALS_SLOT_BYTES)
+
+    def save() -> None:
+        state.write_json(f'{{"format":1,"totals":{m.export_totals_json()}}}')
+
+    async def lateness(during: Callable[[], Awaitable[None]]) -> list[float]:
+        late: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            while not done:
+                t = time.perf_counter()
+                await trio.sleep(0.001)
+                late.append(time.perf_counter() - t - 0.001)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await during()
+            done = True
+        return late
+
+    listeners = await open_metrics_listeners("127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+
+    def get() -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            r.read()
+
+    async def scrape_now() -> None:
+        for _ in range(scrapes):
+            await trio.to_thread.run_sync(get)
+
+    async def render_in_loop() -> None:
+        for _ in range(scrapes):
+            save()
+            generate_latest(m.registry)
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_metrics, listeners, m.registry, save)
+        now = await lateness(scrape_now)
+        before = await lateness(render_in_loop)
+        nursery.cancel_scope.cancel()
+    os.close(state.fd)
+    print(f"loop late during scrapes, {vms} VMs:        max {max(now) * 1e3:6.1f} ms  "
+          f"p99 {p99(now) * 1e3:.2f} ms")  # fmt: skip
+    print(f"loop late, page written in the loop (before): max {max(before) * 1e3:6.1f} ms  "
+          f"p99 {p99(before) * 1e3:.2f} ms")  # fmt: skip
+    return {"max_ms": max(now) * 1e3, "before_max_ms": max(before) * 1e3}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -598,6 +663,7 @@ def main() -> int:
             "guest",
             "handover",
             "totals",
+            "scrape",
             "all",
         ),
     )
@@ -633,6 +699,9 @@ def main() -> int:
     if args.which in ("totals", "all"):
         print("== metric totals")
         out["totals"] = totals(256, 5 if q else 20)
+    if args.which in ("scrape", "all"):
+        print("== the event loop during a scrape")
+        out["scrape"] = trio.run(scrape_stall, 256, 5 if q else 20)
     if args.which in ("guest", "all"):
         print("== real guest, side by side")
         out["guest"] = guest(1 if q else 3)
