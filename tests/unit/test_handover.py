@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from vhost_user_balloon.daemon.handover import (
     STATE_SLOT_BYTES,
@@ -25,6 +26,7 @@ from vhost_user_balloon.daemon.handover import (
 from vhost_user_balloon.daemon.metrics import Metrics
 from vhost_user_balloon.daemon.syscalls import same_open_file
 from vhost_user_balloon.daemon.systemd import Notifier
+from vhost_user_balloon.daemon.totals import HistogramFamily
 
 
 def test_state_survives_a_write_torn_in_the_middle() -> None:
@@ -197,6 +199,24 @@ def test_the_saved_json_text_is_the_export_and_follows_every_change() -> None:
     restored.for_vm("web1").record_report({10: (1, 4 << 20)}, 4 << 20, {}, 0.001)
     assert json.loads(restored.export_totals_json()) == restored.export_totals()
     assert json.loads(Metrics().export_totals_json()) == []
+
+
+def test_carried_series_scrape_as_prometheus_client_would_make_them() -> None:
+    """The carried families build their samples themselves (label dicts made once);
+    they must be exactly what prometheus_client's add_metric makes."""
+    m = _busy_metrics()
+    for family in m.totals.families.values():
+        ours = family.collect()
+        if isinstance(family, HistogramFamily):
+            ref = HistogramMetricFamily(family.name, family.doc, labels=family.labelnames)
+            for key, child in family.children.items():
+                ref.add_metric(list(key), list(family._cumulative(child)), child.sum)
+        else:
+            ref = CounterMetricFamily(family.name, family.doc, labels=family.labelnames)
+            for key, child in family.children.items():
+                ref.add_metric(list(key), child.value)
+        assert ours == ref, family.name
+    assert any(f.children for f in m.totals.families.values() if isinstance(f, HistogramFamily))
 
 
 def test_metric_totals_go_on_in_the_next_process() -> None:
