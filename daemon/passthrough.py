@@ -15,11 +15,10 @@ worker thread: a look is a readlink per open fd, which must not stall the event 
 when hundreds of VMs report. Connections from one process share its looks
 (``PeerScans``). While it finds such an fd, reports and inflated pages are completed
 without being discarded and counted under the reason ``vfio``. Each change is logged
-once per VM. If the check cannot be made (the peer's pid is
-not visible, or /proc/PID/fd is not readable: that needs QEMU's uid, or
-CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE),
-that is logged once and discarding goes on: ``--no-discard`` is for what cannot be
-detected.
+once per VM. If the check cannot be made (the peer's pid is not visible, or
+/proc/PID/fd is not readable: that needs QEMU's uid, or CAP_DAC_READ_SEARCH and
+CAP_SYS_PTRACE), that is logged once and discarding goes on: ``--no-discard`` is for
+what cannot be detected.
 """
 
 from __future__ import annotations
@@ -135,10 +134,10 @@ class PinWatch:
     """One VM's passthrough check: the latest look at its QEMU, and a log line each
     time what it finds changes."""
 
-    def __init__(self, vm: str, pid: int, scans: PeerScans | None = None) -> None:
+    def __init__(self, vm: str, pid: int, scans: PeerScans) -> None:
         self.vm = vm
         self.pid = pid
-        self.scans = scans if scans is not None else PeerScans()
+        self.scans = scans
         self.last = PinCheck()
 
     @property

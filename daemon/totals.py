@@ -44,10 +44,10 @@ class CounterChild:
 
     __slots__ = ("_prefix", "_text", "labels", "value")
 
-    def __init__(self, prefix: str = "", labels: dict[str, str] | None = None) -> None:
+    def __init__(self, prefix: str, labels: dict[str, str]) -> None:
         self.value = 0.0
         #: its labels, made once (the samples of every scrape share them, read only)
-        self.labels = labels if labels is not None else {}
+        self.labels = labels
         self._prefix = prefix
         self._text: str | None = None
 
@@ -72,15 +72,15 @@ class HistogramChild:
     def __init__(
         self,
         bounds: tuple[float, ...],
-        prefixes: tuple[str, ...] = (),
-        labels: dict[str, str] | None = None,
-        bucket_labels: tuple[dict[str, str], ...] = (),
+        prefixes: tuple[str, ...],
+        labels: dict[str, str],
+        bucket_labels: tuple[dict[str, str], ...],
     ) -> None:
         self.bounds = bounds
         self.counts = [0.0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
         #: its labels, and each bucket's with "le", made once (read only)
-        self.labels = labels if labels is not None else {}
+        self.labels = labels
         self.bucket_labels = bucket_labels
         #: one per bucket, then the sum's
         self._prefixes = prefixes
@@ -144,8 +144,8 @@ class CounterFamily(_Family):
         return family
 
     def export(self) -> Iterator[list[Any]]:
-        for key, child in self.children.items():
-            yield [f"{self.name}_total", dict(zip(self.labelnames, key, strict=True)), child.value]
+        for child in self.children.values():
+            yield [f"{self.name}_total", child.labels, child.value]
 
     def series(self) -> list[CounterChild]:
         return list(self.children.values())
@@ -157,6 +157,8 @@ class HistogramFamily(_Family):
     ) -> None:
         super().__init__(name, doc, labels)
         self.bounds = tuple(float(b) for b in buckets)
+        #: each bucket's "le" label, +Inf last
+        self.les = (*(repr(b) for b in self.bounds), "+Inf")
         self.children: dict[tuple[str, ...], HistogramChild] = {}
 
     def labels(self, **values: str) -> HistogramChild:
@@ -164,7 +166,7 @@ class HistogramFamily(_Family):
         child = self.children.get(key)
         if child is None:
             labels = dict(zip(self.labelnames, key, strict=True))
-            bucket_labels = tuple({**labels, "le": le} for le in self._les)
+            bucket_labels = tuple({**labels, "le": le} for le in self.les)
             prefixes = (
                 *(_prefix(f"{self.name}_bucket", b) for b in bucket_labels),
                 _prefix(f"{self.name}_sum", labels),
@@ -173,16 +175,6 @@ class HistogramFamily(_Family):
                 self.bounds, prefixes, labels, bucket_labels
             )
         return child
-
-    @property
-    def _les(self) -> tuple[str, ...]:
-        return tuple("+Inf" if b == math.inf else repr(b) for b in (*self.bounds, math.inf))
-
-    def _cumulative(self, child: HistogramChild) -> Iterator[tuple[str, float]]:
-        running = 0.0
-        for bound, count in zip((*self.bounds, math.inf), child.counts, strict=True):
-            running += count
-            yield ("+Inf" if bound == math.inf else repr(bound)), running
 
     def collect(self) -> Metric:
         """The samples HistogramMetricFamily.add_metric would make (cumulative buckets,
@@ -199,11 +191,10 @@ class HistogramFamily(_Family):
         return family
 
     def export(self) -> Iterator[list[Any]]:
-        for key, child in self.children.items():
-            labels = dict(zip(self.labelnames, key, strict=True))
-            for le, running in self._cumulative(child):
-                yield [f"{self.name}_bucket", {**labels, "le": le}, running]
-            yield [f"{self.name}_sum", labels, child.sum]
+        for child in self.children.values():
+            for labels, running in zip(child.bucket_labels, accumulate(child.counts), strict=True):
+                yield [f"{self.name}_bucket", labels, running]
+            yield [f"{self.name}_sum", child.labels, child.sum]
 
     def series(self) -> list[HistogramChild]:
         return list(self.children.values())

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,8 @@ def test_carried_series_scrape_as_prometheus_client_would_make_them() -> None:
         if isinstance(family, HistogramFamily):
             ref = HistogramMetricFamily(family.name, family.doc, labels=family.labelnames)
             for key, child in family.children.items():
-                ref.add_metric(list(key), list(family._cumulative(child)), child.sum)
+                buckets = list(zip(family.les, accumulate(child.counts), strict=True))
+                ref.add_metric(list(key), buckets, child.sum)
         else:
             ref = CounterMetricFamily(family.name, family.doc, labels=family.labelnames)
             for key, child in family.children.items():
