@@ -264,12 +264,17 @@ def allocated_between(fd: int, start: int, end: int) -> int:
     return total
 
 
-def qemu_memfd(pid: int) -> str | None:
+def qemu_memfd(pid: int, size: int | None = None) -> str | None:
+    """/proc/PID/fd/N of QEMU's guest RAM backend (the first, or the one of ``size``
+    bytes when it has several: hot-plugged memory)."""
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if "/memfd:" in link or "/hugepages/" in link:  # the guest RAM backend
-                return f"/proc/{pid}/fd/{fd}"
+            path = f"/proc/{pid}/fd/{fd}"
+            link = os.readlink(path)
+            if ("/memfd:" in link or "/hugepages/" in link) and (  # a guest RAM backend
+                size is None or os.stat(path).st_size == size
+            ):
+                return path
     except OSError:
         return None
     return None

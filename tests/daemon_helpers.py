@@ -75,11 +75,19 @@ async def wait_disconnected(daemon: Daemon, vm: str, timeout: float = 5.0) -> No
             await trio.sleep(0.005)
 
 
+async def connect(
+    daemon_sock: str, guest: GuestMemfd, frontends: list[FakeFrontend]
+) -> FakeFrontend:
+    """A frontend connected to ``daemon_sock`` (nothing sent yet), closed at the end."""
+    fe = await FakeFrontend.connect(daemon_sock, guest)
+    frontends.append(fe)
+    return fe
+
+
 async def attach(
     daemon_sock: str, guest: GuestMemfd, frontends: list[FakeFrontend], **start: object
 ) -> FakeFrontend:
-    fe = await FakeFrontend.connect(daemon_sock, guest)
-    frontends.append(fe)
+    fe = await connect(daemon_sock, guest, frontends)
     await fe.handshake()
     await fe.start(**start)  # type: ignore[arg-type]
     return fe

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from daemon_helpers import Logs
 from e2e_helpers import Console, start_guest, wait
-from guestrun import Env, GuestSpec, MiB, attach_args, stop_process
+from guestrun import Env, GuestSpec, MiB, attach_args, qemu_memfd, stop_process
 
 from vhost_user_balloon.daemon.qmp import Qmp
 
@@ -33,11 +33,9 @@ LEFT = 64 * MiB
 
 def backing(qemu: int, size: int) -> tuple[str, int]:
     """QEMU's fd of the memory backend of this size: its /proc path and inode."""
-    for fd in os.listdir(f"/proc/{qemu}/fd"):
-        path = f"/proc/{qemu}/fd/{fd}"
-        if "/memfd:" in os.readlink(path) and (st := os.stat(path)).st_size == size:
-            return path, st.st_ino
-    raise AssertionError(f"QEMU {qemu} has no memfd of {size / MiB:.0f} MiB")
+    path = qemu_memfd(qemu, size)
+    assert path is not None, f"QEMU {qemu} has no memfd of {size / MiB:.0f} MiB"
+    return path, os.stat(path).st_ino
 
 
 def allocated(path: str) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from daemon_helpers import StartDaemon, sample
+from daemon_helpers import StartDaemon, connect, sample
 from frontend import QEMU_PROTOCOL, FakeFrontend, GuestMemfd, MiB
 
 from vhost_user_balloon.daemon import queues
@@ -38,8 +38,7 @@ async def plugged(
     daemon = await start_daemon("vm")
     guest = GuestMemfd(32 * MiB, LAYOUT)
     guests.append(guest)
-    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
-    frontends.append(fe)
+    fe = await connect(str(daemon.vms[0].socket), guest, frontends)
     offered = await fe.request(Request.GET_PROTOCOL_FEATURES, expect_reply=True)
     assert offered is not None
     assert struct.unpack("=Q", offered)[0] & ProtocolFeature.CONFIGURE_MEM_SLOTS

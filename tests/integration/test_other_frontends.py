@@ -25,7 +25,7 @@ import socket
 import struct
 
 import pytest
-from daemon_helpers import StartDaemon, sample
+from daemon_helpers import StartDaemon, connect, sample
 from fakes import DriverRing
 from frontend import QEMU_FEATURES, FakeFrontend, GuestMemfd, MiB
 
@@ -113,8 +113,7 @@ async def test_crosvm_sequence(
     daemon = await start_daemon("crosvm")
     guest = GuestMemfd(32 * MiB)
     guests.append(guest)
-    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
-    frontends.append(fe)
+    fe = await connect(str(daemon.vms[0].socket), guest, frontends)
     queues = await negotiate(fe, CROSVM_ALLOWS, need_reply=False)
     assert queues == 5  # more than the 4 the guest uses: every queue a balloon can have
     backend, _ = socket.socketpair()
@@ -148,8 +147,7 @@ async def test_cloud_hypervisor_generic_device_sequence(
     daemon = await start_daemon("ch")
     guest = GuestMemfd(64 * MiB, [(0, 32 * MiB, 0), (1 << 32, 32 * MiB, 32 * MiB)])
     guests.append(guest)
-    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
-    frontends.append(fe)
+    fe = await connect(str(daemon.vms[0].socket), guest, frontends)
     # From here on every message asks for a reply (REPLY_ACK negotiated).
     queues = await negotiate(fe, CLOUD_HYPERVISOR_ALLOWS, need_reply=True)
     assert queues >= 5  # --generic-vhost-user ...,queue_sizes=[64,64,64,64,64] is accepted
