@@ -87,15 +87,19 @@ def p99(values: list[float]) -> float:
 # -- the daemon as a process ----------------------------------------------------------
 @contextlib.contextmanager
 def daemon_process(
-    names: list[str], *, supervise: bool = False
+    names: list[str], *, supervise: list[str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    with tempfile.TemporaryDirectory(prefix="vub-bench-") as tmp:
+    """The daemon as a process (``supervise``: under the supervisor, with these
+    options of its own); its JSON log lines go to ``log`` in the folder yielded."""
+    with tempfile.TemporaryDirectory(prefix="vub-bench-") as tmp, open(f"{tmp}/log", "wb") as out:
         args = [a for n in names for a in ("--vm", f"{n}={tmp}/{n}.sock")]
-        command = [sys.executable, "-m", "vhost_user_balloon", *(["supervise"] * supervise)]
+        command = [sys.executable, "-m", "vhost_user_balloon"]
+        if supervise is not None:
+            command += ["supervise", *supervise]
         proc = subprocess.Popen(
             [*command, *args,
              "--metrics-listen", "none", "--log-format", "json", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=out, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 20
@@ -373,48 +377,85 @@ async def responsiveness(samples: int) -> dict[str, object]:
 
 
 # -- hand-over ---------------------------------------------------------------------------
-def child_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+def log_events(folder: Path, event: str) -> list[dict[str, object]]:
+    lines = (json.loads(line) for line in (folder / "log").read_text().splitlines())
+    return [r for r in lines if r.get("event") == event]
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def settled(sup: int, folder: Path, standby: bool) -> int:
+    """The serving daemon's pid, once the last restart is all done (and, with a
+    standby, once the next one is armed: what a restart some time later finds)."""
+    with trio.fail_after(20):
+        while True:
+            await trio.sleep(0.05)
+            started = log_events(folder, "daemon_started")
+            active = int(started[-1]["pid"])  # type: ignore[call-overload]
+            kids = children(sup)
+            armed = {int(r["pid"]) for r in log_events(folder, "standby_armed")}  # type: ignore[call-overload]
+            waiting = armed.intersection(kids) - {active}
+            if active in kids and (waiting or not standby) and len(kids) == 1 + standby:
+                await trio.sleep(0.3)
+                return active
+
+
+async def restart_stalls(fe: FakeFrontend, sup: int, folder: Path, standby: bool,
+                         restarts: int) -> dict[str, list[float]]:  # fmt: skip
+    """How long a GET_CONFIG sent just as the old process is gone waits for the next one."""
+    stalls: dict[str, list[float]] = {"kill -9": [], "SIGUSR2": []}
+    for _ in range(restarts):
+        for how, signum in (("kill -9", 9), ("SIGUSR2", 12)):
+            old = await settled(sup, folder, standby)
+            os.kill(old if signum == 9 else sup, signum)
+            # From the moment the old process is gone (a planned stop first finishes
+            # what it has in hand), a vCPU reading the balloon's config waits for the
+            # next process.
+            while (
+                Path(f"/proc/{old}/stat").exists()
+                and " Z " not in Path(f"/proc/{old}/stat").read_text()
+            ):
+                await trio.sleep(0.0005)
+            t0 = time.perf_counter()
+            await fe.get_config()
+            stalls[how].append(time.perf_counter() - t0)
+    return stalls
 
 
 async def handover(samples: int, restarts: int) -> dict[str, object]:
     with daemon_process(["vm"]) as (_, tmp):
         async with attached(tmp / "vm.sock", 16 * MiB) as (fe, _):
             plain = await round_trips(fe, samples)
-    stalls: dict[str, list[float]] = {"kill -9": [], "SIGUSR2": []}
-    with daemon_process(["vm"], supervise=True) as (sup, tmp):
-        async with attached(tmp / "vm.sock", REPORT_BASE + 16 * MiB) as (fe, guest):
-            kept = await round_trips(fe, samples)
-            for _ in range(restarts):
-                for how, signum in (("kill -9", 9), ("SIGUSR2", 12)):
-                    await trio.sleep(0.3)  # the previous restart is all done
-                    old = child_of(sup.pid)
-                    os.kill(old if signum == 9 else sup.pid, signum)
-                    # From the moment the old process is gone (a planned stop first
-                    # finishes what it has in hand), a vCPU reading the balloon's
-                    # config waits for the next process.
-                    while (
-                        Path(f"/proc/{old}/stat").exists()
-                        and " Z " not in Path(f"/proc/{old}/stat").read_text()
-                    ):
-                        await trio.sleep(0.0005)
-                    t0 = time.perf_counter()
-                    await fe.get_config()
-                    stalls[how].append(time.perf_counter() - t0)
-            populate(guest, REPORT_BASE, 4 * MiB)
-            await fe.report(3, [(REPORT_BASE, 4 * MiB)])  # still served after it all
+    kept: list[float] = []
+    stalls: dict[str, dict[str, list[float]]] = {}
+    for standby in (False, True):
+        mode = "standby" if standby else "no standby"
+        with daemon_process(["vm"], supervise=[] if standby else ["--no-standby"]) as (sup, tmp):
+            async with attached(tmp / "vm.sock", REPORT_BASE + 16 * MiB) as (fe, guest):
+                if standby:
+                    kept = await round_trips(fe, samples)
+                stalls[mode] = await restart_stalls(fe, sup.pid, tmp, standby, restarts)
+                populate(guest, REPORT_BASE, 4 * MiB)
+                await fe.report(3, [(REPORT_BASE, 4 * MiB)])  # still served after it all
+            used = [r for r in log_events(tmp, "daemon_started") if r.get("standby")]
+            assert len(used) == (2 * restarts if standby else 0), used
     ratio = p99(kept) / p99(plain)
     print(f"GET_CONFIG, no keeper:       {spread(plain)}  p99 {p99(plain) * 1e3:.3f} ms")
     print(f"GET_CONFIG, under supervise: {spread(kept)}  p99 {p99(kept) * 1e3:.3f} ms")
     print(f"  p99 ratio kept/plain: {ratio:.2f}")
-    for how, values in stalls.items():
-        print(f"GET_CONFIG sent as the old process ends ({how}): answered in {spread(values)}")
-    return {
-        "plain_p99_ms": p99(plain) * 1e3,
-        "kept_p99_ms": p99(kept) * 1e3,
-        "ratio": ratio,
-        **{f"{how}_stall_s": statistics.median(v) for how, v in stalls.items()},
-    }
+    out: dict[str, object] = {
+        "plain_p99_ms": p99(plain) * 1e3, "kept_p99_ms": p99(kept) * 1e3, "ratio": ratio,
+    }  # fmt: skip
+    for how in ("kill -9", "SIGUSR2"):
+        for mode, by_how in stalls.items():
+            print(f"GET_CONFIG sent as the old process ends ({how}, {mode}): answered in "
+                  f"{spread(by_how[how])}")  # fmt: skip
+            out[f"{how} {mode} stall_s"] = statistics.median(by_how[how])
+        base, now = (statistics.median(stalls[m][how]) for m in ("no standby", "standby"))
+        print(f"  ratio standby / no standby: {now / base:.3f}")
+    return out
 
 
 # -- 3. scale ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import trio
 
 from vhost_user_balloon import __version__
 
-from . import migrate, status, supervisor
+from . import migrate, standby, status, supervisor
 from .config import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_STATS_INTERVAL_S,
@@ -298,7 +298,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return migrate.reclaim_command(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    activated = listen_fds()
+    waiting = os.environ.pop(standby.ENV, None)
+    if waiting is None:
+        activated = listen_fds()
+    else:  # started ahead of need by supervise: wait to be handed the connections
+        try:
+            given = standby.wait_for_fds(int(waiting))
+        except KeyboardInterrupt:  # a terminal's ^C reaches the standby too
+            return 130
+        if given is None:
+            return 0  # the keeper went away first
+        activated = given
     stored = stored_vms(activated)  # our own fds from the process before us
     fd_store = args.fd_store or os.environ.get("FDSTORE", "0").strip() not in ("", "0")
     paths = {name: _socket_path(fd) for name, fd in activated.items()}

@@ -15,9 +15,18 @@ helpers, so there is little in it to crash or to upgrade. Datagrams from the chi
 before its exit is handled, so an fd stored just before a crash is not lost (systemd
 orders the two the same way).
 
+A restart costs little because the next daemon is already running: once the child
+is ready the supervisor starts a *standby* (the same command, waiting with
+everything imported; see ``standby.py``) and, when the child exits, hands the kept
+fds to it instead of starting a new interpreter. A standby that dies is started
+again later, with a growing pause; without one the supervisor starts the next
+daemon from scratch, as before.
+
 Signals: SIGTERM/SIGINT stop the child and then the supervisor (the fds are closed:
 QEMU sees the daemon go), SIGHUP is passed on (re-read the configuration), SIGUSR2
-restarts the child on purpose (to run newly installed code: an upgrade).
+restarts the child on purpose (to run newly installed code: an upgrade). For that
+the standby is replaced first, since it may run the code installed before, and the
+child is stopped once the new standby is armed.
 """
 
 from __future__ import annotations
@@ -34,11 +43,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import structlog
 
+from . import standby
 from .fds import close_fds, take_fds
 from .logconfig import configure_logging
 
@@ -51,11 +62,20 @@ DEFAULT_STORE_MAX: Final = 4096
 #: A child that exits sooner than this after it started counts as failing to start.
 _STARTUP_GRACE_S: Final = 5.0
 _BACKOFF_MAX_S: Final = 30.0
+#: A standby starts this long after the child is ready (it takes a CPU for ~0.3 s,
+#: better not while the child is still taking its VMs up).
+_STANDBY_DELAY_S: Final = 1.0
+#: After a standby died, the next one starts after 5 s, 10 s, ... up to this.
+_STANDBY_BACKOFF_MAX_S: Final = 300.0
+#: A planned restart waits this long at most for the fresh standby to be armed.
+_STANDBY_ARM_TIMEOUT_S: Final = 30.0
+#: Seconds the keeper waits to hand fds to a standby that does not read them.
+_HANDOFF_TIMEOUT_S: Final = 5.0
 _UCRED: Final = struct.Struct("=iII")
 _ANCBUF: Final = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(_UCRED.size)
 
 USAGE = """\
-usage: vhost-user-balloon supervise [DAEMON OPTIONS]
+usage: vhost-user-balloon supervise [--no-standby] [DAEMON OPTIONS]
 
 Run the daemon (vhost-user-balloon DAEMON OPTIONS) as a child process and keep a
 copy of every VM connection it hands over, so that when it dies or is restarted the
@@ -64,8 +84,13 @@ whenever it exits (after a crash, at once the first time, then with a growing pa
 if it keeps failing to start). If the first daemon cannot start at all (bad options,
 a socket in use), the supervisor exits with the daemon's exit status.
 
+The next daemon is started ahead of time and waits, everything imported (a
+standby, ~30 MiB), so that a restart takes milliseconds rather than the ~0.3 s a
+new interpreter needs. --no-standby: start each daemon only when it is needed.
+
 signals to the supervisor:
   SIGUSR2          restart the daemon on purpose, e.g. after installing a new version
+                   (a new standby is started first, so the new version takes over)
   SIGHUP           passed to the daemon: re-read the configuration
   SIGTERM, SIGINT  stop the daemon and the supervisor; attached QEMUs see it go
 
@@ -74,12 +99,33 @@ descriptor store instead (systemd/vhost-user-balloon.service).
 """
 
 
+@dataclass
+class _Standby:
+    """A daemon process waiting to be handed the fds (``standby.wait_for_fds``)."""
+
+    pid: int
+    sock: socket.socket
+    armed: bool = False
+
+
 class Supervisor:
     """Runs ``command`` as a child, keeps the fds it stores, restarts it."""
 
-    def __init__(self, command: Sequence[str], *, store_max: int = DEFAULT_STORE_MAX) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        store_max: int = DEFAULT_STORE_MAX,
+        use_standby: bool = True,
+    ) -> None:
         self.command = list(command)
         self.store_max = store_max
+        self.use_standby = use_standby
+        self.standby: _Standby | None = None
+        self.standby_due: float | None = None  # when to start the next standby
+        self.standby_failures = 0
+        self.retired: list[int] = []  # standbys told to go, not reaped yet
+        self.restart_at: float | None = None  # a planned restart waits for a standby
         self.kept: list[tuple[str, int]] = []
         self.child: int | None = None
         self.ready = False
@@ -95,6 +141,7 @@ class Supervisor:
         self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._notify.setblocking(False)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._selector = selectors.DefaultSelector()
 
     # -- main loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -103,23 +150,28 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2,
                        signal.SIGCHLD):  # fmt: skip
             signal.signal(signum, lambda n, _f: pending.append(n))
-        selector = selectors.DefaultSelector()
-        selector.register(self._notify, selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
+        self._selector.register(self._notify, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         next_start: float | None = time.monotonic()
         try:
             while True:
-                if self.child is None and next_start is not None and time.monotonic() >= next_start:
-                    self._spawn()
+                now = time.monotonic()
+                if self.child is None and next_start is not None and now >= next_start:
+                    self._start_next()
                     next_start = None
-                timeout = None if next_start is None else max(0, next_start - time.monotonic())
-                selector.select(timeout)
+                if self._standby_wanted(now):
+                    self._spawn_standby()
+                due = [t for t in (next_start, self.standby_due, self.restart_at) if t is not None]
+                self._selector.select(max(0, min(due) - now) if due else None)
                 self._drain_wakeups()
                 self._read_notifications()  # always before a child's exit is handled
+                self._read_standby()
                 signals: list[int] = list(pending)
                 pending.clear()
                 for number in signals:
                     self._on_signal(number)
+                self._reap_standbys()
+                self._planned_restart()
                 if self.child is not None:
                     status = self._reap()
                     if status is not None:
@@ -137,14 +189,22 @@ class Supervisor:
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             log.info("supervisor_stopping", signal=signal.Signals(signum).name)
-            self.stopping = True
+            self.stopping, self.restart_at = True, None
+            self._retire_standby()
             self._kill(signal.SIGTERM)
         elif signum == signal.SIGHUP:
             self._kill(signal.SIGHUP)
         elif signum == signal.SIGUSR2:
             log.info("daemon_restart_requested", pid=self.child)
             self.restart_wanted = True
-            self._kill(signal.SIGTERM)
+            if self.use_standby and self.child is not None:
+                # The standby may run the code installed before: start a new one and
+                # stop the child once it is armed (_planned_restart).
+                self._retire_standby()
+                self._spawn_standby()
+                self.restart_at = time.monotonic() + _STANDBY_ARM_TIMEOUT_S
+            else:
+                self._kill(signal.SIGTERM)
 
     def _kill(self, signum: int) -> None:
         if self.child is not None:
@@ -152,19 +212,37 @@ class Supervisor:
                 os.kill(self.child, signum)
 
     # -- the child --------------------------------------------------------------------
+    def _start_next(self) -> None:
+        """The next daemon: the standby if there is one (armed or still importing:
+        the fds wait in its socket), else a new process."""
+        waiting, self.standby = self.standby, None
+        if waiting is not None:
+            self._drop(waiting)
+            try:
+                waiting.sock.settimeout(_HANDOFF_TIMEOUT_S)
+                standby.send_fds(waiting.sock, self.kept)
+            except OSError as err:
+                log.warning("standby_lost", pid=waiting.pid, error=str(err))
+                self._retire(waiting.pid)
+            else:
+                self.child, self.ready, self.started_at = waiting.pid, False, time.monotonic()
+                log.info("daemon_started", pid=waiting.pid, fds_passed=len(self.kept), standby=True)
+                return
+            finally:
+                waiting.sock.close()
+        self._spawn()
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(NOTIFY_SOCKET=str(self.notify_path), FDSTORE=str(self.store_max))
+        return env
+
     def _spawn(self) -> None:
         names = [name for name, _ in self.kept]
         fds = [fd for _, fd in self.kept]
-        env = dict(os.environ)
-        env.update(
-            NOTIFY_SOCKET=str(self.notify_path),
-            FDSTORE=str(self.store_max),
-            LISTEN_FDS=str(len(fds)),
-            LISTEN_FDNAMES=":".join(names),
-        )
-        if not fds:
-            for key in ("LISTEN_FDS", "LISTEN_FDNAMES"):
-                env.pop(key)
+        env = self._env()
+        if fds:
+            env.update(LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=":".join(names))
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child runs until exec
             try:
@@ -182,6 +260,104 @@ class Supervisor:
         self.child, self.ready, self.started_at = pid, False, time.monotonic()
         log.info("daemon_started", pid=pid, fds_passed=len(fds))
 
+    # -- the standby ------------------------------------------------------------------
+    def _standby_wanted(self, now: float) -> bool:
+        return (
+            self.use_standby and self.standby is None and self.ready and not self.stopping
+            and self.standby_due is not None and now >= self.standby_due
+        )  # fmt: skip
+
+    def _spawn_standby(self) -> None:
+        ours, theirs = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        env = self._env()
+        env[standby.ENV] = str(theirs.fileno())
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child runs until exec
+            try:
+                signal.set_wakeup_fd(-1)
+                os.set_inheritable(theirs.fileno(), True)
+                os.execve(self.command[0], self.command, env)
+            finally:
+                os._exit(127)
+        theirs.close()
+        ours.setblocking(False)
+        self.standby, self.standby_due = _Standby(pid, ours), None
+        self._selector.register(ours, selectors.EVENT_READ)
+        log.info("standby_started", pid=pid)
+
+    def _read_standby(self) -> None:
+        waiting = self.standby
+        if waiting is None or waiting.armed:
+            return
+        try:
+            data = waiting.sock.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data == standby.ARMED:
+            waiting.armed, self.standby_failures = True, 0
+            log.info("standby_armed", pid=waiting.pid)
+        else:  # it closed its end: it is gone, or going
+            self._reap_standbys(why="closed its socket" if not data else f"sent {data[:20]!r}")
+
+    def _reap_standbys(self, why: str | None = None) -> None:
+        """Reap standbys that were told to go, and the current one if it is gone (or,
+        with ``why``, take it as gone: it is told to go, and started again later)."""
+        for pid in list(self.retired):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            self.retired.remove(pid)
+        waiting = self.standby
+        if waiting is None:
+            return
+        try:
+            pid, status = os.waitpid(waiting.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = waiting.pid, 0
+        if pid != 0:
+            why = _how(os.waitstatus_to_exitcode(status))
+        elif why is None:
+            return
+        self.standby = None
+        self._drop(waiting)
+        waiting.sock.close()
+        if pid == 0:
+            self._retire(waiting.pid)
+        self.standby_failures += 1
+        delay = min(_STANDBY_BACKOFF_MAX_S, 5.0 * 2 ** (self.standby_failures - 1))
+        self.standby_due = time.monotonic() + delay
+        log.warning("standby_exited", pid=waiting.pid, how=why, next_in_s=delay)
+
+    def _retire_standby(self) -> None:
+        waiting, self.standby = self.standby, None
+        if waiting is not None:
+            self._drop(waiting)
+            waiting.sock.close()
+            self._retire(waiting.pid)
+
+    def _drop(self, waiting: _Standby) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(waiting.sock)
+
+    def _retire(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        self.retired.append(pid)
+
+    def _planned_restart(self) -> None:
+        """Stop the child for a planned restart once its successor is armed (or there
+        is none after all: it died, or took too long)."""
+        if self.restart_at is None:
+            return
+        waiting = self.standby
+        if waiting is None or waiting.armed or time.monotonic() >= self.restart_at:
+            self.restart_at = None
+            self._kill(signal.SIGTERM)
+
     def _reap(self) -> int | None:
         assert self.child is not None
         try:
@@ -195,7 +371,7 @@ class Supervisor:
 
     def _after_exit(self, code: int) -> float | None:
         """When to start the next child; ``None``: give up (nothing kept, never ready)."""
-        died = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        died = _how(code)
         if self.restart_wanted:
             self.restart_wanted, self.failures = False, 0
             log.info("daemon_restarting", how=died, fds_kept=len(self.kept))
@@ -252,6 +428,8 @@ class Supervisor:
             close_fds(gone)
         if fields.get("READY") == "1" and not self.ready:
             self.ready, self.failures = True, 0
+            if self.standby is None and self.standby_due is None:
+                self.standby_due = time.monotonic() + _STANDBY_DELAY_S
             log.info("daemon_reported_ready", pid=self.child, fds_kept=len(self.kept))
         close_fds(fds)
 
@@ -263,6 +441,10 @@ class Supervisor:
             pass
 
     def _close(self) -> None:
+        self._retire_standby()
+        for pid in self.retired:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         close_fds(fd for _, fd in self.kept)
         self.kept.clear()
         self._notify.close()
@@ -273,11 +455,17 @@ def main(argv: Sequence[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE, end="")
         return 0
+    use_standby = "--no-standby" not in argv
+    argv = [a for a in argv if a != "--no-standby"]
     fmt = "json" if _option(argv, "--log-format") == "json" else "console"
     configure_logging(fmt, "info")  # type: ignore[arg-type]
     structlog.contextvars.bind_contextvars(process="supervisor")
     command = daemon_command(argv)
-    return Supervisor(command).run()
+    return Supervisor(command, use_standby=use_standby).run()
+
+
+def _how(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 
 
 def daemon_command(argv: Sequence[str]) -> list[str]:
