@@ -10,10 +10,16 @@ one and passes every kept fd to it the way systemd does (fds 3.. with
 ``$LISTEN_FDS``, ``$LISTEN_PID``, ``$LISTEN_FDNAMES``). Because the supervisor holds
 a copy of each connection, QEMU never sees a hang-up.
 
-It does no vhost-user work and imports nothing of the daemon but its logging and fd
-helpers, so there is little in it to crash or to upgrade. Datagrams from the child are all read
-before its exit is handled, so an fd stored just before a crash is not lost (systemd
-orders the two the same way).
+Under systemd (the shipped unit runs ``supervise``) the supervisor is the service's
+main process and passes on to systemd what it must know: each fd stored (so that
+the fds outlive the supervisor too) and removed, the first READY, STATUS, the
+daemon's watchdog pings; the fds systemd passes at start (its store, the VMs' socket
+units) are kept like stored ones.
+
+It does no vhost-user work and imports nothing of the daemon but its logging, fd,
+sd_notify and standby helpers, so there is little in it to crash or to upgrade.
+Datagrams from the child are all read before its exit is handled, so an fd stored
+just before a crash is not lost (systemd orders the two the same way).
 
 A restart costs little because the next daemon is already running: once the child
 is ready the supervisor starts a *standby* (the same command, waiting with
@@ -42,7 +48,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -52,6 +58,7 @@ import structlog
 from . import standby
 from .fds import close_fds, take_fds
 from .logconfig import configure_logging
+from .systemd import Notifier, listen_fds
 
 __all__ = ["Supervisor", "main"]
 
@@ -117,16 +124,22 @@ class Supervisor:
         *,
         store_max: int = DEFAULT_STORE_MAX,
         use_standby: bool = True,
+        upstream: Notifier | None = None,
+        inherited: Mapping[str, int] | None = None,
     ) -> None:
         self.command = list(command)
         self.store_max = store_max
         self.use_standby = use_standby
+        self.upstream = upstream
+        self.told_ready = False  # the upstream manager was told READY=1
         self.standby: _Standby | None = None
         self.standby_due: float | None = None  # when to start the next standby
         self.standby_failures = 0
         self.retired: list[int] = []  # standbys told to go, not reaped yet
         self.restart_at: float | None = None  # a planned restart waits for a standby
-        self.kept: list[tuple[str, int]] = []
+        #: The fds kept, by name; at first what the manager above us passed (under
+        #: systemd: its fd store and the VMs' socket units), which is kept as it is.
+        self.kept: list[tuple[str, int]] = list((inherited or {}).items())
         self.child: int | None = None
         self.ready = False
         self.started_at = 0.0
@@ -189,6 +202,8 @@ class Supervisor:
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             log.info("supervisor_stopping", signal=signal.Signals(signum).name)
+            if self.upstream is not None:
+                self.upstream.stopping()
             self.stopping, self.restart_at = True, None
             self._retire_standby()
             self._kill(signal.SIGTERM)
@@ -235,6 +250,9 @@ class Supervisor:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(NOTIFY_SOCKET=str(self.notify_path), FDSTORE=str(self.store_max))
+        # Under systemd's watchdog the daemon pings (us, and we pass it on): it is the
+        # daemon's event loop that must be seen alive.
+        env.pop("WATCHDOG_PID", None)
         return env
 
     def _spawn(self) -> None:
@@ -414,6 +432,7 @@ class Supervisor:
     def _apply(self, text: str, fds: list[int]) -> None:
         fields = dict(line.partition("=")[::2] for line in text.split("\n") if line)
         name = fields.get("FDNAME", "stored")
+        stored: list[int] = []
         if fields.get("FDSTORE") == "1":
             for fd in fds:
                 if len(self.kept) >= self.store_max:
@@ -421,17 +440,44 @@ class Supervisor:
                     close_fds([fd])
                     continue
                 self.kept.append((name, fd))
+                stored.append(fd)
             fds = []
-        if fields.get("FDSTOREREMOVE") == "1":
+        removed = fields.get("FDSTOREREMOVE") == "1"
+        if removed:
             gone = [fd for n, fd in self.kept if n == name]
             self.kept = [(n, fd) for n, fd in self.kept if n != name]
             close_fds(gone)
+        first_ready = False
         if fields.get("READY") == "1" and not self.ready:
             self.ready, self.failures = True, 0
+            first_ready, self.told_ready = not self.told_ready, True
             if self.standby is None and self.standby_due is None:
                 self.standby_due = time.monotonic() + _STANDBY_DELAY_S
             log.info("daemon_reported_ready", pid=self.child, fds_kept=len(self.kept))
         close_fds(fds)
+        if self.upstream is not None:
+            self._forward(fields, stored, removed=removed, ready=first_ready)
+
+    def _forward(
+        self, fields: dict[str, str], stored: list[int], *, removed: bool, ready: bool
+    ) -> None:
+        """Tell the service manager above us (systemd) what it needs of a message: the
+        fds to store (so that they outlive the supervisor too), removals, the first
+        READY, STATUS and watchdog pings. A daemon's STOPPING is not passed on: the
+        service is not stopping when its daemon is restarted."""
+        assert self.upstream is not None
+        name = fields.get("FDNAME", "stored")
+        if stored:
+            try:
+                self.upstream.send_fds(["FDSTORE=1", f"FDNAME={name}"], stored)
+            except OSError as err:
+                log.error("fd_store_forward_failed", name=name, error=str(err))
+        lines = ["READY=1"] if ready else []
+        lines += [f"{key}={fields[key]}" for key in ("STATUS", "WATCHDOG") if key in fields]
+        if removed:
+            lines += ["FDSTOREREMOVE=1", f"FDNAME={name}"]
+        if lines:
+            self.upstream.notify(*lines)
 
     def _drain_wakeups(self) -> None:
         try:
@@ -461,7 +507,17 @@ def main(argv: Sequence[str]) -> int:
     configure_logging(fmt, "info")  # type: ignore[arg-type]
     structlog.contextvars.bind_contextvars(process="supervisor")
     command = daemon_command(argv)
-    return Supervisor(command, use_standby=use_standby).run()
+    # Under systemd: what it passed (its fd store, socket units) and where to tell it.
+    inherited = listen_fds()
+    upstream = Notifier()
+    store = os.environ.get("FDSTORE", "")
+    return Supervisor(
+        command,
+        store_max=int(store) if store.isdigit() and int(store) > 0 else DEFAULT_STORE_MAX,
+        use_standby=use_standby,
+        upstream=upstream if upstream.enabled else None,
+        inherited=inherited,
+    ).run()
 
 
 def _how(code: int) -> str:

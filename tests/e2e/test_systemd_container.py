@@ -17,6 +17,7 @@ package registry and the test scrapes the daemon's metrics port directly.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -178,6 +179,44 @@ def security_exposure(ct: Container) -> float:
     return float(line.split(":")[1].split()[0])
 
 
+def handover_gap(ct: Container, n: int) -> float:
+    """Seconds from the ``n``-th end of a daemon (its last log line: the supervisor's
+    daemon_exited, or the daemon's own frontend_disconnected at a stop) to the VM
+    taken up by the next one, from the journal's timestamps."""
+
+    def at(record: dict[str, Any]) -> datetime.datetime:
+        return datetime.datetime.fromisoformat(str(record["timestamp"]).rstrip("Z"))
+
+    ends = [*ct.journal("daemon_exited"), *ct.journal("frontend_disconnected")]
+    adopted = ct.journal("frontend_adopted")[n - 1]
+    end = max((r for r in ends if at(r) <= at(adopted)), key=at)
+    return round((at(adopted) - at(end)).total_seconds(), 3)
+
+
+def standby_takes_over(ct: Container) -> None:
+    """The daemon alone dies (kill -9 of the supervisor's child): its standby is
+    handed the connection; systemd sees nothing (same main process, still active)."""
+    spare = ct.wait_journal("standby_armed", 2)[-1]["pid"]
+    main = ct.show("vhost-user-balloon.service", "MainPID")
+    ct.run("kill", "-9", str(ct.journal("daemon_started")[-1]["pid"]))
+    ct.wait_journal("frontend_adopted", 2)
+    took = ct.journal("daemon_started")[-1]
+    assert took["pid"] == spare and took["standby"], took
+    assert ct.show("vhost-user-balloon.service", "MainPID") == main
+    print(f"daemon killed, standby took over: VM waited {handover_gap(ct, 2)} s")
+    ct.wait_journal("daemon_ready", 3)
+
+
+def service_killed(ct: Container) -> None:
+    """The whole service killed (supervisor, daemon, standby): Restart=on-failure, and
+    the next start takes the VM up from systemd's store."""
+    counted = reported(METRICS, "web1")
+    ct.run("systemctl", "kill", "-s", "KILL", "vhost-user-balloon.service")
+    ct.wait_journal("frontend_adopted", 3, timeout=60)
+    ct.wait_journal("daemon_ready", 4)
+    assert reported(METRICS, "web1") >= counted  # the counters carried over
+
+
 def test_readme_install_under_systemd_257_with_a_real_guest(
     env: Env, rundir: Path, container: Container
 ) -> None:
@@ -220,22 +259,20 @@ def test_readme_install_under_systemd_257_with_a_real_guest(
         stored = ct.show("vhost-user-balloon.service", "NFileDescriptorStore")
         assert int(stored["NFileDescriptorStore"]) > 10, stored
         reports_go_on(2)
-        # kill -9: Restart=on-failure, the next process takes the connection up.
-        counted = reported(METRICS, "web1")
-        ct.run("systemctl", "kill", "-s", "KILL", "vhost-user-balloon.service")
-        ct.wait_journal("frontend_adopted", 2, timeout=60)
-        ct.wait_journal("daemon_ready", 3)
-        assert reported(METRICS, "web1") >= counted  # the counters carried over
+        print(f"\nsystemctl restart: VM waited {handover_gap(ct, 1)} s")
+        standby_takes_over(ct)
         reports_go_on(3)
+        service_killed(ct)
+        reports_go_on(4)
         # A VM added while web1 runs, as README says.
         ct.run("sh", "-ec", add_vm)
-        ready = ct.wait_journal("daemon_ready", 4)[-1]
+        ready = ct.wait_journal("daemon_ready", 5)[-1]
         assert sorted(ready["vms"]) == ["web1", "web2", "web3"]
-        assert ct.wait_journal("frontend_adopted", 3)[-1]["vm"] == "web1"
+        assert ct.wait_journal("frontend_adopted", 4)[-1]["vm"] == "web1"
         assert (
             ct.run("test", "-S", "/run/vhost-user-balloon/web3.sock", check=False).returncode == 0
         )
-        reports_go_on(4)
+        reports_go_on(5)
         assert qemu.poll() is None and guest.stderr == [], guest.stderr
         assert metric(METRICS, 'vhost_user_balloon_connected{vm="web1"}') == 1
 
