@@ -198,7 +198,7 @@ def standby_takes_over(ct: Container) -> None:
     handed the connection; systemd sees nothing (same main process, still active)."""
     spare = ct.wait_journal("standby_armed", 2)[-1]["pid"]
     main = ct.show("vhost-user-balloon.service", "MainPID")
-    ct.run("kill", "-9", str(ct.journal("daemon_started")[-1]["pid"]))
+    ct.run("sh", "-c", f"kill -9 {ct.journal('daemon_started')[-1]['pid']}")
     ct.wait_journal("frontend_adopted", 2)
     took = ct.journal("daemon_started")[-1]
     assert took["pid"] == spare and took["standby"], took
