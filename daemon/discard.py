@@ -140,13 +140,17 @@ class DiscardPool:
     which the thread writes when the job is done. That round trip is ~50 us on the
     test machines against ~155 us for ``trio.to_thread.run_sync`` (``bench.py parts``),
     and it is paid on every report. The wait is shielded: a job always runs to its end
-    (a discard takes milliseconds) and its eventfd is closed only after it was written.
+    (a discard takes milliseconds). Eventfds are kept for the next caller rather than
+    closed (as many as there were callers at once): a job may still be writing its
+    eventfd when its caller has its result, and a later wake-up is harmless, as each
+    caller waits until its own job's result is there.
     """
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._started = 0
+        self._idle_eventfds: list[int] = []  # only touched by the event loop's thread
 
     def _start_threads(self) -> None:
         while self._started < self.threads:
@@ -162,7 +166,10 @@ class DiscardPool:
     async def run(self, fn: Callable[[], _T]) -> _T:
         """``fn()`` in one of the pool's threads; its result, or its exception raised."""
         self._start_threads()
-        done = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        if self._idle_eventfds:
+            done = self._idle_eventfds.pop()
+        else:
+            done = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         result: list[outcome.Outcome[_T]] = []
 
         def job() -> None:
@@ -179,5 +186,5 @@ class DiscardPool:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(done)
         finally:
-            os.close(done)
+            self._idle_eventfds.append(done)
         return result[0].unwrap()

@@ -12,6 +12,12 @@ Each chain's work is shielded from cancellation: the guest waits for every repor
 without a timeout, with up to 128 MiB isolated, so once taken a chain is always
 completed, even on shutdown, even when a discard fails.
 
+Free page reports, the hot path, are served whole in a discard thread: taking the
+chain, checking it, punching and writing the used entry and the call, while the
+task waits holding the lock (so nothing else touches the ring or the memory
+meanwhile). The event loop then only records what was done: the guest has its
+buffer back before the loop wakes again, and the loop stays free for vCPUs.
+
 If the guest breaks the ring rules, the queue stops for good: the error is logged
 and counted, the vring error eventfd is signalled, and the other queues and VMs
 carry on.
@@ -46,7 +52,7 @@ from vhost_user_balloon.protocol import (
     report_ranges,
 )
 
-from .discard import DiscardPool, DiscardResult, execute, plan_discards
+from .discard import DiscardPlan, DiscardPool, DiscardResult, execute, plan_discards
 from .guestram import VmMemory
 from .metrics import VmMetrics
 from .passthrough import PinWatch
@@ -122,6 +128,9 @@ class QueueRunner:
         if not self.enabled or self.broken or mem is None:
             return
         seen = time.perf_counter() if seen is None else seen
+        if self.role is QueueRole.REPORTING:
+            await self._serve_reports(mem, seen)
+            return
         while True:
             try:
                 chain = self.queue.pop(mem)
@@ -138,9 +147,7 @@ class QueueRunner:
                     return
 
     async def _serve_chain(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
-        if self.role is QueueRole.REPORTING:
-            await self._report(chain, mem, seen)
-        elif self.role is QueueRole.STATS:
+        if self.role is QueueRole.STATS:
             # Keep the guest's stats buffer: handing it back asks for fresh stats, which
             # _request_stats does every stats_interval. Give back an older one if a new
             # one comes.
@@ -175,25 +182,32 @@ class QueueRunner:
         self.vm_metrics.record_inflate(nbytes, result.discarded, result.skipped)
 
     async def _discard(self, ranges: Sequence[ReportedRange]) -> DiscardResult:
-        """Plan and make the holes for ``ranges`` (reported or inflated memory alike):
-        the punching runs in a worker thread; a failure is logged, never raised."""
+        """Give ``ranges`` back (inflated memory) in a worker thread; a failure is
+        logged, never raised."""
+        plan = self._plan(ranges)
+        if not plan.punches:
+            return DiscardResult(skipped=Counter(plan.skipped))
+        result = await self.host.discard_pool.run(lambda: self._punch(plan))
+        self._log_failures(result)
+        return result
+
+    def _plan(self, ranges: Sequence[ReportedRange]) -> DiscardPlan:
         host = self.host
-        plan = plan_discards(
+        return plan_discards(
             ranges,
             host.memory,
             poisoned=not host.device.discard_allowed,
             blocked=host.discard_blocked(),
         )
-        if not plan.punches:
-            return DiscardResult(skipped=Counter(plan.skipped))
 
-        def work() -> DiscardResult:  # in a worker thread: both make blocking syscalls
-            if host.passthrough.check():  # QEMU holds a VFIO device: guest RAM is pinned
-                pinned = sum(p.length for p in plan.punches)
-                return DiscardResult(skipped=Counter(plan.skipped) + Counter(vfio=pinned))
-            return execute(plan)
+    def _punch(self, plan: DiscardPlan) -> DiscardResult:
+        """Make the holes (blocking: in a worker thread, as is the passthrough check)."""
+        if self.host.passthrough.check():  # QEMU holds a VFIO device: guest RAM is pinned
+            pinned = sum(p.length for p in plan.punches)
+            return DiscardResult(skipped=Counter(plan.skipped) + Counter(vfio=pinned))
+        return execute(plan)
 
-        result = await host.discard_pool.run(work)
+    def _log_failures(self, result: DiscardResult) -> None:
         if result.errors:
             log.warning(
                 "discard_failed",
@@ -201,27 +215,53 @@ class QueueRunner:
                 error=str(result.errors[0]),
                 failures=len(result.errors),
             )
-        return result
 
     def _reject(self, event: str, err: RemoteProtocolError) -> None:
         """Log and count a buffer the guest got wrong."""
         report_problem(self.vm_metrics, event, err, queue=self.index)
 
-    async def _report(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
+    async def _serve_reports(self, mem: GuestMemory, seen: float) -> None:
+        """Every available report, served in one trip to a discard thread (see the
+        module's docstring)."""
+        failed: list[RemoteProtocolError] = []
+
+        def work() -> None:  # in a discard thread, while this task holds ring_lock
+            while True:
+                try:
+                    chain = self.queue.pop(mem)
+                    if chain is None:
+                        return
+                    self._report(chain, mem, seen)
+                except RemoteProtocolError as err:  # the ring, or the RAM file shrank
+                    failed.append(err)
+                    return
+
+        await self.host.discard_pool.run(work)
+        for err in failed:
+            self._fail(err)
+
+    def _report(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
+        """One report, start to end (blocking: in a discard thread). A malformed one is
+        handed back untouched. It is counted before the guest is told (so that a
+        scrape after the guest has its buffer back counts it)."""
         try:
             ranges = report_ranges(chain)
         except ReportError as err:
             self._reject("report_rejected", err)
             self._complete(chain, mem)
             return
-        result = await self._discard(ranges)
-        self._complete(chain, mem)
+        plan = self._plan(ranges)
+        result = self._punch(plan) if plan.punches else DiscardResult(skipped=plan.skipped)
+        self._log_failures(result)
+        notify = self._push(chain, mem)
         service = time.perf_counter() - seen
         by_order: dict[int, tuple[int, int]] = {}
         for r in ranges:
             blocks, nbytes = by_order.get(r.order, (0, 0))
             by_order[r.order] = (blocks + 1, nbytes + r.length)
         self.vm_metrics.record_report(by_order, result.discarded, result.skipped, service)
+        if notify:
+            self._signal(FdKind.CALL)
         log.debug(
             "report_served", queue=self.index, entries=len(ranges), orders=by_order,
             discarded_bytes=result.discarded, skipped=result.skipped,
@@ -251,9 +291,13 @@ class QueueRunner:
                         self._fail(err)
 
     def _complete(self, chain: Chain, mem: GuestMemory) -> None:
-        self.queue.push(mem, chain.head, 0)
-        if self.queue.should_notify(mem):
+        if self._push(chain, mem):
             self._signal(FdKind.CALL)
+
+    def _push(self, chain: Chain, mem: GuestMemory) -> bool:
+        """Hand the buffer back in the used ring; whether the guest wants a call."""
+        self.queue.push(mem, chain.head, 0)
+        return self.queue.should_notify(mem)
 
     def signal_call(self) -> None:
         """Interrupt the guest (a spare one is harmless: it finds nothing new)."""

@@ -3,6 +3,7 @@ run at once, and a caller that is cancelled still waits for its job."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -64,3 +65,16 @@ async def test_a_cancelled_caller_still_waits_for_its_job() -> None:
         threading.Timer(0.3, release.set).start()
         nursery.cancel_scope.cancel()  # the nursery ends only when run() returns
     assert finished.is_set()  # so run() returned only after the job ended
+
+
+async def test_eventfds_are_kept_for_the_next_caller_not_made_anew() -> None:
+    """One eventfd per caller at once, reused after: none made per job, none leaked."""
+    pool = DiscardPool(2)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        await pool.run(int)
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(pool.run, lambda: threading.Event().wait(0.05))
+    assert len(os.listdir("/proc/self/fd")) == before + 3
