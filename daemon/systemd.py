@@ -17,7 +17,6 @@ import socket
 from collections.abc import MutableMapping
 
 import structlog
-import trio
 
 __all__ = ["SD_LISTEN_FDS_START", "Notifier", "listen_fds"]
 
@@ -109,6 +108,8 @@ class Notifier:
     async def watchdog(self) -> None:
         """Ping the watchdog at half its interval, for as long as the event loop runs:
         a daemon whose loop is stuck stops pinging and systemd restarts it."""
+        import trio  # noqa: PLC0415 - the supervisor uses this module, never the loop
+
         if self.watchdog_seconds is None:
             return
         while True:

@@ -61,3 +61,19 @@ def test_public_names_are_exported_once() -> None:
     assert len(protocol.__all__) == len(set(protocol.__all__))
     for name in protocol.__all__:
         assert hasattr(protocol, name), name
+
+
+def test_supervise_starts_without_importing_the_daemon() -> None:
+    """The supervisor imports its few helpers only (a restart under systemd starts it
+    and then the daemon: each import it spares shortens that gap)."""
+    code = (
+        "import sys; from vhost_user_balloon.__main__ import main; "
+        "sys.argv = ['vhost-user-balloon', 'supervise', '--help']; main(); "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "vhost_user_balloon.daemon.supervisor" in loaded
+    heavy = {"trio", "prometheus_client", "cffi", "vhost_user_balloon.daemon.server",
+             "vhost_user_balloon.protocol"}  # fmt: skip
+    assert not heavy & loaded, heavy & loaded
