@@ -24,7 +24,9 @@ scrape          how long the event loop stops while /metrics is scraped at 256 V
 handover        what keeping connections across restarts costs: GET_CONFIG round trips
                 without a keeper and under `supervise` (every message is then peeked
                 and its state saved twice); and how long a GET_CONFIG sent just after
-                kill -9 (or a planned restart) waits for the next process to answer it
+                kill -9 (or a planned restart) waits for the next process to answer
+                it, with the standby the supervisor keeps ready and without one
+                (`supervise --no-standby`, the baseline)
 
 The daemon runs as its own process (the installed command), the Python frontend
 from tests/frontend.py plays QEMU. These machines are noisy: each figure is a

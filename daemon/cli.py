@@ -229,9 +229,21 @@ async def run(
         auto_balloon=settings.auto_balloon,
     )
     log = structlog.get_logger()
+    # Outside the receiver below (before it opens, and once it has closed and put this
+    # handler back) a stop signal is only noted: one that came early stops the daemon
+    # as soon as it is up; one that comes late is a stop's second SIGTERM (systemd's
+    # and the supervisor's both reach this process) and must not turn a clean stop
+    # into death by signal while the interpreter winds down.
+    early: list[int] = []
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda number, _frame: early.append(number))
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
+            if early:
+                log.info("shutdown_requested", signal=signal.Signals(early[0]).name)
+                nursery.cancel_scope.cancel()
+                return
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     try:
@@ -324,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             activated,
             lambda: settings_from_args(args, paths),
         )
+        # Stopped: from here on a SIGTERM is ignored, also while the interpreter winds
+        # down (which puts handlers written in Python back to the default).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except BaseExceptionGroup as group:
         startup, rest = group.split(StartupError)
         if startup is None or rest is not None:

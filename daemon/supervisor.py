@@ -188,8 +188,8 @@ class Supervisor:
                 if self.child is not None:
                     status = self._reap()
                     if status is not None:
-                        if self.stopping:
-                            self.exit_status = 0 if status == 0 else 1
+                        if self.stopping:  # stopped by the SIGTERM we sent: clean
+                            self.exit_status = 0 if status in (0, -signal.SIGTERM) else 1
                             return self.exit_status
                         next_start = self._after_exit(status)
                         if next_start is None:

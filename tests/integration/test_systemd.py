@@ -7,6 +7,7 @@ as fds 3, 4 with $LISTEN_FDS/$LISTEN_FDNAMES/$LISTEN_PID as sd_listen_fds(3) say
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,8 +16,10 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+import pytest
 import trio
 from daemon_helpers import Logs
 from frontend import FakeFrontend, GuestMemfd, MiB
@@ -256,3 +259,41 @@ def test_supervise_under_systemd_passes_on_what_systemd_must_know(tmp_path: Path
         if proc.poll() is None:
             proc.kill()
         manager.close()
+
+
+@pytest.mark.parametrize("gap_s", [0.0, 0.002, 0.01, 0.05])
+def test_a_stop_signal_that_comes_twice_is_still_a_clean_stop(tmp_path: Path, gap_s: float) -> None:
+    """Under systemd's supervise unit a stop's SIGTERM reaches the daemon twice (from
+    systemd, from the supervisor): the second, whenever it comes, changes nothing."""
+    sock = tmp_path / "web1.sock"
+    proc = subprocess.Popen(
+        [*DAEMON, "--vm", f"web1={sock}", "--metrics-listen", "none"], stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(gap_s)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
+def test_supervise_stopped_as_systemd_stops_it_exits_0(tmp_path: Path) -> None:
+    """systemd sends SIGTERM to every process of the service at once (KillMode=
+    control-group): supervisor, daemon, standby. The stop is clean: exit status 0,
+    else systemd would mark the service failed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhost_user_balloon", "supervise", "--log-format=json",
+         f"--vm=web1={tmp_path / 'web1.sock'}", "--metrics-listen=none"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    logs = Logs(proc)  # type: ignore[arg-type]
+    try:
+        logs.wait_for("standby_armed")
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
