@@ -623,6 +623,7 @@ def totals(vms: int, repeats: int) -> dict[str, float]:
         state.write_json(f'{{"format":1,"totals":{m.export_totals_json()}}}')
 
     changed, unchanged, before, render = [], [], [], []
+    collect_changed, collect_unchanged = [], []
     for _ in range(repeats):
         for vm in children:  # every VM reported since the last scrape
             vm.record_report({9: (16, 32 * MiB)}, 32 * MiB, {}, 0.01)
@@ -630,8 +631,14 @@ def totals(vms: int, repeats: int) -> dict[str, float]:
         save()
         changed.append(time.perf_counter() - t)
         t = time.perf_counter()
+        list(m.registry.collect())  # what a scrape collects in the loop after the save
+        collect_changed.append(time.perf_counter() - t)
+        t = time.perf_counter()
         save()
         unchanged.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        list(m.registry.collect())
+        collect_unchanged.append(time.perf_counter() - t)
         t = time.perf_counter()
         state.write({"format": 1, "totals": m.export_totals()})
         before.append(time.perf_counter() - t)
@@ -644,6 +651,8 @@ def totals(vms: int, repeats: int) -> dict[str, float]:
     print(f"save totals, {vms} VMs, nothing changed:          {spread(unchanged)}")
     print(f"save totals the way before (json.dumps of all):   {spread(before)}")
     print(f"render /metrics, {vms} VMs (baseline):            {spread(render)}")
+    print(f"collect the series, every VM changed:             {spread(collect_changed)}")
+    print(f"collect the series, nothing changed:              {spread(collect_unchanged)}")
     ratio = statistics.median(changed) / statistics.median(render)
     gain = statistics.median(before) / statistics.median(changed)
     print(f"  ratio save/render: {ratio:.2f}; before/now: {gain:.1f}x")
@@ -652,6 +661,8 @@ def totals(vms: int, repeats: int) -> dict[str, float]:
         "save_unchanged_ms": statistics.median(unchanged) * 1000,
         "before_ms": statistics.median(before) * 1000,
         "ratio": ratio,
+        "collect_ms": statistics.median(collect_changed) * 1000,
+        "collect_unchanged_ms": statistics.median(collect_unchanged) * 1000,
     }
 
 

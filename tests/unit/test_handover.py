@@ -202,10 +202,7 @@ def test_the_saved_json_text_is_the_export_and_follows_every_change() -> None:
     assert json.loads(Metrics().export_totals_json()) == []
 
 
-def test_carried_series_scrape_as_prometheus_client_would_make_them() -> None:
-    """The carried families build their samples themselves (label dicts made once);
-    they must be exactly what prometheus_client's add_metric makes."""
-    m = _busy_metrics()
+def _scrapes_as_prometheus_client_would(m: Metrics) -> None:
     for family in m.totals.families.values():
         ours = family.collect()
         if isinstance(family, HistogramFamily):
@@ -218,7 +215,22 @@ def test_carried_series_scrape_as_prometheus_client_would_make_them() -> None:
             for key, child in family.children.items():
                 ref.add_metric(list(key), child.value)
         assert ours == ref, family.name
+
+
+def test_carried_series_scrape_as_prometheus_client_would_make_them() -> None:
+    """The carried families build their samples themselves (label dicts made once,
+    a histogram's samples kept until it changes); they must be exactly what
+    prometheus_client's add_metric makes, at every scrape."""
+    m = _busy_metrics()
+    _scrapes_as_prometheus_client_would(m)
     assert any(f.children for f in m.totals.families.values() if isinstance(f, HistogramFamily))
+    m.for_vm("web1").record_report({9: (1, 2 << 20)}, 2 << 20, {"poison": 4096}, 0.5)
+    _scrapes_as_prometheus_client_would(m)  # what changed shows, the rest as it was
+    restored = Metrics()
+    restored.restore_totals(m.export_totals())
+    _scrapes_as_prometheus_client_would(restored)
+    restored.for_vm("web1").record_report({9: (1, 2 << 20)}, 2 << 20, {}, 0.001)
+    _scrapes_as_prometheus_client_would(restored)
 
 
 def test_metric_totals_go_on_in_the_next_process() -> None:
