@@ -238,7 +238,25 @@ async def service(repeats: int, against: Path | None = None) -> dict[str, object
                 for name in trees:
                     key = f"order{order}" + ("" if name == "this tree" else f" {name}")
                     results[key] = service_figures(name, block, daemon_t[name], raw_t, idle_t[name])
+            if against is not None:
+                results["fixed_cost_ms"] = await fixed_cost(vms, 20 * repeats)
     return results
+
+
+async def fixed_cost(
+    vms: dict[str, tuple[FakeFrontend, GuestMemfd]], repeats: int
+) -> dict[str, float]:
+    """Our cost per report, the two daemons in turns: 32 x 2 MiB of unpopulated memory,
+    where the kernel has almost nothing to do, many times (the figure is small, the
+    host's noise is not)."""
+    blocks = [(REPORT_BASE + i * 2 * MiB, 2 * MiB) for i in range(32)]
+    times: dict[str, list[float]] = {name: [] for name in vms}
+    for _ in range(repeats):
+        for name, (fe, _) in vms.items():
+            times[name].append(await timed_report(fe, blocks))
+    for name, values in times.items():
+        print(f"32 x 2 MiB unpopulated, in turns ({name}): {spread(values)}")
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def service_figures(

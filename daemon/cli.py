@@ -69,9 +69,11 @@ live migration: "vhost-user-balloon migrate-prepare --qmp PATH" on the source be
 
 restarts without QEMU noticing: run under a keeper that holds the daemon's fds
 while it restarts, and every attached VM is taken up again by the next process:
-  vhost-user-balloon supervise [daemon options]   (restarts it after a crash;
-      SIGUSR2 to the supervisor restarts it on purpose, e.g. after an upgrade)
-  systemd: Type=notify, FileDescriptorStoreMax=4096 and --fd-store (see systemd/).
+  vhost-user-balloon supervise [daemon options]   (restarts it after a crash, in
+      ~20 ms: the next daemon waits ready; SIGUSR2 to the supervisor restarts it on
+      purpose, e.g. after an upgrade)
+  systemd: the unit in systemd/ runs supervise with the fd store as well
+      (Type=notify, FileDescriptorStoreMax=4096, --fd-store).
 exit status: 0 after a clean stop, 1 if the daemon cannot
 start (the message says why), 2 for bad options.
 """
