@@ -21,6 +21,7 @@ This module is imported by the keeper too, which imports nothing else of the dae
 from __future__ import annotations
 
 import array
+import contextlib
 import socket
 from collections.abc import Sequence
 from typing import Final
@@ -61,10 +62,10 @@ def wait_for_fds(fd: int) -> dict[str, int] | None:
     the keeper went away first."""
     got: dict[str, int] = {}
     with socket.socket(fileno=fd) as sock:
-        try:
+        # The keeper may have sent everything and closed its end already (it does not
+        # wait for a standby that is still starting): what it sent is still there.
+        with contextlib.suppress(OSError):
             sock.send(ARMED)
-        except OSError:
-            return None
         while True:
             try:
                 data, ancdata, _, _ = sock.recvmsg(_MAX_MESSAGE, _ANCBUF, socket.MSG_CMSG_CLOEXEC)

@@ -188,6 +188,7 @@ class Supervisor:
                 if self.child is not None:
                     status = self._reap()
                     if status is not None:
+                        self.restart_at = None  # a planned restart is over either way
                         if self.stopping:  # stopped by the SIGTERM we sent: clean
                             self.exit_status = 0 if status in (0, -signal.SIGTERM) else 1
                             return self.exit_status

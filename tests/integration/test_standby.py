@@ -187,3 +187,34 @@ def test_a_standby_whose_keeper_goes_returns_none_and_nonsense_is_an_error() -> 
     with pytest.raises(standby.Handoff, match="hello"):
         standby.wait_for_fds(theirs.detach())
     ours.close()
+
+
+def test_a_daemon_that_dies_during_a_planned_restart_is_followed_once(
+    run_command: RunCommand, tmp_path: Path
+) -> None:
+    """SIGUSR2, and the daemon killed before the fresh standby is armed: that standby
+    takes over (its fds wait in its socket) and is left alone; the planned restart is
+    over, not stopped a second time."""
+    sock = tmp_path / "web1.sock"
+    logs = supervise(run_command, sock)
+
+    async def frontend() -> None:
+        fe = await attached(sock)
+        try:
+            logs.wait_for("standby_armed")
+            first = logs.wait_for("daemon_started")["pid"]
+            logs.proc.send_signal(signal.SIGUSR2)
+            await trio.to_thread.run_sync(logs.wait_for, "standby_started", 2)
+            os.kill(first, signal.SIGKILL)
+            took = await trio.to_thread.run_sync(logs.wait_for, "daemon_started", 2)
+            assert took["pid"] == logs.events("standby_started")[1]["pid"] and took["standby"]
+            await trio.to_thread.run_sync(logs.wait_for, "frontend_adopted")
+            await trio.to_thread.run_sync(logs.wait_for, "standby_armed", 2, 20)  # the next
+            await served(fe, 8 * MiB)
+            assert len(logs.events("daemon_started")) == 2, logs.events("daemon_started")
+            assert logs.events("daemon_exited") == [], logs.events("daemon_exited")
+        finally:
+            await fe.aclose()
+            fe.guest.close()
+
+    trio.run(frontend)
