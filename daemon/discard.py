@@ -16,6 +16,7 @@ waiting on GET_CONFIG.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import queue
 import threading
@@ -172,9 +173,11 @@ class DiscardPool:
             done = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         result: list[outcome.Outcome[_T]] = []
 
+        context = contextvars.copy_context()  # the caller's log context (its vm=)
+
         def job() -> None:
             try:
-                result.append(outcome.capture(fn))
+                result.append(context.run(outcome.capture, fn))
             finally:
                 os.eventfd_write(done, 1)
 

@@ -156,7 +156,10 @@ async def test_stats_buffer_is_held_and_reporting_goes_on(
 
 
 async def test_bad_report_entries_are_completed_not_discarded(
-    start_daemon: StartDaemon, guests: list[GuestMemfd], frontends: list[FakeFrontend]
+    start_daemon: StartDaemon,
+    guests: list[GuestMemfd],
+    frontends: list[FakeFrontend],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     daemon, guest, fe = await one_guest(start_daemon, guests, frontends, "odd", 32 * MiB)
     guest.populate(4 * MiB, 4 * MiB)
@@ -165,6 +168,9 @@ async def test_bad_report_entries_are_completed_not_discarded(
     await fe.report(3, [(4 * MiB, 2 * MiB), (6 * MiB + PAGE, 2 * MiB)])
     assert guest.allocated() == before
     assert sample(daemon, "protocol_errors_total", vm="odd", reason="report_unaligned") == 1
+    # Logged from the discard thread, with the VM it is about.
+    rejected = [x for x in capsys.readouterr().out.splitlines() if "report_rejected" in x]
+    assert len(rejected) == 1 and "vm=odd" in rejected[0], rejected
     # Outside guest RAM: skipped and counted; the rest of the report is freed.
     await fe.report(3, [(4 * MiB, 2 * MiB), (1 << 40, 2 * MiB)])
     assert before - guest.allocated() == 2 * MiB

@@ -3,6 +3,7 @@ run at once, and a caller that is cancelled still waits for its job."""
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 
@@ -78,3 +79,11 @@ async def test_eventfds_are_kept_for_the_next_caller_not_made_anew() -> None:
         for _ in range(3):
             nursery.start_soon(pool.run, lambda: threading.Event().wait(0.05))
     assert len(os.listdir("/proc/self/fd")) == before + 3
+
+
+async def test_a_job_runs_in_its_callers_context() -> None:
+    """Log lines written in the thread carry the caller's bound fields (its vm=)."""
+    pool = DiscardPool(2)
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    var.set("web1")
+    assert await pool.run(var.get) == "web1"
