@@ -733,7 +733,7 @@ async def scrape_stall(vms: int, scrapes: int) -> dict[str, float]:
             await trio.sleep(0.05)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_metrics, listeners, m.registry, save)
+        nursery.start_soon(serve_metrics, listeners, m.registry, save, m.lock)
         now = await lateness(scrape_now)
         before = await lateness(render_in_loop)
         nursery.cancel_scope.cancel()

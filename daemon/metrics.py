@@ -9,6 +9,7 @@ at that moment.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -141,6 +142,10 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        #: Held while a report is counted (in a discard thread) and while a scrape saves
+        #: the totals and collects (in the event loop): so nothing is counted between
+        #: the two, and a scrape never shows more than the next process starts from.
+        self.lock = threading.Lock()
         r, ns = self.registry, PREFIX
         #: the series that go on across a restart under a keeper (totals.py)
         self.totals = Totals(ns)
@@ -326,10 +331,13 @@ class VmMetrics:
         self._m.guest_stats.update(self.vm, pairs)
 
     def protocol_error(self, reason: str) -> None:
-        child = self._errors.get(reason)
-        if child is None:
-            child = self._errors[reason] = self._m.protocol_errors.labels(vm=self.vm, reason=reason)
-        child.inc()
+        with self._m.lock:  # also counted from discard threads
+            child = self._errors.get(reason)
+            if child is None:
+                child = self._errors[reason] = self._m.protocol_errors.labels(
+                    vm=self.vm, reason=reason
+                )
+            child.inc()
 
     def record_report(
         self,
@@ -338,22 +346,24 @@ class VmMetrics:
         skipped: Mapping[str, int],
         service_seconds: float,
     ) -> None:
-        """``by_order``: order -> (blocks, bytes) of one report."""
-        entries = 0
-        for order, (blocks, nbytes) in by_order.items():
-            children = self._orders.get(order)
-            if children is None:
-                children = self._orders[order] = (
-                    self._m.reported_blocks.labels(vm=self.vm, order=str(order)),
-                    self._m.reported_bytes.labels(vm=self.vm, order=str(order)),
-                )
-            children[0].inc(blocks)
-            children[1].inc(nbytes)
-            entries += blocks
-        self.record_discard(discarded, skipped)
-        self.reports.inc()
-        self.entries.observe(entries)
-        self.service.observe(service_seconds)
+        """``by_order``: order -> (blocks, bytes) of one report (counted in a discard
+        thread: under the lock a scrape takes)."""
+        with self._m.lock:
+            entries = 0
+            for order, (blocks, nbytes) in by_order.items():
+                children = self._orders.get(order)
+                if children is None:
+                    children = self._orders[order] = (
+                        self._m.reported_blocks.labels(vm=self.vm, order=str(order)),
+                        self._m.reported_bytes.labels(vm=self.vm, order=str(order)),
+                    )
+                children[0].inc(blocks)
+                children[1].inc(nbytes)
+                entries += blocks
+            self.record_discard(discarded, skipped)
+            self.reports.inc()
+            self.entries.observe(entries)
+            self.service.observe(service_seconds)
 
     def record_discard(self, discarded: int, skipped: Mapping[str, int]) -> None:
         """Bytes given back to the host, and the bytes that were not, by reason."""

@@ -356,7 +356,10 @@ class Daemon:
                     control = trio.SocketListener(self._control.sock)
                     nursery.start_soon(serve_control, control, self._vm_connections, self.pins)
                 if http:
-                    nursery.start_soon(serve_metrics, http, self.metrics.registry, self.save_totals)
+                    nursery.start_soon(
+                        serve_metrics, http, self.metrics.registry, self.save_totals,
+                        self.metrics.lock,
+                    )  # fmt: skip
                 nursery.start_soon(self.notifier.watchdog)
                 self._start_auto_balloon()
                 await self._adopt_connections()
