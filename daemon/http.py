@@ -6,9 +6,10 @@ anything for long.
 
 A scrape saves the totals and collects every series in the event loop, one after the
 other with nothing in between, holding the lock under which the discard threads count
-reports (what Prometheus sees is never more than what a next process starts from), and then writes the page from that snapshot in a worker thread:
-at 256 VMs the writing is the larger part (~40-60 ms), and a vCPU waiting on
-GET_CONFIG must not wait for it.
+reports (what Prometheus sees is never more than what a next process starts from),
+and then writes the page from that snapshot in a worker thread: at 256 VMs the
+writing is the larger part (~40-60 ms), and a vCPU waiting on GET_CONFIG must not
+wait for it.
 """
 
 from __future__ import annotations

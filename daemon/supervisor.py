@@ -172,9 +172,11 @@ class Supervisor:
                 if self.child is None and next_start is not None and now >= next_start:
                     self._start_next()
                     next_start = None
-                if self._standby_wanted(now):
+                standby_at = self._standby_at()
+                if standby_at is not None and now >= standby_at:
                     self._spawn_standby()
-                due = [t for t in (next_start, self.standby_due, self.restart_at) if t is not None]
+                    standby_at = None
+                due = [t for t in (next_start, standby_at, self.restart_at) if t is not None]
                 self._selector.select(max(0, min(due) - now) if due else None)
                 self._drain_wakeups()
                 self._read_notifications()  # always before a child's exit is handled
@@ -280,11 +282,11 @@ class Supervisor:
         log.info("daemon_started", pid=pid, fds_passed=len(fds))
 
     # -- the standby ------------------------------------------------------------------
-    def _standby_wanted(self, now: float) -> bool:
-        return (
-            self.use_standby and self.standby is None and self.ready and not self.stopping
-            and self.standby_due is not None and now >= self.standby_due
-        )  # fmt: skip
+    def _standby_at(self) -> float | None:
+        """When to start a standby; ``None``: not now (there is one, or the daemon is
+        not ready: then the time is not even waited for)."""
+        wanted = self.use_standby and self.standby is None and self.ready and not self.stopping
+        return self.standby_due if wanted else None
 
     def _spawn_standby(self) -> None:
         ours, theirs = socket.socketpair(

@@ -16,6 +16,7 @@ from daemon_helpers import Logs, RunCommand
 from frontend import FakeFrontend, GuestMemfd, MiB
 
 from vhost_user_balloon.daemon import standby
+from vhost_user_balloon.daemon.supervisor import Supervisor
 
 
 def children(pid: int) -> list[int]:
@@ -218,3 +219,19 @@ def test_a_daemon_that_dies_during_a_planned_restart_is_followed_once(
             fe.guest.close()
 
     trio.run(frontend)
+
+
+def test_a_standby_due_while_the_daemon_is_not_ready_is_not_waited_for() -> None:
+    """The supervisor sleeps until the next thing it must do; a standby that is due
+    while the daemon is not ready (restarting, failing) is not such a thing, else the
+    loop would spin with a timeout of 0 until the daemon is ready."""
+    sup = Supervisor(["/bin/true"])
+    try:
+        sup.standby_due = 0.0  # long past
+        assert sup._standby_at() is None  # no daemon ready: nothing to wait for
+        sup.ready = True
+        assert sup._standby_at() == 0.0
+        sup.stopping = True
+        assert sup._standby_at() is None
+    finally:
+        sup._close()
