@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,9 +39,11 @@ def run_command(tmp_path: Path) -> Iterator[RunCommand]:
     yield start
     for p in procs:
         if p.poll() is None:
+            children = _children(p.pid)  # before the kill: then they are orphans
             p.kill()
-            for child in _children(p.pid):
-                os.kill(child, signal.SIGKILL)
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
         p.wait()
 
 
