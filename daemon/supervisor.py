@@ -92,7 +92,7 @@ if it keeps failing to start). If the first daemon cannot start at all (bad opti
 a socket in use), the supervisor exits with the daemon's exit status.
 
 The next daemon is started ahead of time and waits, everything imported (a
-standby, ~30 MiB), so that a restart takes milliseconds rather than the ~0.3 s a
+standby, ~36 MiB), so that a restart takes milliseconds rather than the ~0.3 s a
 new interpreter needs. --no-standby: start each daemon only when it is needed.
 
 signals to the supervisor:
