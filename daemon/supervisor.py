@@ -48,7 +48,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -264,22 +264,31 @@ class Supervisor:
         env = self._env()
         if fds:
             env.update(LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=":".join(names))
+
+        def pass_fds() -> None:
+            # Move the kept fds to 3, 4, ... (above them first: they may overlap).
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(fds)) for fd in fds]
+            for i, fd in enumerate(high):
+                os.dup2(fd, 3 + i, inheritable=True)
+                os.close(fd)
+            if fds:
+                env["LISTEN_PID"] = str(os.getpid())
+
+        pid = self._fork_exec(env, pass_fds)
+        self.child, self.ready, self.started_at = pid, False, time.monotonic()
+        log.info("daemon_started", pid=pid, fds_passed=len(fds))
+
+    def _fork_exec(self, env: dict[str, str], prepare: Callable[[], None]) -> int:
+        """Start the daemon command; ``prepare`` runs in the child just before exec."""
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child runs until exec
             try:
                 signal.set_wakeup_fd(-1)
-                # Move the kept fds to 3, 4, ... (above them first: they may overlap).
-                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(fds)) for fd in fds]
-                for i, fd in enumerate(high):
-                    os.dup2(fd, 3 + i, inheritable=True)
-                    os.close(fd)
-                if fds:
-                    env["LISTEN_PID"] = str(os.getpid())
+                prepare()
                 os.execve(self.command[0], self.command, env)
             finally:
                 os._exit(127)
-        self.child, self.ready, self.started_at = pid, False, time.monotonic()
-        log.info("daemon_started", pid=pid, fds_passed=len(fds))
+        return pid
 
     # -- the standby ------------------------------------------------------------------
     def _standby_at(self) -> float | None:
@@ -294,14 +303,7 @@ class Supervisor:
         )
         env = self._env()
         env[standby.ENV] = str(theirs.fileno())
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child runs until exec
-            try:
-                signal.set_wakeup_fd(-1)
-                os.set_inheritable(theirs.fileno(), True)
-                os.execve(self.command[0], self.command, env)
-            finally:
-                os._exit(127)
+        pid = self._fork_exec(env, lambda: os.set_inheritable(theirs.fileno(), True))
         theirs.close()
         ours.setblocking(False)
         self.standby, self.standby_due = _Standby(pid, ours), None
@@ -327,26 +329,19 @@ class Supervisor:
     def _reap_standbys(self, why: str | None = None) -> None:
         """Reap standbys that were told to go, and the current one if it is gone (or,
         with ``why``, take it as gone: it is told to go, and started again later)."""
-        for pid in list(self.retired):
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    continue
-            self.retired.remove(pid)
+        self.retired = [pid for pid in self.retired if _exit_code(pid) is None]
         waiting = self.standby
         if waiting is None:
             return
-        try:
-            pid, status = os.waitpid(waiting.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = waiting.pid, 0
-        if pid != 0:
-            why = _how(os.waitstatus_to_exitcode(status))
+        code = _exit_code(waiting.pid)
+        if code is not None:
+            why = _how(code)
         elif why is None:
             return
         self.standby = None
         self._drop(waiting)
         waiting.sock.close()
-        if pid == 0:
+        if code is None:
             self._retire(waiting.pid)
         self.standby_failures += 1
         delay = min(_STANDBY_BACKOFF_MAX_S, 5.0 * 2 ** (self.standby_failures - 1))
@@ -381,14 +376,10 @@ class Supervisor:
 
     def _reap(self) -> int | None:
         assert self.child is not None
-        try:
-            pid, status = os.waitpid(self.child, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = self.child, 0
-        if pid == 0:
-            return None
-        self.child = None
-        return os.waitstatus_to_exitcode(status)
+        code = _exit_code(self.child)
+        if code is not None:
+            self.child = None
+        return code
 
     def _after_exit(self, code: int) -> float | None:
         """When to start the next child; ``None``: give up (nothing kept, never ready)."""
@@ -521,6 +512,15 @@ def main(argv: Sequence[str]) -> int:
         upstream=upstream if upstream.enabled else None,
         inherited=inherited,
     ).run()
+
+
+def _exit_code(pid: int) -> int | None:
+    """A child's exit code once it has exited (and is now reaped), else ``None``."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # reaped already
+        return 0
+    return None if done == 0 else os.waitstatus_to_exitcode(status)
 
 
 def _how(code: int) -> str:
