@@ -201,8 +201,9 @@ class QueueRunner:
         )
 
     def _punch(self, plan: DiscardPlan) -> DiscardResult:
-        """Make the holes (blocking: in a worker thread, as is the passthrough check)."""
-        if self.host.passthrough.check():  # QEMU holds a VFIO device: guest RAM is pinned
+        """Make the holes (blocking: in a worker thread, as is the passthrough check,
+        made only if there is something to punch)."""
+        if plan.punches and self.host.passthrough.check():  # VFIO: guest RAM is pinned
             pinned = sum(p.length for p in plan.punches)
             return DiscardResult(skipped=Counter(plan.skipped) + Counter(vfio=pinned))
         return execute(plan)
@@ -251,7 +252,7 @@ class QueueRunner:
             self._complete(chain, mem)
             return
         plan = self._plan(ranges)
-        result = self._punch(plan) if plan.punches else DiscardResult(skipped=plan.skipped)
+        result = self._punch(plan)
         self._log_failures(result)
         notify = self._push(chain, mem)
         service = time.perf_counter() - seen
