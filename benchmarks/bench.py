@@ -64,6 +64,7 @@ from vhost_user_balloon.protocol.virtqueue import SplitQueue
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "qemu-config")]
 
+from daemon_helpers import children  # noqa: E402
 from fakes import DriverRing  # noqa: E402
 from frontend import FakeFrontend, GuestMemfd, MiB  # noqa: E402
 from guestrun import GuestSpec, run_guest  # noqa: E402
@@ -424,10 +425,6 @@ async def responsiveness(samples: int) -> dict[str, object]:
 def log_events(folder: Path, event: str) -> list[dict[str, object]]:
     lines = (json.loads(line) for line in (folder / "log").read_text().splitlines())
     return [r for r in lines if r.get("event") == event]
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 async def settled(sup: int, folder: Path, standby: bool) -> int:

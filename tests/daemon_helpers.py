@@ -8,6 +8,7 @@ import subprocess
 import threading
 import urllib.request
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -50,6 +51,15 @@ class Logs:
 
 #: ``run_command(*argv)``: ``vhost-user-balloon *argv`` as its own process
 RunCommand = Callable[..., Logs]
+
+
+def children(pid: int) -> list[int]:
+    """A process's children (none once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 from daemon_helpers import Logs, RunCommand, StartDaemon
+from daemon_helpers import children as list_children
 from frontend import FakeFrontend, GuestMemfd
 
 from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
@@ -39,20 +40,12 @@ def run_command(tmp_path: Path) -> Iterator[RunCommand]:
     yield start
     for p in procs:
         if p.poll() is None:
-            children = _children(p.pid)  # before the kill: then they are orphans
+            children = list_children(p.pid)  # before the kill: then they are orphans
             p.kill()
             for child in children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
         p.wait()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
 
 
 @pytest.fixture

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import Logs, RunCommand
+from daemon_helpers import Logs, RunCommand, children
 from frontend import FakeFrontend, GuestMemfd, MiB
 
 from vhost_user_balloon.daemon import standby
 from vhost_user_balloon.daemon.supervisor import Supervisor
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def gone(pid: int) -> bool:
