@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["daemon/_syscalls_build.py:ffibuilder"])
+setup(cffi_modules=["daemon/linux/_syscalls_build.py:ffibuilder"])

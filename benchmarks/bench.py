@@ -52,11 +52,11 @@ from pathlib import Path
 import trio
 from prometheus_client import generate_latest
 
-from vhost_user_balloon.daemon.discard import DiscardPool, execute, plan_discards
-from vhost_user_balloon.daemon.guestram import VmMemory
-from vhost_user_balloon.daemon.handover import TOTALS_SLOT_BYTES, StateFile
-from vhost_user_balloon.daemon.http import open_metrics_listeners, serve_metrics
-from vhost_user_balloon.daemon.metrics import Metrics
+from vhost_user_balloon.daemon.handover.store import TOTALS_SLOT_BYTES, StateFile
+from vhost_user_balloon.daemon.observing.http import open_metrics_listeners, serve_metrics
+from vhost_user_balloon.daemon.observing.metrics import Metrics
+from vhost_user_balloon.daemon.serving.discard import DiscardPool, execute, plan_discards
+from vhost_user_balloon.daemon.serving.guestram import VmMemory
 from vhost_user_balloon.protocol import GuestMemory
 from vhost_user_balloon.protocol.balloon import report_ranges
 from vhost_user_balloon.protocol.virtqueue import SplitQueue
@@ -160,7 +160,7 @@ async def timed_report(fe: FakeFrontend, blocks: list[tuple[int, int]]) -> float
 
 _HELPER = """
 import os, sys, time
-from vhost_user_balloon.daemon.syscalls import punch_hole
+from vhost_user_balloon.daemon.linux.syscalls import punch_hole
 fd = os.open(sys.argv[1], os.O_RDWR)
 ranges = [tuple(map(int, r.split(":"))) for r in sys.argv[2:]]
 for line in sys.stdin:
@@ -768,7 +768,7 @@ def main() -> int:
         type=Path,
         metavar="CHECKOUT",
         help="service: also measure a daemon run from this checkout, in turns (its "
-        "compiled extension copied in: vhost_user_balloon/daemon/_syscalls.abi3.so)",
+        "compiled extension copied in: vhost_user_balloon/daemon/linux/_syscalls.abi3.so)",
     )
     args = p.parse_args()
     q = args.quick

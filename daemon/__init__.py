@@ -1,56 +1,18 @@
 """The vhost-user-balloon daemon: all the I/O around the sans-IO protocol package.
 
-socket -> message -> session (``connection``) -> queue tasks (``queues``) -> guest
-memory (``guestram``) -> discard (``discard``, ``syscalls``) -> metrics (``metrics``,
-``http``); ``server`` holds the VMs together and ``cli`` is the command.
+A folder per job; each says in its docstring what it may import, and
+``tests/unit/test_layers.py`` checks it:
 
-The names below are imported when first used: ``vhost-user-balloon supervise``
-imports only its few helpers from this package, so that it starts in a fraction of
-the time the daemon takes to import (a restart under systemd starts both).
+``serving``      one VM's connection: socket, session effects, queues, guest RAM, discard
+``handover``     what a connection leaves for the next process, and adopting it again
+``supervise``    the keeper process (``vhost-user-balloon supervise``) and its standby
+``observing``    metrics, the totals carried across restarts, ``/metrics``, problems
+``linux``        system calls, fds over sockets, peer credentials, systemd, logging
+``autoballoon``  the automatic balloon policy's runner and the host's memory readers
+``commands``     what operators run: status, balloon, migrate-prepare/-finish, reclaim
+
+``config`` holds every setting (file, command line, ``--help``). The top level puts it
+together and nothing imports it: ``server`` (the ``Daemon``), ``control`` (the control
+socket) and ``cli`` (the daemon's command). This package re-exports nothing, so that
+importing one part never imports the rest.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .config import ConfigError, Settings, VmSpec, load_settings
-    from .connection import VmConnection
-    from .metrics import PREFIX, Metrics, VmMemoryStats
-    from .server import Daemon, StartupError
-
-__all__ = [
-    "PREFIX",
-    "ConfigError",
-    "Daemon",
-    "Metrics",
-    "Settings",
-    "StartupError",
-    "VmConnection",
-    "VmMemoryStats",
-    "VmSpec",
-    "load_settings",
-]
-
-_WHERE = {
-    "ConfigError": ".config",
-    "Settings": ".config",
-    "VmSpec": ".config",
-    "load_settings": ".config",
-    "VmConnection": ".connection",
-    "PREFIX": ".metrics",
-    "Metrics": ".metrics",
-    "VmMemoryStats": ".metrics",
-    "Daemon": ".server",
-    "StartupError": ".server",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value

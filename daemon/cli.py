@@ -16,7 +16,6 @@ import trio
 
 from vhost_user_balloon import __version__
 
-from . import migrate, standby, status, supervisor
 from .config import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_STATS_INTERVAL_S,
@@ -28,11 +27,11 @@ from .config import (
     load_settings,
     parse_size,
 )
-from .control import ControlError, ask
-from .handover import StoredVm, stored_vms
-from .logconfig import configure_logging
+from .handover.store import StoredVm, stored_vms
+from .linux.logs import configure_logging
+from .linux.systemd import Notifier, listen_fds
 from .server import Daemon, StartupError
-from .systemd import Notifier, listen_fds
+from .supervise import standby
 
 __all__ = ["build_parser", "main"]
 
@@ -268,48 +267,8 @@ async def run(
                 break
 
 
-def balloon_command(argv: Sequence[str]) -> int:
-    """vhost-user-balloon balloon VM [SIZE]: show or set a VM's balloon size."""
-    p = argparse.ArgumentParser(
-        prog="vhost-user-balloon balloon",
-        description="Show a VM's balloon, or set how much memory its guest gives up "
-        "(SIZE 0 gives everything back). Talks to the daemon's --control-socket.",
-    )
-    p.add_argument("vm", help="the VM's name")
-    p.add_argument("size", nargs="?", type=parse_size, help="balloon size: 512M, 2G, 0, ...")
-    p.add_argument(
-        "--control-socket", required=True, metavar="PATH", help="the daemon's control socket"
-    )
-    args = p.parse_args(argv)
-    request: dict[str, object] = {"vm": args.vm}
-    if args.size is not None:
-        request["target_bytes"] = args.size
-    try:
-        reply = ask(args.control_socket, request)
-    except ControlError as err:
-        print(f"vhost-user-balloon balloon: {err}", file=sys.stderr)
-        return 1
-    print(
-        f"{reply['vm']}: {'attached' if reply['attached'] else 'not attached'}, balloon "
-        f"target {reply['target_bytes'] >> 20} MiB, actual {reply['actual_bytes'] >> 20} MiB"
-    )
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["status"]:
-        return status.main(argv[1:])
-    if argv[:1] == ["balloon"]:
-        return balloon_command(argv[1:])
-    if argv[:1] == ["supervise"]:
-        return supervisor.main(argv[1:])
-    if argv[:1] == ["migrate-prepare"]:
-        return migrate.prepare_command(argv[1:])
-    if argv[:1] == ["migrate-finish"]:
-        return migrate.finish_command(argv[1:])
-    if argv[:1] == ["reclaim"]:
-        return migrate.reclaim_command(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     waiting = os.environ.pop(standby.ENV, None)

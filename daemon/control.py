@@ -17,7 +17,6 @@ memory away from a guest. One JSON object per line in, one per line out:
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -26,15 +25,14 @@ import trio
 
 from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonStat
 
-from .connection import BalloonTargetError, VmConnection
-from .http import receive_until
+from .commands.control import MAX_CONTROL_REQUEST
+from .observing.http import receive_until
+from .serving.connection import BalloonTargetError, VmConnection
 
-__all__ = ["MAX_CONTROL_REQUEST", "ControlError", "ask", "handle_request", "serve_control"]
+__all__ = ["handle_request", "serve_control"]
 
 log = structlog.get_logger()
 
-#: A control request is one short JSON line.
-MAX_CONTROL_REQUEST: Final = 4096
 _TIMEOUT_S: Final = 5.0
 
 
@@ -134,27 +132,3 @@ async def serve_control(
             await stream.aclose()
 
     await trio.serve_listeners(handler, [listener])
-
-
-class ControlError(Exception):
-    """The daemon could not be asked, or refused; the text says why."""
-
-
-def ask(path: str, request: Mapping[str, object], timeout: float = 10.0) -> dict[str, Any]:
-    """One request to a running daemon's control socket (blocking); its answer if ok."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(json.dumps(dict(request)).encode() + b"\n")
-            line = s.makefile("rb").readline(MAX_CONTROL_REQUEST * 4)
-    except OSError as err:
-        raise ControlError(f"{path}: {err}") from None
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        why = "closed the connection without an answer" if not line else f"answered {line[:200]!r}"
-        raise ControlError(f"the daemon at {path} {why}; see its log") from None
-    if not isinstance(reply, dict) or not reply.get("ok"):
-        raise ControlError(str(reply.get("error") if isinstance(reply, dict) else reply))
-    return reply

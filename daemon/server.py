@@ -30,19 +30,27 @@ import trio
 
 from vhost_user_balloon.protocol import DEFAULT_FEATURES, BalloonFeature, VhostUserError
 
-from .adoption import AdoptError, HandOver, take_up
-from .autoballoon import AutoBalloonRunner
+from .autoballoon.runner import AutoBalloonRunner
 from .config import DEFAULT_STATS_INTERVAL_S, Access, AutoBalloon, VmSpec
-from .connection import ConnectionOptions, VmConnection
 from .control import serve_control
-from .discard import DiscardPool
-from .fds import close_fds
-from .handover import DAEMON, TOTALS_SLOT_BYTES, FdStore, StateFile, StoredVm, VmKeeper, fd_name
-from .http import open_metrics_listeners, serve_metrics
-from .metrics import Metrics, VmMemoryStats
-from .passthrough import VFIO_MARKERS, PeerScans
-from .syscalls import peer_groups
-from .systemd import Notifier
+from .handover.records import AdoptError, HandOver, take_up
+from .handover.store import (
+    DAEMON,
+    TOTALS_SLOT_BYTES,
+    FdStore,
+    StateFile,
+    StoredVm,
+    VmKeeper,
+    fd_name,
+)
+from .linux.fds import close_fds
+from .linux.syscalls import peer_groups
+from .linux.systemd import Notifier
+from .observing.http import open_metrics_listeners, serve_metrics
+from .observing.metrics import Metrics, VmMemoryStats
+from .serving.connection import ConnectionOptions, VmConnection
+from .serving.discard import DiscardPool
+from .serving.passthrough import VFIO_MARKERS, PeerScans
 
 __all__ = ["DISCARD_THREADS", "Daemon", "StartupError"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 from frontend import FakeFrontend, GuestMemfd
 
-from vhost_user_balloon.daemon import Daemon
+from vhost_user_balloon.daemon.server import Daemon
 
 StartDaemon = Callable[..., Coroutine[Any, Any, Daemon]]
 

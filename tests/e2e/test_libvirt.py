@@ -31,7 +31,7 @@ from daemon_helpers import Logs
 from e2e_helpers import metric, wait
 from guestrun import HERE, Env, MiB, stop_process
 
-from vhost_user_balloon.daemon.control import ask
+from vhost_user_balloon.daemon.commands.control import ask
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 SHIPPED_SOCKET = "/run/vhost-user-balloon/web1.sock"

@@ -24,7 +24,7 @@ from daemon_helpers import Logs
 from e2e_helpers import Console, start_guest, wait
 from guestrun import Env, GuestSpec, MiB, attach_args, qemu_memfd, stop_process
 
-from vhost_user_balloon.daemon.qmp import Qmp
+from vhost_user_balloon.daemon.commands.qmp import Qmp
 
 GiB = 1024 * MiB
 #: A round is 700 MiB; what stays of it after the free must be under this.

@@ -22,8 +22,8 @@ from daemon_helpers import Logs
 from e2e_helpers import Console, assert_gets_memory_back, metric, start_guest
 from guestrun import Env, GuestSpec, MiB, attach_args, stop_process
 
-from vhost_user_balloon.daemon.control import ask
-from vhost_user_balloon.daemon.qmp import Qmp
+from vhost_user_balloon.daemon.commands.control import ask
+from vhost_user_balloon.daemon.commands.qmp import Qmp
 
 TARGET = 64 * MiB
 #: What the guest keeps available while reclaim has its balloon inflated: this guest

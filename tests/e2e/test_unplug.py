@@ -25,7 +25,7 @@ from guestrun import (
     stop_process,
 )
 
-from vhost_user_balloon.daemon.qmp import Qmp
+from vhost_user_balloon.daemon.commands.qmp import Qmp
 
 #: The unplugged VM's device sits behind a PCIe root port, as hot-pluggable devices do.
 ROOT_PORT = "-device pcie-root-port,id=rp1,chassis=1,slot=1"

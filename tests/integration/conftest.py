@@ -17,7 +17,9 @@ from daemon_helpers import Logs, RunCommand, StartDaemon
 from daemon_helpers import children as list_children
 from frontend import FakeFrontend, GuestMemfd
 
-from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
+from vhost_user_balloon.daemon.config import VmSpec
+from vhost_user_balloon.daemon.observing.metrics import Metrics
+from vhost_user_balloon.daemon.server import Daemon
 
 
 @pytest.fixture

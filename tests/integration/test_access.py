@@ -13,8 +13,9 @@ import trio
 from daemon_helpers import sample
 from frontend import FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import Daemon, Metrics, StartupError, VmSpec
-from vhost_user_balloon.daemon.config import Access
+from vhost_user_balloon.daemon.config import Access, VmSpec
+from vhost_user_balloon.daemon.observing.metrics import Metrics
+from vhost_user_balloon.daemon.server import Daemon, StartupError
 
 
 async def start(nursery: trio.Nursery, tmp_path: Path, access: Access) -> Daemon:

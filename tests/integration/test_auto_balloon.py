@@ -15,9 +15,9 @@ from prometheus_client import generate_latest
 from test_balloon import control
 from test_stats import post_stats, wait_for
 
+from vhost_user_balloon.daemon.commands.status import render
 from vhost_user_balloon.daemon.config import AutoBalloon
-from vhost_user_balloon.daemon.metrics import PREFIX
-from vhost_user_balloon.daemon.status import render
+from vhost_user_balloon.daemon.observing.metrics import PREFIX
 from vhost_user_balloon.policy import HostView, PolicyConfig
 
 BUDGET = 40 * MiB

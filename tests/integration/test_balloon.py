@@ -13,7 +13,7 @@ import trio
 from daemon_helpers import StartDaemon, sample, wait_disconnected
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon.cli import balloon_command
+from vhost_user_balloon.daemon.commands.balloon import main as balloon_command
 from vhost_user_balloon.protocol import U64, Config, Request
 
 PFNS_AT = 12 * MiB  # where the test guest writes its page frame arrays

@@ -13,7 +13,7 @@ import trio
 from daemon_helpers import RunCommand, free_port, scrape
 from frontend import FakeFrontend, GuestMemfd, MiB
 
-COMMAND = [sys.executable, "-m", "vhost_user_balloon.daemon.cli"]
+COMMAND = [sys.executable, "-m", "vhost_user_balloon"]
 
 
 def test_serves_reports_metrics_and_stops_cleanly_on_sigterm(

@@ -13,7 +13,7 @@ import trio
 from daemon_helpers import StartDaemon, sample, wait_disconnected
 from frontend import FakeFrontend, GuestMemfd, MiB, region_uva
 
-from vhost_user_balloon.daemon import framing
+from vhost_user_balloon.daemon.serving import framing
 from vhost_user_balloon.protocol import (
     REQUESTS,
     U64,

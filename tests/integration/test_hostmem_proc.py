@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vhost_user_balloon.daemon.hostmem import host_view
+from vhost_user_balloon.daemon.autoballoon.hostmem import host_view
 
 
 def test_this_hosts_proc_files() -> None:

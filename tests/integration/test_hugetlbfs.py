@@ -18,7 +18,7 @@ import trio
 from daemon_helpers import StartDaemon, attach, sample
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import queues
+from vhost_user_balloon.daemon.serving import queues
 
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 PAGES = 24  # 48 MiB

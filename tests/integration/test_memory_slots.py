@@ -18,7 +18,7 @@ import trio
 from daemon_helpers import StartDaemon, connect, sample
 from frontend import QEMU_PROTOCOL, FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import queues
+from vhost_user_balloon.daemon.serving import queues
 from vhost_user_balloon.protocol import ProtocolFeature, Request
 
 pytestmark = pytest.mark.trio

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from vhost_user_balloon.daemon.cli import main
+from vhost_user_balloon.__main__ import main
 
 #: command name -> what the fake QEMU answers: a return value, or (error text,)
 Script = dict[str, Any]

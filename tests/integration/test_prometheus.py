@@ -21,8 +21,9 @@ import trio
 from daemon_helpers import attach, free_port
 from frontend import FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
-from vhost_user_balloon.daemon.config import AutoBalloon
+from vhost_user_balloon.daemon.config import AutoBalloon, VmSpec
+from vhost_user_balloon.daemon.observing.metrics import Metrics
+from vhost_user_balloon.daemon.server import Daemon
 from vhost_user_balloon.policy import PolicyConfig
 
 OBS = Path(__file__).resolve().parents[2] / "observability"

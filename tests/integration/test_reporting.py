@@ -14,8 +14,8 @@ from daemon_helpers import StartDaemon, attach, one_guest, sample, wait_disconne
 from fakes import F_NEXT, F_WRITE
 from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import discard, queues
-from vhost_user_balloon.daemon.passthrough import RECHECK_SECONDS
+from vhost_user_balloon.daemon.serving import discard, queues
+from vhost_user_balloon.daemon.serving.passthrough import RECHECK_SECONDS
 from vhost_user_balloon.protocol import U64, Config, Request
 
 pytestmark = pytest.mark.trio

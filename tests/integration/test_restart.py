@@ -27,11 +27,13 @@ import trio
 from daemon_helpers import Logs, RunCommand, attach, free_port, scrape
 from frontend import FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import Daemon, Metrics, VmSpec
-from vhost_user_balloon.daemon.connection import VmConnection
-from vhost_user_balloon.daemon.framing import FrontendStream
-from vhost_user_balloon.daemon.handover import STATE_SLOT_BYTES, stored_vms
-from vhost_user_balloon.daemon.systemd import Notifier
+from vhost_user_balloon.daemon.config import VmSpec
+from vhost_user_balloon.daemon.handover.store import STATE_SLOT_BYTES, stored_vms
+from vhost_user_balloon.daemon.linux.systemd import Notifier
+from vhost_user_balloon.daemon.observing.metrics import Metrics
+from vhost_user_balloon.daemon.server import Daemon
+from vhost_user_balloon.daemon.serving.connection import VmConnection
+from vhost_user_balloon.daemon.serving.framing import FrontendStream
 from vhost_user_balloon.protocol import Config, Request, VringFile, encode_message
 
 SUPERVISE = [sys.executable, "-m", "vhost_user_balloon", "supervise"]

@@ -9,8 +9,8 @@ import urllib.request
 
 import trio
 
-from vhost_user_balloon.daemon import Metrics
-from vhost_user_balloon.daemon.http import open_metrics_listeners, serve_metrics
+from vhost_user_balloon.daemon.observing.http import open_metrics_listeners, serve_metrics
+from vhost_user_balloon.daemon.observing.metrics import Metrics
 
 REPORTS = 'vhost_user_balloon_reports_total{vm="web1"}'
 

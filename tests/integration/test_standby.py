@@ -15,8 +15,8 @@ import trio
 from daemon_helpers import Logs, RunCommand, children
 from frontend import FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon import standby
-from vhost_user_balloon.daemon.supervisor import Supervisor
+from vhost_user_balloon.daemon.supervise import standby
+from vhost_user_balloon.daemon.supervise.supervisor import Supervisor
 
 
 def gone(pid: int) -> bool:

@@ -24,9 +24,9 @@ import trio
 from daemon_helpers import Logs
 from frontend import FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon.fds import close_fds, take_fds
+from vhost_user_balloon.daemon.linux.fds import close_fds, take_fds
 
-DAEMON = [sys.executable, "-m", "vhost_user_balloon.daemon.cli"]
+DAEMON = [sys.executable, "-m", "vhost_user_balloon"]
 
 
 def messages(sock: socket.socket, until: str, limit: float = 10.0) -> list[str]:

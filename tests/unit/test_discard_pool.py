@@ -10,7 +10,7 @@ import threading
 import pytest
 import trio
 
-from vhost_user_balloon.daemon.discard import DiscardPool
+from vhost_user_balloon.daemon.serving.discard import DiscardPool
 
 pytestmark = pytest.mark.trio
 

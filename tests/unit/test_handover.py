@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from vhost_user_balloon.daemon.handover import (
+from vhost_user_balloon.daemon.handover.store import (
     STATE_SLOT_BYTES,
     FdStore,
     StateFile,
@@ -24,10 +24,10 @@ from vhost_user_balloon.daemon.handover import (
     parse_fd_name,
     stored_vms,
 )
-from vhost_user_balloon.daemon.metrics import Metrics
-from vhost_user_balloon.daemon.syscalls import same_open_file
-from vhost_user_balloon.daemon.systemd import Notifier
-from vhost_user_balloon.daemon.totals import HistogramFamily
+from vhost_user_balloon.daemon.linux.syscalls import same_open_file
+from vhost_user_balloon.daemon.linux.systemd import Notifier
+from vhost_user_balloon.daemon.observing.metrics import Metrics
+from vhost_user_balloon.daemon.observing.totals import HistogramFamily
 
 
 def test_state_survives_a_write_torn_in_the_middle() -> None:

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from vhost_user_balloon.daemon.hostmem import host_view, read_mem_available, read_psi_some_avg10
+from vhost_user_balloon.daemon.autoballoon.hostmem import (
+    host_view,
+    read_mem_available,
+    read_psi_some_avg10,
+)
 
 MEMINFO = "MemTotal:       24684084 kB\nMemFree:        1000 kB\nMemAvailable:   24189864 kB\n"
 PSI = (

@@ -9,8 +9,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from vhost_user_balloon.daemon import Metrics, VmMemoryStats
-from vhost_user_balloon.daemon.autoballoon import AutoBalloonMetrics
+from vhost_user_balloon.daemon.autoballoon.runner import AutoBalloonMetrics
+from vhost_user_balloon.daemon.observing.metrics import Metrics, VmMemoryStats
 
 OBS = Path(__file__).resolve().parents[2] / "observability"
 

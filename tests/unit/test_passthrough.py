@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from vhost_user_balloon.daemon.passthrough import VFIO_MARKERS, PeerScans, PinWatch, scan
+from vhost_user_balloon.daemon.serving.passthrough import VFIO_MARKERS, PeerScans, PinWatch, scan
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def test_supervise_starts_without_importing_the_daemon() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(done.stdout.split())
-    assert "vhost_user_balloon.daemon.supervisor" in loaded
+    assert "vhost_user_balloon.daemon.supervise.supervisor" in loaded
     heavy = {"trio", "prometheus_client", "cffi", "vhost_user_balloon.daemon.server",
              "vhost_user_balloon.protocol"}  # fmt: skip
     assert not heavy & loaded, heavy & loaded

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from vhost_user_balloon.daemon import queues
+from vhost_user_balloon.daemon.serving import queues
 
 DELAY_S = 3.0
 _execute = queues.execute

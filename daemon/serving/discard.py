@@ -30,8 +30,8 @@ import trio
 
 from vhost_user_balloon.protocol import ReportedRange
 
+from ..linux.syscalls import punch_hole
 from .guestram import VmMemory
-from .syscalls import punch_hole
 
 __all__ = [
     "DISCARD_NICE",

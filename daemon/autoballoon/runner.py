@@ -28,10 +28,10 @@ from vhost_user_balloon.policy import (
 )
 from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonFeature, BalloonStat
 
-from .config import AutoBalloon, VmSpec
-from .connection import BalloonTargetError, VmConnection
+from ..config import AutoBalloon, VmSpec
+from ..observing.metrics import PREFIX
+from ..serving.connection import BalloonTargetError, VmConnection
 from .hostmem import host_view
-from .metrics import PREFIX
 
 __all__ = ["AutoBalloonMetrics", "AutoBalloonRunner"]
 

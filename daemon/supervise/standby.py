@@ -26,7 +26,7 @@ import socket
 from collections.abc import Sequence
 from typing import Final
 
-from .fds import close_fds, take_fds
+from ..linux.fds import close_fds, take_fds
 
 __all__ = ["ENV", "FDS_PER_MESSAGE", "Handoff", "send_fds", "wait_for_fds"]
 
@@ -58,7 +58,7 @@ def send_fds(sock: socket.socket, kept: Sequence[tuple[str, int]]) -> None:
 
 def wait_for_fds(fd: int) -> dict[str, int] | None:
     """Standby side: say ``armed``, then wait for the keeper's fds, by name, as
-    :func:`vhost_user_balloon.daemon.systemd.listen_fds` would give them; ``None`` if
+    :func:`vhost_user_balloon.daemon.linux.systemd.listen_fds` would give them; ``None`` if
     the keeper went away first."""
     got: dict[str, int] = {}
     with socket.socket(fileno=fd) as sock:

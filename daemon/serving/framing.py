@@ -34,7 +34,7 @@ from vhost_user_balloon.protocol import (
     encode_backend_request,
 )
 
-from .fds import close_fds, take_fds
+from ..linux.fds import close_fds, take_fds
 
 __all__ = [
     "MESSAGE_TIMEOUT_S",

@@ -52,11 +52,11 @@ from vhost_user_balloon.protocol import (
     report_ranges,
 )
 
+from ..observing.metrics import VmMetrics
+from ..observing.problems import report_problem
 from .discard import DiscardPlan, DiscardPool, DiscardResult, execute, plan_discards
 from .guestram import VmMemory
-from .metrics import VmMetrics
 from .passthrough import PinWatch
-from .problems import report_problem
 
 __all__ = ["QueueHost", "QueueRunner"]
 

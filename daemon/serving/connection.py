@@ -62,15 +62,15 @@ from vhost_user_balloon.protocol import (
     VhostUserError,
 )
 
-from .adoption import HandOver, LiveFds, OwedReply, Stored
-from .config import DEFAULT_STATS_INTERVAL_S
+from ..config import DEFAULT_STATS_INTERVAL_S
+from ..handover.records import HandOver, LiveFds, OwedReply, Stored
+from ..linux.fds import close_fds
+from ..observing.metrics import Metrics
+from ..observing.problems import report_problem
 from .discard import DiscardPool
-from .fds import close_fds
 from .framing import BackendChannel, FrontendStream, PeerGone, Received
 from .guestram import VmMemory
-from .metrics import Metrics
 from .passthrough import PeerScans, PinWatch, peer_pid
-from .problems import report_problem
 from .queues import QueueRunner
 
 __all__ = ["BalloonTargetError", "ConnectionOptions", "VmConnection"]

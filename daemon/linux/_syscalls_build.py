@@ -21,7 +21,7 @@ ffibuilder.cdef(
     """
 )
 ffibuilder.set_source(
-    "vhost_user_balloon.daemon._syscalls",
+    "vhost_user_balloon.daemon.linux._syscalls",
     """
     #define _GNU_SOURCE
     #include <fcntl.h>

@@ -23,7 +23,7 @@ import structlog
 
 from vhost_user_balloon.protocol import FdKind, LocalProtocolError, SavedSession
 
-from .handover import FdStore, StateFile, StoredVm, VmKeeper
+from .store import FdStore, StateFile, StoredVm, VmKeeper
 
 __all__ = [
     "RECORD_FORMAT",

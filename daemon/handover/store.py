@@ -33,9 +33,9 @@ from typing import Any, Final
 
 import structlog
 
-from .fds import close_fds
-from .syscalls import same_open_file
-from .systemd import Notifier
+from ..linux.fds import close_fds
+from ..linux.syscalls import same_open_file
+from ..linux.systemd import Notifier
 
 __all__ = [
     "STATE_SLOT_BYTES",

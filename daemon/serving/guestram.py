@@ -37,7 +37,7 @@ import structlog
 
 from vhost_user_balloon.protocol import GuestMemory, MemoryRegion, MemoryTableError
 
-from .fds import close_fds
+from ..linux.fds import close_fds
 
 __all__ = ["MappedRegion", "VmMemory"]
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .config import DEFAULT_METRICS_LISTEN
-from .metrics import PREFIX
+from ..config import DEFAULT_METRICS_LISTEN
+from ..observing.metrics import PREFIX
 
 __all__ = ["main", "render"]
 

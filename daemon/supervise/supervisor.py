@@ -55,10 +55,10 @@ from typing import Final
 
 import structlog
 
+from ..linux.fds import close_fds, take_fds
+from ..linux.logs import configure_logging
+from ..linux.systemd import Notifier, listen_fds
 from . import standby
-from .fds import close_fds, take_fds
-from .logconfig import configure_logging
-from .systemd import Notifier, listen_fds
 
 __all__ = ["Supervisor", "main"]
 
