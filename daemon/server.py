@@ -368,7 +368,7 @@ class Daemon:
                         serve_metrics, http, self.metrics.registry, self.save_totals,
                         self.metrics.lock,
                     )  # fmt: skip
-                nursery.start_soon(self.notifier.watchdog)
+                nursery.start_soon(self._watchdog)
                 self._start_auto_balloon()
                 await self._adopt_connections()
                 for listener, scope in self._listeners.values():
@@ -385,6 +385,16 @@ class Daemon:
         finally:
             self._close_all()
             log.info("daemon_stopped")
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog at half its interval for as long as the event loop
+        runs: a daemon whose loop is stuck stops pinging and systemd restarts it."""
+        seconds = self.notifier.watchdog_seconds
+        if seconds is None:
+            return
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await trio.sleep(seconds / 2)
 
     @property
     def auto_runner(self) -> AutoBalloonRunner | None:

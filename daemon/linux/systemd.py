@@ -1,8 +1,8 @@
 """The two systemd protocols the daemon speaks, implemented directly (no library).
 
 * ``sd_notify`` (sd_notify(3)): datagrams to ``$NOTIFY_SOCKET``: ``READY=1`` once every
-  VM socket listens, ``STATUS=`` lines as VMs come and go, ``WATCHDOG=1`` at half the
-  ``$WATCHDOG_USEC`` interval, ``STOPPING=1`` on shutdown.
+  VM socket listens, ``STATUS=`` lines as VMs come and go, ``WATCHDOG=1`` (the daemon
+  pings at half of ``watchdog_seconds``), ``STOPPING=1`` on shutdown.
 * Socket activation (sd_listen_fds(3)): listening sockets passed as fds 3, 4, ... with
   ``$LISTEN_FDS``, ``$LISTEN_PID`` and ``$LISTEN_FDNAMES``; each name is a VM's name.
 
@@ -104,14 +104,3 @@ class Notifier:
 
     def stopping(self) -> None:
         self.notify("STOPPING=1", "STATUS=stopping")
-
-    async def watchdog(self) -> None:
-        """Ping the watchdog at half its interval, for as long as the event loop runs:
-        a daemon whose loop is stuck stops pinging and systemd restarts it."""
-        import trio  # noqa: PLC0415 - the supervisor uses this module, never the loop
-
-        if self.watchdog_seconds is None:
-            return
-        while True:
-            self.notify("WATCHDOG=1")
-            await trio.sleep(self.watchdog_seconds / 2)

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import structlog
 import trio
 
 from vhost_user_balloon.protocol import (
-    DEFAULT_FEATURES,
     GUEST_PAGE_SIZE,
     REQUESTS,
     AddRegion,
@@ -62,7 +61,6 @@ from vhost_user_balloon.protocol import (
     VhostUserError,
 )
 
-from ..config import DEFAULT_STATS_INTERVAL_S
 from ..handover.records import HandOver, LiveFds, OwedReply, Stored
 from ..linux.fds import close_fds
 from ..observing.metrics import Metrics
@@ -94,18 +92,18 @@ class BalloonTargetError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ConnectionOptions:
-    """How the daemon serves one VM's connection."""
+    """How the daemon serves one VM's connection (from the settings, by the server)."""
 
     #: punch reported memory out of guest RAM (False: complete reports, free nothing)
-    discard: bool = True
+    discard: bool
     #: worker threads punching holes, shared by every VM
-    discard_pool: DiscardPool = field(default_factory=lambda: DiscardPool(2))
+    discard_pool: DiscardPool
     #: seconds between requests for fresh guest statistics (0: never ask again)
-    stats_interval: float = DEFAULT_STATS_INTERVAL_S
+    stats_interval: float
     #: virtio feature bits offered to the guest
-    features: int = DEFAULT_FEATURES
+    features: int
     #: looks at QEMU's open files for passthrough devices, shared by the connections
-    peer_scans: PeerScans = field(default_factory=PeerScans)
+    peer_scans: PeerScans
 
 
 class VmConnection:
@@ -116,13 +114,12 @@ class VmConnection:
         vm: str,
         sock: trio.socket.SocketType,
         metrics: Metrics,
-        options: ConnectionOptions | None = None,
+        options: ConnectionOptions,
         *,
         handover: HandOver | None = None,
         session: Session | None = None,
         targets: dict[str, int] | None = None,
     ) -> None:
-        options = options if options is not None else ConnectionOptions()
         self.vm = vm
         self.stream = FrontendStream(sock)
         self.metrics = metrics
