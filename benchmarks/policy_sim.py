@@ -1,7 +1,7 @@
 """Simulate the automatic balloon policy on 200 synthetic VMs, against a Proxmox-style
 rule on the same traces, and print what each does.
 
-    .venv/bin/python benchmarks/policy_sim.py [--vms 200] [--hours 2] [--seed 1]
+    .venv/bin/python -m benchmarks policy [--vms 200] [--hours 2] [--seed 1]
 
 The guest model (one step per policy interval, 10 s): each VM has RAM = anon + cache +
 free + balloon. Its anonymous memory follows a trace (idle, cache-heavy, growing,
@@ -33,8 +33,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vhost_user_balloon.policy import (
     GuestStats,
@@ -174,13 +172,15 @@ def fleet(n: int, seed: int) -> list[Vm]:
     return [Vm(f"vm{i}", kinds[i % 4], rng.choice([2, 4, 8]) * GiB, rng.random()) for i in range(n)]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks policy", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--vms", type=int, default=200)
     p.add_argument("--hours", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     # Warm up one fleet without any balloon for 10 minutes: that resident sum, less a
     # quarter, is the budget.
     warm = fleet(args.vms, args.seed)

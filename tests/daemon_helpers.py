@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from frontend import FakeFrontend, GuestMemfd
 
+from tests.frontend import FakeFrontend, GuestMemfd
+from vhost_user_balloon.daemon.observing.metrics import PREFIX
 from vhost_user_balloon.daemon.server import Daemon
 
 StartDaemon = Callable[..., Coroutine[Any, Any, Daemon]]
@@ -75,8 +76,38 @@ def scrape(port: int) -> str:
 
 
 def sample(daemon: Daemon, name: str, **labels: str) -> float:
-    value = daemon.metrics.registry.get_sample_value(f"vhost_user_balloon_{name}", labels)
-    return 0.0 if value is None else value
+    """The value of one series the daemon exports (``name`` without the prefix). A
+    series it never exported is an error, not 0: a misspelled name or label must fail."""
+    value = daemon.metrics.registry.get_sample_value(f"{PREFIX}_{name}", labels)
+    if value is None:
+        known = samples(daemon, name)
+        raise AssertionError(f"no series {PREFIX}_{name}{labels}; it has {sorted(known)}")
+    return value
+
+
+def sample_or_none(daemon: Daemon, name: str, **labels: str) -> float | None:
+    """``sample``, or None while the series is not exported yet: for waiting until it
+    is (a misspelled name then never appears and the wait fails)."""
+    return daemon.metrics.registry.get_sample_value(f"{PREFIX}_{name}", labels)
+
+
+def samples(daemon: Daemon, name: str, **labels: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every series of the sample ``name`` whose labels include ``labels``, by their
+    labels (empty if none has been counted yet). A name the daemon does not export at
+    all is an error."""
+    full = f"{PREFIX}_{name}"
+    found: dict[tuple[tuple[str, str], ...], float] = {}
+    family_known = False
+    for family in daemon.metrics.registry.collect():
+        suffix = full.removeprefix(family.name)
+        if suffix in ("", "_total", "_bucket", "_count", "_sum", "_created"):
+            family_known = True
+        for s in family.samples:
+            if s.name == full and s.labels.items() >= labels.items():
+                found[tuple(sorted(s.labels.items()))] = s.value
+    if not family_known:
+        raise AssertionError(f"the daemon exports no metric {full}")
+    return found
 
 
 async def wait_disconnected(daemon: Daemon, vm: str, timeout: float = 5.0) -> None:

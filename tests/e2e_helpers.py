@@ -11,7 +11,7 @@ import time
 import urllib.request
 from typing import Any
 
-from guestrun import Env, GuestSpec, MiB, parse_metrics, pump, qemu_args
+from testbed.guestrun import Env, GuestSpec, MiB, parse_metrics, pump, qemu_args
 
 __all__ = ["Console", "assert_gets_memory_back", "metric", "reported", "start_guest", "wait"]
 
@@ -61,9 +61,11 @@ class Console:
             return min(seen())
 
 
-def metric(url: str, name: str) -> float:
+def metric(url: str, key: str) -> float:
+    """One series (``name{labels}`` as /metrics writes it): 0 while that series does
+    not exist yet, an error if the daemon exports no such metric."""
     with urllib.request.urlopen(url, timeout=5) as r:
-        return parse_metrics(r.read().decode()).get(name, 0.0)
+        return parse_metrics(r.read().decode()).series(key)
 
 
 def reported(url: str, vm: str) -> float:

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
-from fakes import UVA_BASE, DriverRing, GuestRam, RamRegion
 
+from tests.fakes import UVA_BASE, DriverRing, GuestRam, RamRegion
 from vhost_user_balloon.protocol import (
     U64,
     Config,

@@ -1,4 +1,4 @@
-"""Real QEMU, real Debian guest kernels. Provisioned by qemu-config/provision; never skipped:
+"""Real QEMU, real Debian guest kernels. Provisioned by testbed/provision; never skipped:
 if the environment is missing, the tests fail and say what to run."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guestrun import Env
+
+from testbed.guestrun import Env
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +24,7 @@ def rundir(env: Env) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.hookimpl(tryfirst=True)  # marked before -m selects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in str(item.path):

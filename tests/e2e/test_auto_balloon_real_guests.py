@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from daemon_helpers import Logs
-from e2e_helpers import Console, metric, start_guest
-from guestrun import Env, GuestSpec, MiB, attach_args, stop_process
+from testbed.guestrun import Env, GuestSpec, MiB, attach_args, stop_process
+from tests.daemon_helpers import Logs
+from tests.e2e_helpers import Console, metric, start_guest
 
 BUDGET_MIB = 900
 

@@ -27,15 +27,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_helpers import Logs
-from e2e_helpers import metric, wait
-from guestrun import HERE, Env, MiB, stop_process
 
+from testbed.guestrun import QEMU_CONFIG, Env, MiB, stop_process
+from tests.daemon_helpers import Logs
+from tests.e2e_helpers import metric, wait
 from vhost_user_balloon.daemon.commands.control import ask
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 SHIPPED_SOCKET = "/run/vhost-user-balloon/web1.sock"
-README = HERE.parent / "README.md"
+README = QEMU_CONFIG.parent / "README.md"
 #: What the chroot's libvirt needs (see the module's docstring), appended to qemu.conf.
 CHROOT_QEMU_CONF = 'namespaces = [ ]\ncgroup_controllers = [ ]\nsecurity_driver = "none"\n'
 
@@ -91,7 +91,7 @@ class Libvirt:
 @pytest.fixture
 def libvirt(env: Env) -> Iterator[Libvirt]:
     assert env.qemu_root != Path("/"), "libvirt is provisioned in the QEMU chroot"
-    assert (env.qemu_root / "usr/sbin/libvirtd").exists(), "run qemu-config/provision"
+    assert (env.qemu_root / "usr/sbin/libvirtd").exists(), "run testbed/provision"
     lv = Libvirt(env.qemu_root)
     try:
         yield lv
@@ -103,7 +103,7 @@ def domain_xml(env: Env, socket: str, console: str) -> str:
     """A q35 domain of the kind virt-install writes, booting the test kernel, with the
     shipped fragment merged in. Only the socket path in the fragment is changed."""
     ET.register_namespace("qemu", QEMU_NS)
-    fragment = ET.parse(HERE / "libvirt-domain.xml").getroot()
+    fragment = ET.parse(QEMU_CONFIG / "libvirt-domain.xml").getroot()
     images = env.kernels["6.1"]
     dom = ET.fromstring(f"""<domain type='qemu'>
       <name>web1</name><memory unit='MiB'>1024</memory><vcpu>1</vcpu>

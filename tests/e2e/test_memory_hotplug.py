@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from daemon_helpers import Logs
-from e2e_helpers import Console, start_guest, wait
-from guestrun import Env, GuestSpec, MiB, attach_args, qemu_memfd, stop_process
-
+from testbed.guestrun import Env, GuestSpec, MiB, attach_args, qemu_memfd, stop_process
+from tests.daemon_helpers import Logs
+from tests.e2e_helpers import Console, start_guest, wait
 from vhost_user_balloon.daemon.commands.qmp import Qmp
 
 GiB = 1024 * MiB

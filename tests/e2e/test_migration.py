@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import Logs
-from e2e_helpers import Console, assert_gets_memory_back, metric, start_guest
-from guestrun import Env, GuestSpec, MiB, attach_args, stop_process
 
+from testbed.guestrun import Env, GuestSpec, MiB, attach_args, stop_process
+from tests.daemon_helpers import Logs
+from tests.e2e_helpers import Console, assert_gets_memory_back, metric, start_guest
 from vhost_user_balloon.daemon.commands.control import ask
 from vhost_user_balloon.daemon.commands.qmp import Qmp
 

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guestrun import Env, GuestRun, GuestSpec, MiB, Sample, allocated_between, run_guest
+
+from testbed.guestrun import Env, GuestRun, GuestSpec, MiB, Sample, allocated_between, run_guest
 
 SLACK = 64 * MiB
 

@@ -4,7 +4,7 @@ extended with a VM and stopped under it.
 
 No systemd runs as PID 1 on these machines; Debian 12's systemd-nspawn boots the QEMU
 chroot (trixie, with systemd 257, QEMU 11 and a Python toolchain from
-qemu-config/provision) as a container. What the container needs here and a host does
+testbed/provision) as a container. What the container needs here and a host does
 not (not product settings): a cgroup of its own in both the cgroup2 and the
 ``name=systemd`` hierarchies of this host's hybrid layout, and
 ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`` (without it the container fails to set up
@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import Console, metric, reported, wait
-from guestrun import HERE, Env, GuestSpec, MiB, attach_args, qemu_args, stop_process
 
-REPO = HERE.parent
+from testbed.guestrun import QEMU_CONFIG, Env, GuestSpec, MiB, attach_args, qemu_args, stop_process
+from tests.e2e_helpers import Console, metric, reported, wait
+
+REPO = QEMU_CONFIG.parent
 README = REPO / "README.md"
 METRICS = "http://127.0.0.1:9584/metrics"  # systemd/config.toml's metrics_listen
 #: What an install leaves in the tree: removed first, so that each run installs anew.
@@ -138,8 +139,8 @@ class Container:
 def container(env: Env, rundir: Path) -> Iterator[Container]:
     root = env.qemu_root
     assert root != Path("/") and (root / "usr/lib/systemd/systemd").exists(), (
-        "run qemu-config/provision")  # fmt: skip
-    assert shutil.which("systemd-nspawn"), "run qemu-config/provision (systemd-container)"
+        "run testbed/provision")  # fmt: skip
+    assert shutil.which("systemd-nspawn"), "run testbed/provision (systemd-container)"
     for rel in INSTALLED:
         for path in root.glob(rel):
             if path.is_dir() and not path.is_symlink():

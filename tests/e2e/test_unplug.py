@@ -16,15 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from daemon_helpers import Logs
-from e2e_helpers import Console, assert_gets_memory_back, start_guest
-from guestrun import (
+from testbed.guestrun import (
     Env,
     GuestSpec,
     attach_args,
     stop_process,
 )
-
+from tests.daemon_helpers import Logs
+from tests.e2e_helpers import Console, assert_gets_memory_back, start_guest
 from vhost_user_balloon.daemon.commands.qmp import Qmp
 
 #: The unplugged VM's device sits behind a PCIe root port, as hot-pluggable devices do.

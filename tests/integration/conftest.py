@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import trio
-from daemon_helpers import Logs, RunCommand, StartDaemon
-from daemon_helpers import children as list_children
-from frontend import FakeFrontend, GuestMemfd
 
+from tests.daemon_helpers import Logs, RunCommand, StartDaemon
+from tests.daemon_helpers import children as list_children
+from tests.frontend import FakeFrontend, GuestMemfd
 from vhost_user_balloon.daemon.config import VmSpec
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 from vhost_user_balloon.daemon.server import Daemon

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import sample
-from frontend import FakeFrontend, GuestMemfd, MiB
 
+from tests.daemon_helpers import sample, samples
+from tests.frontend import FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.config import Access, VmSpec
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 from vhost_user_balloon.daemon.server import Daemon, StartupError
@@ -52,6 +52,8 @@ async def test_allowed_peers_by_uid_or_gid_get_in(nursery: trio.Nursery, tmp_pat
         await fe.handshake()
         await fe.start()
         await fe.report(3, [(4 * MiB, 2 * MiB)])
+        assert sample(daemon, "reports_total", vm="vm") == 1
+        assert samples(daemon, "connections_refused_total", vm="vm") == {}
     finally:
         await fe.aclose()
         guest.close()
@@ -75,8 +77,10 @@ async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     sticky.mkdir()
     sticky.chmod(0o1777)  # like /tmp: others cannot remove our socket
     daemon = Daemon([VmSpec("vm", sticky / "vm.sock")], metrics=Metrics())
-    with trio.move_on_after(0.2):
-        await daemon.run()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)  # it starts: the socket is there, listening
+        assert stat.S_ISSOCK(os.stat(sticky / "vm.sock").st_mode)
+        nursery.cancel_scope.cancel()
 
 
 _PEER = """

@@ -9,12 +9,12 @@ import struct
 from pathlib import Path
 
 import trio
-from daemon_helpers import StartDaemon, sample
-from frontend import FakeFrontend, GuestMemfd, MiB
 from prometheus_client import generate_latest
-from test_balloon import control
-from test_stats import post_stats, wait_for
 
+from tests.daemon_helpers import StartDaemon, sample, sample_or_none
+from tests.frontend import FakeFrontend, GuestMemfd, MiB
+from tests.integration.test_balloon import control
+from tests.integration.test_stats import post_stats, wait_for
 from vhost_user_balloon.daemon.commands.status import render
 from vhost_user_balloon.daemon.config import AutoBalloon
 from vhost_user_balloon.daemon.observing.metrics import PREFIX
@@ -62,7 +62,9 @@ async def test_the_policy_inflates_the_guest_with_most_to_give_and_pins_hold(
         )
     ]
     try:
-        await wait_for(lambda: sample(daemon, "guest_memory_available_bytes", vm="b") > 0)
+        await wait_for(
+            lambda: (sample_or_none(daemon, "guest_memory_available_bytes", vm="b") or 0) > 0
+        )
         out = await runner.step()
         # 20 MiB over: a first (40 - 4 - 8 = 28 MiB reclaimable, of which 30 - 8 = 22
         # resident), one 8 MiB step; then b (18 reclaimable, 20 resident) one step.
@@ -113,7 +115,9 @@ async def test_observe_only_decides_and_applies_nothing(
     fe, qemus = await attach(daemon.vms[0].socket, guest, 40 * MiB, 48 * MiB)
     try:
         guest.populate(48 * MiB, 14 * MiB)  # 44 MiB resident, one VM
-        await wait_for(lambda: sample(daemon, "guest_memory_available_bytes", vm="a") > 0)
+        await wait_for(
+            lambda: (sample_or_none(daemon, "guest_memory_available_bytes", vm="a") or 0) > 0
+        )
         out = await runner.step()
         # over by what the guest holds beyond the budget: all of it, in one step
         assert [(d.vm, d.target_bytes) for d in out.decisions] == [

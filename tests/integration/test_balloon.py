@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import StartDaemon, sample, wait_disconnected
-from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
+from tests.daemon_helpers import StartDaemon, sample, wait_disconnected
+from tests.frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.commands.balloon import main as balloon_command
 from vhost_user_balloon.protocol import U64, Config, Request
 

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import trio
-from daemon_helpers import RunCommand, free_port, scrape
-from frontend import FakeFrontend, GuestMemfd, MiB
+
+from tests.daemon_helpers import RunCommand, free_port, scrape
+from tests.frontend import FakeFrontend, GuestMemfd, MiB
 
 COMMAND = [sys.executable, "-m", "vhost_user_balloon"]
 

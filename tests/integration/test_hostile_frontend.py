@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import trio
-from daemon_helpers import StartDaemon, sample, wait_disconnected
-from frontend import FakeFrontend, GuestMemfd, MiB, region_uva
 
+from tests.daemon_helpers import StartDaemon, sample, wait_disconnected
+from tests.frontend import FakeFrontend, GuestMemfd, MiB, region_uva
 from vhost_user_balloon.daemon.serving import framing
 from vhost_user_balloon.protocol import (
     REQUESTS,

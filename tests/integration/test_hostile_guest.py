@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 import pytest
 import trio
-from daemon_helpers import StartDaemon, sample
-from fakes import F_INDIRECT, F_NEXT, F_WRITE, DriverRing
-from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
-from guestrun import allocated_between
+
+from testbed.guestrun import allocated_between
+from tests.daemon_helpers import StartDaemon, sample
+from tests.fakes import F_INDIRECT, F_NEXT, F_WRITE, DriverRing
+from tests.frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
 GiB = 1 << 30
 # File layout of the guest RAM memfd: canary | region 0 | canary | region 1 | canary

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import trio
-from daemon_helpers import StartDaemon, connect, sample
-from frontend import QEMU_PROTOCOL, FakeFrontend, GuestMemfd, MiB
 
+from tests.daemon_helpers import StartDaemon, connect, sample
+from tests.frontend import QEMU_PROTOCOL, FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.serving import queues
 from vhost_user_balloon.protocol import ProtocolFeature, Request
 

@@ -25,10 +25,10 @@ import socket
 import struct
 
 import pytest
-from daemon_helpers import StartDaemon, connect, sample
-from fakes import DriverRing
-from frontend import QEMU_FEATURES, FakeFrontend, GuestMemfd, MiB
 
+from tests.daemon_helpers import StartDaemon, connect, sample, samples
+from tests.fakes import DriverRing
+from tests.frontend import QEMU_FEATURES, FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.protocol import (
     U64,
     Config,
@@ -137,7 +137,7 @@ async def test_crosvm_sequence(
     for i in ACTIVE_QUEUES:
         base = await fe.request(Request.GET_VRING_BASE, VringState(i, 0), expect_reply=True)
         assert base is not None and struct.unpack("=II", base) == (i, 1 if i == 3 else 0)
-    assert sample(daemon, "protocol_errors_total", vm="crosvm", reason="unsupported_request") == 0
+    assert samples(daemon, "protocol_errors_total", vm="crosvm") == {}  # none of any reason
     assert sample(daemon, "connected", vm="crosvm") == 1
 
 
@@ -173,5 +173,5 @@ async def test_cloud_hypervisor_generic_device_sequence(
     # A reset only disables the queues; the next activation starts them again.
     for i in ACTIVE_QUEUES:
         await fe.ack(Request.SET_VRING_ENABLE, VringState(i, 0))
-    assert sample(daemon, "protocol_errors_total", vm="ch", reason="unsupported_request") == 0
+    assert samples(daemon, "protocol_errors_total", vm="ch") == {}  # none of any reason
     assert sample(daemon, "connected", vm="ch") == 1

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import trio
-from daemon_helpers import attach, free_port
-from frontend import FakeFrontend, GuestMemfd, MiB
 
+from tests.daemon_helpers import attach, free_port
+from tests.frontend import FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.config import AutoBalloon, VmSpec
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 from vhost_user_balloon.daemon.server import Daemon

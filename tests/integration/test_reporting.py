@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import structlog
 import trio
-from daemon_helpers import StartDaemon, attach, one_guest, sample, wait_disconnected
-from fakes import F_NEXT, F_WRITE
-from frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 
+from tests.daemon_helpers import StartDaemon, attach, one_guest, sample, wait_disconnected
+from tests.fakes import F_NEXT, F_WRITE
+from tests.frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.serving import discard, queues
 from vhost_user_balloon.daemon.serving.passthrough import RECHECK_SECONDS
 from vhost_user_balloon.protocol import U64, Config, Request

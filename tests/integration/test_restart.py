@@ -7,29 +7,25 @@ at the ring and at the socket byte by byte, which QEMU cannot show us.
 
 from __future__ import annotations
 
-import array
 import inspect
 import json
 import os
-import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from daemon_helpers import Logs, RunCommand, attach, free_port, scrape
-from frontend import FakeFrontend, GuestMemfd, MiB
 
+from tests.daemon_helpers import Logs, RunCommand, attach, free_port, scrape
+from tests.frontend import FakeFrontend, GuestMemfd, MiB
+from tests.service_manager import ServiceManager
 from vhost_user_balloon.daemon.config import VmSpec
 from vhost_user_balloon.daemon.handover.store import STATE_SLOT_BYTES, stored_vms
-from vhost_user_balloon.daemon.linux.systemd import Notifier
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 from vhost_user_balloon.daemon.server import Daemon
 from vhost_user_balloon.daemon.serving.connection import VmConnection
@@ -125,74 +121,15 @@ def test_kill_9_and_a_planned_restart_keep_the_connection(
 
 
 # -- a process dying in the middle of a message ---------------------------------------
-class CrashKeeper:
-    """systemd's fd store, played by the test in this process: it keeps what the daemon
-    stores and can hand a copy of everything to a second daemon, as after a crash."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.kept: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def notifier(self) -> Notifier:
-        return Notifier({"NOTIFY_SOCKET": str(self.path)})
-
-    def collect(self) -> None:
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
-            except BlockingIOError:
-                return
-            fields = dict(line.partition("=")[::2] for line in data.decode().split("\n"))
-            fds = array.array("i")
-            for _, _, payload in anc:
-                fds.frombytes(payload)
-            if fields.get("FDSTORE") == "1":
-                assert len(fds) == 1 and fields["FDNAME"] not in self.kept, fields
-                self.kept[fields["FDNAME"]] = fds[0]
-            elif fields.get("FDSTOREREMOVE") == "1":
-                os.close(self.kept.pop(fields["FDNAME"]))
-
-    def serve(self) -> None:
-        """Read as systemd does, at once and beside the daemon (in a thread): the
-        kernel queues only 10 datagrams before the daemon's sends block."""
-        while not self._closed:
-            select.select([self.sock], [], [], 0.05)
-            with self._lock:
-                if not self._closed:
-                    self.collect()
-
-    def names(self) -> set[str]:
-        with self._lock:
-            self.collect()
-            return set(self.kept)
-
-    def crash_copy(self) -> dict[str, int]:
-        """What a keeper holds the instant the daemon dies."""
-        with self._lock:
-            self.collect()
-            return {name: os.dup(fd) for name, fd in self.kept.items()}
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for fd in self.kept.values():
-                os.close(fd)
-            self.sock.close()
-
-
 class Crash:
     """A daemon in this process that 'dies' the first time one of its connection
     methods is called (optionally: with arguments that ``when`` accepts): the keeper's
     holdings are copied at that instant, and the process never gets any further."""
 
     def __init__(self, tmp_path: Path, nursery: trio.Nursery, mp: pytest.MonkeyPatch) -> None:
-        self.keeper = CrashKeeper(tmp_path / "notify")
-        threading.Thread(target=self.keeper.serve, daemon=True).start()
+        #: systemd's fd store, played by the test in this process: it keeps what the
+        #: daemon stores and can hand a copy of everything to a second daemon
+        self.keeper = ServiceManager(tmp_path / "notify")
         self.nursery, self.mp = nursery, mp
         self.vm = VmSpec("web1", tmp_path / "web1.sock")
         self.dead, self.buried = trio.Event(), trio.Event()
@@ -200,7 +137,7 @@ class Crash:
 
     def daemon(self, **options: Any) -> Daemon:
         return Daemon(
-            [self.vm], metrics=Metrics(), notifier=self.keeper.notifier(), fd_store=True,
+            [self.vm], metrics=Metrics(), notifier=self.keeper.notifier, fd_store=True,
             **options,
         )  # fmt: skip
 

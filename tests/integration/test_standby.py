@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import Logs, RunCommand, children
-from frontend import FakeFrontend, GuestMemfd, MiB
 
+from tests.daemon_helpers import Logs, RunCommand, children
+from tests.frontend import FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.supervise import standby
 from vhost_user_balloon.daemon.supervise.supervisor import Supervisor
 

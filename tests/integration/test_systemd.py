@@ -12,19 +12,17 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import Logs
-from frontend import FakeFrontend, GuestMemfd, MiB
 
-from vhost_user_balloon.daemon.linux.fds import close_fds, take_fds
+from tests.daemon_helpers import Logs
+from tests.frontend import FakeFrontend, GuestMemfd, MiB
+from tests.service_manager import ServiceManager
 
 DAEMON = [sys.executable, "-m", "vhost_user_balloon"]
 
@@ -153,57 +151,11 @@ def test_units_verify_and_are_hardened(tmp_path: Path) -> None:
     assert exposure <= 2.0, security.stdout
 
 
-class Manager:
-    """systemd's notify socket: every datagram with its fds and its sender's pid, read
-    in a thread as they come (systemd reads at once; its queue holds only 10)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.got: list[tuple[int, str, list[int]]] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4) + 64)
-            except OSError:
-                return
-            pid = next(
-                (struct.unpack("=iII", d[:12])[0]
-                 for level, kind, d in anc
-                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS),
-                None,
-            )  # fmt: skip
-            if pid is None:  # shut down
-                return
-            with self._cond:
-                self.got.append((pid, data.decode(), take_fds(anc)))
-                self._cond.notify_all()
-
-    def count(self, text: str) -> int:
-        with self._cond:
-            return sum(text in t for _, t, _ in self.got)
-
-    def until(self, text: str, count: int = 1, limit: float = 15.0) -> None:
-        """Wait until ``count`` datagrams contain ``text``."""
-        with self._cond:
-            assert self._cond.wait_for(lambda: self.count(text) >= count, limit), (
-                text, [t for _, t, _ in self.got])  # fmt: skip
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        close_fds(fd for _, _, fds in self.got for fd in fds)
-
-
 def test_supervise_under_systemd_passes_on_what_systemd_must_know(tmp_path: Path) -> None:
     """The unit runs `supervise`: systemd hears only from the supervisor (its main
     process), READY once, the daemon's watchdog pings and STATUS, every fd stored (so
     that it outlives the supervisor too), and no STOPPING when the daemon restarts."""
-    manager = Manager(tmp_path / "notify")
+    manager = ServiceManager(tmp_path / "notify")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(tmp_path / "web1.sock"))
     listener.listen(4)
@@ -222,7 +174,7 @@ def test_supervise_under_systemd_passes_on_what_systemd_must_know(tmp_path: Path
     try:
         listener.close()
         manager.until("READY=1")
-        assert any("READY=1\nSTATUS=0 of 1 VMs attached" in t for _, t, _ in manager.got)
+        assert any("READY=1\nSTATUS=0 of 1 VMs attached" in t for t in manager.texts())
         manager.until("WATCHDOG=1")  # the daemon's ping, passed on
 
         async def frontend() -> None:
@@ -231,7 +183,7 @@ def test_supervise_under_systemd_passes_on_what_systemd_must_know(tmp_path: Path
                 await fe.handshake()
                 await fe.start()
                 await trio.to_thread.run_sync(manager.until, "FDNAME=vub.web1.conn")
-                stored = [t for _, t, fds in manager.got if len(fds) == 1 and "FDSTORE=1" in t]
+                stored = [d.text for d in manager.got if d.nfds == 1 and "FDSTORE=1" in d.text]
                 assert any("FDNAME=vub.web1.state" in t for t in stored), stored
                 logs.wait_for("standby_armed")
                 os.kill(logs.wait_for("daemon_started")["pid"], signal.SIGKILL)
@@ -250,10 +202,10 @@ def test_supervise_under_systemd_passes_on_what_systemd_must_know(tmp_path: Path
         proc.send_signal(signal.SIGTERM)
         manager.until("STOPPING=1")
         assert proc.wait(10) == 0
-        texts = [t for _, t, _ in manager.got]
+        texts = manager.texts()
         assert sum("READY=1" in t for t in texts) == 1, texts
         assert sum("STOPPING=1" in t for t in texts) == 1, texts
-        assert {pid for pid, _, _ in manager.got} == {proc.pid}
+        assert {d.pid for d in manager.got} == {proc.pid}
         assert logs.events("daemon_started")[1]["standby"] is True
     finally:
         if proc.poll() is None:

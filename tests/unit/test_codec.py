@@ -5,10 +5,10 @@ from __future__ import annotations
 import struct
 
 import pytest
-from golden import CAPTURE_NAMES, Record, load_capture
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.golden import CAPTURE_NAMES, Record, load_capture
 from vhost_user_balloon.protocol import (
     MAX_FDS,
     MAX_PAYLOAD_SIZE,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import array
 import json
 import os
-import socket
 from collections.abc import Iterator
 from itertools import accumulate
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
+from tests.service_manager import ServiceManager
 from vhost_user_balloon.daemon.handover.store import (
     STATE_SLOT_BYTES,
     FdStore,
@@ -98,47 +97,15 @@ def test_stored_fds_are_sorted_by_vm_and_the_rest_left_for_socket_activation() -
     assert stored["a"].get("conn") == 3 and stored["a"].get("state") is None
 
 
-class Recorder:
-    """The keeper's end of sd_notify, for the books: what was stored and removed."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.notifier = Notifier({"NOTIFY_SOCKET": str(path)})
-        self.kept: dict[str, list[int]] = {}
-
-    def read(self) -> list[str]:
-        lines = []
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16))
-            except BlockingIOError:
-                return lines
-            text = data.decode()
-            lines.append(text)
-            fields = dict(f.partition("=")[::2] for f in text.split("\n"))
-            fds = array.array("i")
-            for _, _, payload in anc:
-                fds.frombytes(payload)
-            if "FDSTORE" in fields:
-                self.kept.setdefault(fields["FDNAME"], []).extend(fds)
-            if "FDSTOREREMOVE" in fields:
-                for fd in self.kept.pop(fields["FDNAME"]):
-                    os.close(fd)
-
-
 @pytest.fixture
-def recorder(tmp_path: Path) -> Iterator[Recorder]:
-    r = Recorder(tmp_path / "notify")
-    yield r
-    for fds in r.kept.values():
-        for fd in fds:
-            os.close(fd)
-    r.sock.close()
+def recorder(tmp_path: Path) -> Iterator[ServiceManager]:
+    """The keeper's end of sd_notify, for the books: what was stored and removed."""
+    manager = ServiceManager(tmp_path / "notify")
+    yield manager
+    manager.close()
 
 
-def test_one_open_file_sent_twice_is_stored_once(recorder: Recorder) -> None:
+def test_one_open_file_sent_twice_is_stored_once(recorder: ServiceManager) -> None:
     """QEMU sends one memfd for both RAM regions of a big guest; systemd would keep
     only one copy, so the keeper's books must name it once."""
     keeper = VmKeeper.start(FdStore(recorder.notifier, enabled=True), "web1")
@@ -150,7 +117,7 @@ def test_one_open_file_sent_twice_is_stored_once(recorder: Recorder) -> None:
         assert keeper.keep(again) == first
         assert keeper.keep(other) != first
         keeper.save({"regions": [first]}, [first])  # `other` is no longer named
-        recorder.read()
+        recorder.sync()
         assert set(recorder.kept) == {"vub.web1.state", first}
         assert same_open_file(recorder.kept[first][0], memfd)
         # A new process takes the books over and numbers new fds after the ones kept.
@@ -159,10 +126,10 @@ def test_one_open_file_sent_twice_is_stored_once(recorder: Recorder) -> None:
             successor.adopt(name, os.dup(fds[0]))
         assert successor.keep(memfd) == first
         newer = successor.keep(other)
-        recorder.read()
+        recorder.sync()
         assert newer != first and sorted(recorder.kept) == sorted([first, newer, "vub.web1.state"])
         successor.release_all()
-        recorder.read()
+        recorder.sync()
         assert recorder.kept == {}
         keeper.close()
     finally:

@@ -6,7 +6,7 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from guestrun import attach_args
+from testbed.guestrun import attach_args
 
 QEMU_CONFIG = Path(__file__).resolve().parents[2] / "qemu-config"
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -6,11 +6,11 @@ import json
 import struct
 
 import pytest
-from fakes import DriverRing, GuestRam
-from golden import load_capture
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fakes import DriverRing, GuestRam
+from tests.golden import load_capture
 from vhost_user_balloon.protocol import (
     DEFAULT_PROTOCOL_FEATURES,
     REQUESTS,

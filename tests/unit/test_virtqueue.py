@@ -5,10 +5,10 @@ from __future__ import annotations
 import struct
 
 import pytest
-from fakes import F_INDIRECT, F_NEXT, F_WRITE, DriverRing, GuestRam, RamRegion
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fakes import F_INDIRECT, F_NEXT, F_WRITE, DriverRing, GuestRam, RamRegion
 from vhost_user_balloon.protocol import (
     MAX_STATS_BYTES,
     AddressError,

@@ -1,20 +1,17 @@
-#!/usr/bin/env python3
 """Run a real Linux guest under QEMU with vhost-user-balloon attached, and measure.
 
-Used by the end-to-end tests and by the demo. It starts the daemon (or, for the
-reference runs, QEMU's built-in virtio-balloon), starts QEMU with the attach options
-from qemu-config/*.args and a guest kernel and initramfs from qemu-config/provision,
-follows the guest's serial console, samples host memory twice a second (the guest
-RAM memfd's allocated blocks, read through /proc/QEMU_PID/fd, and QEMU's RssShmem),
-scrapes the daemon's /metrics, and always cleans up: QEMU, the daemon and the run
-folder, on every exit path, with a hard timeout.
-
-    python qemu-config/guestrun.py demo [--kernel 6.1] [--mib 1024] [--rounds 2]
+Used by the end-to-end tests, the benchmarks and the demo (``testbed.demo``). It
+starts the daemon (or, for the reference runs, QEMU's built-in virtio-balloon), starts
+QEMU with the attach options users paste (qemu-config/*.args, read as shipped) and a
+guest kernel and initramfs from testbed/provision, follows the guest's serial
+console, samples host memory twice a second (the guest RAM memfd's allocated blocks,
+read through /proc/QEMU_PID/fd, and QEMU's RssShmem), scrapes the daemon's /metrics,
+and always cleans up: QEMU, the daemon and the run folder, on every exit path, with a
+hard timeout.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: What users paste: the attach options the tests read as they are shipped.
+QEMU_CONFIG = HERE.parent / "qemu-config"
+#: QEMU's own balloon with free page reporting: the reference runs' options.
+BUILTIN_BALLOON = HERE / "builtin-balloon.args"
 MiB = 1 << 20
 DEFAULT_CACHE = Path(os.environ.get("VUB_CACHE", Path.home() / ".cache" / "vhost-user-balloon"))
 
@@ -40,7 +41,7 @@ class SetupError(RuntimeError):
 
 @dataclass(frozen=True)
 class Env:
-    """Where QEMU and the guest images are (written by qemu-config/provision)."""
+    """Where QEMU and the guest images are (written by testbed/provision)."""
 
     qemu_root: Path
     qemu_binary: str
@@ -51,7 +52,7 @@ class Env:
     def load(cls, cache: Path = DEFAULT_CACHE) -> Env:
         path = cache / "env.json"
         if not path.exists():
-            raise SetupError(f"{path} is missing: run qemu-config/provision (as root) first")
+            raise SetupError(f"{path} is missing: run testbed/provision (as root) first")
         d = json.loads(path.read_text())
         return cls(Path(d["qemu_root"]), d["qemu_binary"], d["qemu_version"], d["kernels"])
 
@@ -76,8 +77,14 @@ class Env:
 
 def attach_args(name: str, **values: str) -> list[str]:
     """The QEMU options in qemu-config/NAME.args, placeholders filled."""
+    return args_file(QEMU_CONFIG / f"{name}.args", **values)
+
+
+def args_file(path: Path, **values: str) -> list[str]:
+    """The QEMU options of an .args file (one option and its value per line, ``#``
+    comments), placeholders filled."""
     out = []
-    for raw in (HERE / f"{name}.args").read_text().splitlines():
+    for raw in path.read_text().splitlines():
         line = raw.strip()
         if line and not line.startswith("#"):
             out += line.format(**values).split(" ", 1)
@@ -116,7 +123,7 @@ class Sample:
     t: float
     memfd_bytes: int
     rss_shmem_bytes: int
-    metrics: dict[str, float]
+    metrics: Scrape
 
 
 @dataclass
@@ -191,11 +198,12 @@ class GuestRun:
         return None
 
     def metric(self, name: str, **labels: str) -> float:
-        """Last scraped value of a daemon metric (summed over labels not given)."""
+        """Last scraped value of a daemon metric (summed over labels not given); a
+        metric the daemon does not export is an error."""
         for s in reversed(self.samples):
             if s.metrics:
-                return sum(v for k, v in s.metrics.items() if _matches(k, name, labels))
-        return 0.0
+                return s.metrics.total(name, **labels)
+        raise AssertionError(f"no scrape of /metrics to read {name} from")
 
     def metric_labels(self, name: str, label: str) -> dict[str, float]:
         for s in reversed(self.samples):
@@ -236,16 +244,45 @@ def _matches(key: str, name: str, labels: dict[str, str]) -> bool:
     return metric == name and all(have.get(k) == v for k, v in labels.items())
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    out = {}
+class Scrape(dict[str, float]):
+    """One /metrics page: each series' value by its key (``name{labels}`` as written),
+    and the metric families it declares (``# TYPE``), so that asking for a metric the
+    daemon does not export fails instead of reading as 0."""
+
+    def __init__(self, values: dict[str, float], families: set[str]) -> None:
+        super().__init__(values)
+        self.families = families
+
+    def check(self, name: str) -> None:
+        """AssertionError unless ``name`` (a sample name) is of a declared family."""
+        for suffix in ("", "_total", "_bucket", "_count", "_sum", "_created"):
+            if name.endswith(suffix) and name.removesuffix(suffix) in self.families:
+                return
+        raise AssertionError(f"the daemon exports no metric {name}")
+
+    def series(self, key: str) -> float:
+        """One series by its key; 0 if its metric exists but this series does not yet."""
+        self.check(_split(key)[0])
+        return self.get(key, 0.0)
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of the series of ``name`` with these labels (0 if none)."""
+        self.check(name)
+        return sum(v for k, v in self.items() if _matches(k, name, labels))
+
+
+def parse_metrics(text: str) -> Scrape:
+    values, families = {}, set()
     for line in text.splitlines():
-        if line and not line.startswith("#"):
+        if line.startswith("# TYPE "):
+            families.add(line.split()[2])
+        elif line and not line.startswith("#"):
             key, _, value = line.rpartition(" ")
             try:
-                out[key] = float(value)
+                values[key] = float(value)
             except ValueError:
                 continue
-    return out
+    return Scrape(values, families)
 
 
 def allocated_between(fd: int, start: int, end: int) -> int:
@@ -391,7 +428,7 @@ def _follow_console(run: GuestRun, qemu: subprocess.Popen[bytes]) -> None:
 
 def _take_sample(run: GuestRun, pid: int) -> Sample:
     run.memfd_path = run.memfd_path or qemu_memfd(pid)
-    metrics: dict[str, float] = {}
+    metrics = Scrape({}, set())
     if run.metrics_url:
         try:
             with urllib.request.urlopen(run.metrics_url, timeout=2) as r:
@@ -417,7 +454,7 @@ def run_guest(
     if spec.kernel not in env.kernels:
         raise SetupError(
             f"no guest kernel {spec.kernel} provisioned "
-            f"(have {', '.join(env.kernels)}); run qemu-config/provision"
+            f"(have {', '.join(env.kernels)}); run testbed/provision"
         )
     run = GuestRun(spec)
     workdir = env.run_dir()
@@ -430,7 +467,7 @@ def run_guest(
             daemon = _start_daemon(run, sock)
             attach = attach_args(spec.attach, socket=env.inside(sock), mem=mem)
         else:
-            attach = attach_args("builtin-balloon", mem=mem)
+            attach = args_file(BUILTIN_BALLOON, mem=mem)
         qemu = subprocess.Popen(
             env.command(qemu_args(spec, env, attach)),
             stdin=subprocess.DEVNULL,
@@ -457,88 +494,3 @@ def run_guest(
         time.sleep(0.1)  # let the pumps drain
         shutil.rmtree(workdir, ignore_errors=True)
     return run
-
-
-# -- the demo ---------------------------------------------------------------------------
-def _mib(n: float) -> str:
-    return f"{n / MiB:7.0f} MiB"
-
-
-def demo(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="guestrun.py demo",
-        description="A real guest frees memory; watch the host get "
-        "it back through vhost-user-balloon.",
-    )
-    p.add_argument("--kernel", default="6.1", help="guest kernel: 6.1 or 6.12 (default 6.1)")
-    p.add_argument("--mib", type=int, default=1024, help="MiB the guest allocates and frees")
-    p.add_argument("--rounds", type=int, default=2, help="allocate/free rounds (default 2)")
-    p.add_argument("--settle", type=int, default=25, help="seconds after each free")
-    args = p.parse_args(argv)
-    spec = GuestSpec(
-        kernel=args.kernel, workload_mib=args.mib, rounds=args.rounds, settle_s=args.settle
-    )
-    env = Env.load()
-    print(
-        f"{env.qemu_version}; guest kernel {spec.kernel}, {spec.mem_mib} MiB RAM, TCG; "
-        f"workload: {spec.rounds} x allocate and free {spec.workload_mib} MiB\n"
-    )
-    print("   time  guest phase           host RAM held   reported (by order)       given back")
-    last = [0.0]
-
-    def show(run: GuestRun, s: Sample) -> None:
-        if s.t - last[0] < 1.0:
-            return
-        last[0] = s.t
-        phases = {
-            k: t
-            for k, t in run.markers.items()
-            if not k.startswith(("meminfo", "balloon")) and " mib=" not in k
-        }
-        phase = max(phases.items(), key=lambda kv: kv[1])[0] if phases else "booting"
-        orders = run.metric_labels("vhost_user_balloon_reported_bytes_total", "order")
-        by_order = " ".join(
-            f"o{o}:{v / MiB:.0f}M" for o, v in sorted(orders.items(), key=lambda kv: int(kv[0]))
-        )
-        given = run.metric("vhost_user_balloon_discarded_bytes_total")
-        print(
-            f"{s.t:6.1f}s  {phase[:20]:20}  {_mib(s.memfd_bytes)}    {by_order[:24]:24}  "
-            f"{_mib(given)}",
-            flush=True,
-        )
-
-    run = run_guest(spec, env, on_sample=show)
-    print()
-    if "done" not in run.markers:
-        print("the guest did not finish; last console lines:")
-        for _, line in run.console[-15:]:
-            print("   ", line)
-        return 1
-    print(
-        f"host RAM held by the guest: before the workload {_mib(run.floor())}, "
-        f"peak {_mib(run.peak())}, at the end {_mib(run.final())}"
-    )
-    for r in range(1, spec.rounds + 1):
-        secs = run.reclaim_seconds(r)
-        print(
-            f"round {r}: memory back on the host (within 64 MiB) "
-            + (f"{secs:.1f} s after the guest freed it" if secs is not None else "never")
-        )
-    print("\nper-order counters from /metrics:")
-    for o, v in sorted(
-        run.metric_labels("vhost_user_balloon_reported_blocks_total", "order").items(),
-        key=lambda kv: int(kv[0]),
-    ):
-        print(f"  order {o:>2} ({4 << int(o)} KiB blocks): {v:8.0f} blocks reported")
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "demo":
-        try:
-            sys.exit(demo(sys.argv[2:]))
-        except SetupError as err:
-            print(f"guestrun: {err}", file=sys.stderr)
-            sys.exit(1)
-    print(__doc__)
-    sys.exit(2)
