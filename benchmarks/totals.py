@@ -17,8 +17,7 @@ from vhost_user_balloon.daemon.observing.metrics import Metrics
 
 def totals(vms: int, repeats: int) -> dict[str, float]:
     """Saving the metric totals for the next process (done in the event loop before
-    every scrape), against rendering the same /metrics page (the baseline), and against
-    the way it was saved before (the whole export through json.dumps)."""
+    every scrape), against rendering the same /metrics page (the baseline)."""
     m = Metrics()
     children = []
     for i in range(vms):
@@ -34,7 +33,7 @@ def totals(vms: int, repeats: int) -> dict[str, float]:
     def save() -> None:  # what Daemon.save_totals does
         state.write_json(f'{{"format":1,"totals":{m.export_totals_json()}}}')
 
-    changed, unchanged, before, render = [], [], [], []
+    changed, unchanged, render = [], [], []
     collect_changed, collect_unchanged = [], []
     for _ in range(repeats):
         for vm in children:  # every VM reported since the last scrape
@@ -52,26 +51,20 @@ def totals(vms: int, repeats: int) -> dict[str, float]:
         list(m.registry.collect())
         collect_unchanged.append(time.perf_counter() - t)
         t = time.perf_counter()
-        state.write({"format": 1, "totals": m.export_totals()})
-        before.append(time.perf_counter() - t)
-        t = time.perf_counter()
         generate_latest(m.registry)
         render.append(time.perf_counter() - t)
     size = len(m.export_totals_json())
     os.close(state.fd)
     print(f"save totals, {vms} VMs ({size >> 10} KiB), every VM changed: {spread(changed)}")
     print(f"save totals, {vms} VMs, nothing changed:          {spread(unchanged)}")
-    print(f"save totals the way before (json.dumps of all):   {spread(before)}")
     print(f"render /metrics, {vms} VMs (baseline):            {spread(render)}")
     print(f"collect the series, every VM changed:             {spread(collect_changed)}")
     print(f"collect the series, nothing changed:              {spread(collect_unchanged)}")
     ratio = statistics.median(changed) / statistics.median(render)
-    gain = statistics.median(before) / statistics.median(changed)
-    print(f"  ratio save/render: {ratio:.2f}; before/now: {gain:.1f}x")
+    print(f"  ratio save/render: {ratio:.2f}")
     return {
         "save_ms": statistics.median(changed) * 1000,
         "save_unchanged_ms": statistics.median(unchanged) * 1000,
-        "before_ms": statistics.median(before) * 1000,
         "ratio": ratio,
         "collect_ms": statistics.median(collect_changed) * 1000,
         "collect_unchanged_ms": statistics.median(collect_unchanged) * 1000,

@@ -1,41 +1,54 @@
-"""The daemon's settings, from the command line and an optional TOML file, checked.
+"""The daemon's settings, in one table: the configuration file, the command line and
+``--help`` are all read from it, and the daemon takes the result whole (``Settings``).
 
-Every problem is found before anything starts and reported as ``ConfigError`` with
-a message that names the option or the file key and what to write instead.
+Theory of operation. Each ``Setting`` row names a key of the TOML file, the types that
+key takes there, its default, what it does, and the command-line option that sets it
+(if any). An option's text is turned into the value the file would hold for that key
+(``--no-discard`` is ``discard = false``, ``--vm web1=PATH`` one more ``[[vm]]``
+table, ``--auto-balloon step=64M`` the ``step`` of ``[auto_balloon]``), so both go
+through the same checks: the file's values are checked for their type first, then
+merged with the options' (an option wins; lists such as ``allow_groups`` add up), then
+each row's ``check`` turns its value into what the daemon uses and says what is wrong
+if it cannot. Every problem is found before anything starts and reported as a
+``ConfigError`` that names the option or the key and what to write instead.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import grp
 import pwd
 import re
+import textwrap
 import tomllib
 from argparse import ArgumentTypeError
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Literal
 
 from vhost_user_balloon.policy import PolicyConfig
 
 __all__ = [
-    "AUTO_KEYS",
+    "AUTO_BALLOON",
     "DEFAULT_METRICS_LISTEN",
     "DEFAULT_STATS_INTERVAL_S",
-    "KEYS",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "MAX_VMS",
-    "Access",
+    "SETTINGS",
+    "VM",
     "AutoBalloon",
     "ConfigError",
+    "Setting",
     "Settings",
+    "SocketAccess",
     "VmSpec",
-    "config_keys_help",
+    "add_options",
+    "default_settings",
     "load_settings",
-    "parse_listen",
     "parse_size",
-    "parse_vm",
 ]
 
 DEFAULT_METRICS_LISTEN: Final = "127.0.0.1:9584"
@@ -45,104 +58,19 @@ DEFAULT_STATS_INTERVAL_S: Final = 5.0
 #: VMs one daemon serves: each holds a socket, guest RAM mappings and eventfds; past
 #: this, run a second daemon rather than one that is hard to reason about.
 MAX_VMS: Final = 256
+#: The longest path a unix socket address holds (sun_path less its NUL).
+_MAX_SOCKET_PATH: Final = 107
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LOG_FORMATS: Final = ("auto", "json", "console")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-
-
-@dataclass(frozen=True, slots=True)
-class Key:
-    """One setting of the TOML file: its type, its default and what it does. The
-    command line's options and ``--help`` take their defaults and words from here."""
-
-    name: str
-    #: the TOML types accepted (a bool is never taken for a number)
-    types: tuple[type, ...]
-    default: object
-    help: str
-
-    @property
-    def type_name(self) -> str:
-        names = {bool: "true or false", str: "a string", int: "a whole number",
-                 float: "a number", list: "an array", dict: "a table"}  # fmt: skip
-        return " or ".join(names[t] for t in self.types)
-
-
-#: Every key of the configuration file, in the order ``--help`` lists them.
-KEYS: Final = {k.name: k for k in (
-    Key("vm", (list,), [],
-        "[[vm]] tables, each with name, socket and optionally discard, auto_balloon, min_memory"),
-    Key("metrics_listen", (str,), DEFAULT_METRICS_LISTEN,
-        "HOST:PORT for /metrics, [::1]:PORT for IPv6, or 'none'"),
-    Key("log_format", (str,), "auto", f"one of {', '.join(LOG_FORMATS)}"),
-    Key("log_level", (str,), "info", f"one of {', '.join(LOG_LEVELS)}"),
-    Key("socket_mode", (str, int), "0600", 'permissions of the VM sockets, "0660" or 0o660'),
-    Key("socket_group", (str, int), None, "group of the VM sockets, by name or number"),
-    Key("allow_users", (list,), [], "users (names or uids) whose processes may connect"),
-    Key("allow_groups", (list,), [],
-        "groups (names or gids) whose processes may connect, as their primary or a "
-        "supplementary group"),
-    Key("discard", (bool,), True, "false: complete reports but never free guest memory"),
-    Key("stats_interval", (int, float), DEFAULT_STATS_INTERVAL_S,
-        "seconds between requests for guest statistics (0: ask once)"),
-    Key("deflate_on_oom", (bool,), False, "offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM"),
-    Key("control_socket", (str,), None, "path of the balloon control socket"),
-    Key("auto_balloon", (dict,), {},
-        "[auto_balloon] table: the automatic balloon policy (its keys below)"),
-)}  # fmt: skip
-#: Keys of the [auto_balloon] table. Sizes are bytes or strings such as "512M".
-AUTO_KEYS: Final = {k.name: k for k in (
-    Key("budget", (str, int), None,
-        "the guests' host-resident RAM, summed, to hold under (setting it turns the policy on)"),
-    Key("interval", (int, float), 10.0, "seconds between decisions"),
-    Key("step", (str, int), "128M", "the most a VM's balloon moves per interval"),
-    Key("margin", (str, int), "256M", "balloons deflate once this far under the budget"),
-    Key("min_free", (str, int), "128M", "a guest's floor: at least this MemAvailable ..."),
-    Key("min_free_percent", (int, float), 10.0, "... and at least this percentage of its RAM"),
-    Key("host_psi_some", (int, float), 10.0,
-        "host memory pressure (PSI some avg10, in percent) above which guests are inflated"),
-    Key("host_min_available", (str, int), None,
-        "host MemAvailable under which guests are inflated (unset: not used)"),
-    Key("observe_only", (bool,), False, "log and count decisions, apply none"),
-)}  # fmt: skip
-#: Keys of one [[vm]] table.
-VM_KEYS: Final = {k.name: k for k in (
-    Key("name", (str,), None, "the VM's name (its metric label)"),
-    Key("socket", (str,), None, "the socket QEMU connects to"),
-    Key("discard", (bool,), True, "false for this VM alone (VFIO passthrough)"),
-    Key("auto_balloon", (bool,), True, "false: the automatic balloon policy leaves it alone"),
-    Key("min_memory", (str, int), 0, "the policy never leaves the guest less memory than this"),
-)}  # fmt: skip
-
-
-def config_keys_help() -> str:
-    """One line per key of the configuration file, for ``--help``."""
-    return "; ".join(f"{k.name} ({k.help})" for k in (*KEYS.values(), *AUTO_KEYS.values()))
-
-
-def _typed(data: Mapping[str, object], key: Key, where: str) -> object:
-    """The value of ``key`` in ``data``, or its default; a value of another type is an
-    error naming the key, the value and the type expected."""
-    if key.name not in data:
-        return key.default
-    value = data[key.name]
-    if (isinstance(value, bool) and bool not in key.types) or not isinstance(value, key.types):
-        raise ConfigError(
-            f"{where}: {key.name} = {value!r} is {_article(value)}; expected {key.type_name}"
-        )
-    return value
-
-
-def _article(value: object) -> str:
-    kind = {bool: "a boolean", str: "a string", int: "a whole number", float: "a number",
-            list: "an array", dict: "a table"}  # fmt: skip
-    return kind.get(type(value), type(value).__name__)
+MiB: Final = 1 << 20
 
 
 class ConfigError(Exception):
     """A setting the daemon cannot start with; the message says how to fix it."""
 
 
+# -- what the daemon takes -------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class VmSpec:
     """One VM to serve: its name (a metric label) and the socket QEMU connects to."""
@@ -166,13 +94,13 @@ class AutoBalloon:
 
 
 @dataclass(frozen=True, slots=True)
-class Access:
+class SocketAccess:
     """Who may use the VM sockets."""
 
     #: permissions of the socket files
-    socket_mode: int = 0o600
+    mode: int = 0o600
     #: group given to the socket files (QEMU's group, e.g. kvm or libvirt-qemu)
-    socket_gid: int | None = None
+    gid: int | None = None
     #: if any is set, a peer must have one of these uids, or one of these gids as its
     #: primary or a supplementary group (SO_PEERCRED, SO_PEERGROUPS)
     allow_uids: frozenset[int] = frozenset()
@@ -188,48 +116,31 @@ class Access:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """Everything the daemon is told, checked; one field per row of ``SETTINGS``
+    (their defaults live there: ``default_settings``)."""
+
     vms: tuple[VmSpec, ...]
-    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9584)
-    log_format: str = "auto"
-    log_level: str = "info"
-    access: Access = Access()
-    stats_interval: float = DEFAULT_STATS_INTERVAL_S
-    deflate_on_oom: bool = False
-    control_socket: Path | None = None
+    metrics_listen: tuple[str, int] | None
+    log_format: str
+    log_level: str
+    socket_mode: int
+    socket_gid: int | None
+    allow_uids: frozenset[int]
+    allow_gids: frozenset[int]
+    #: False: no VM's memory is discarded (each VM's own ``discard`` is folded in)
+    discard: bool
+    stats_interval: float
+    deflate_on_oom: bool
+    control_socket: Path | None
     #: None: the automatic balloon policy is off
-    auto_balloon: AutoBalloon | None = None
+    auto_balloon: AutoBalloon | None
+
+    @property
+    def access(self) -> SocketAccess:
+        return SocketAccess(self.socket_mode, self.socket_gid, self.allow_uids, self.allow_gids)
 
 
-def parse_vm(text: str, *, discard: bool = True) -> VmSpec:
-    """``NAME=SOCKET_PATH`` -> ``VmSpec``."""
-    name, sep, path = text.partition("=")
-    if not sep or not path:
-        raise ConfigError(f"--vm {text!r}: expected NAME=SOCKET_PATH, e.g. web1=/run/vub/web1.sock")
-    return _vm(name, path, discard, f"--vm {text!r}")
-
-
-def _vm(name: str, path: str, discard: bool, where: str) -> VmSpec:
-    if not _NAME.fullmatch(name):
-        raise ConfigError(
-            f"{where}: VM name {name!r} must be 1-64 letters, digits, '_', '.' or '-' "
-            "(it becomes the vm label of every metric)"
-        )
-    socket = Path(path)
-    if not socket.is_absolute():
-        socket = Path.cwd() / socket
-    if len(bytes(socket)) > 107:
-        raise ConfigError(
-            f"{where}: socket path {str(socket)!r} is longer than the 107 bytes "
-            "a unix socket address can hold"
-        )
-    if not socket.parent.is_dir():
-        raise ConfigError(
-            f"{where}: directory {str(socket.parent)!r} does not exist; create it "
-            "first (the daemon does not create directories)"
-        )
-    return VmSpec(name, socket, discard)
-
-
+# -- values as people write them --------------------------------------------------------
 def parse_size(text: str) -> int:
     """A size as people write it: 512M, 2G, 64MiB, 4096, 0 (binary units)."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -240,16 +151,38 @@ def parse_size(text: str) -> int:
     return int(number) * units[unit]
 
 
-def parse_listen(text: str) -> tuple[str, int] | None:
+def _size_text(n: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _size(value: object, where: str) -> int:
+    """A size from the file: a whole number of bytes or a string such as "512M"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    try:
+        return parse_size(str(value))
+    except ArgumentTypeError:
+        raise ConfigError(f'{where} = {value!r}: give bytes or a size such as "512M"') from None
+
+
+def _optional_size(value: object, where: str) -> int | None:
+    return None if value is None else _size(value, where)
+
+
+def _listen(value: object, where: str) -> tuple[str, int] | None:
     """``HOST:PORT`` (``[::1]:9584`` for IPv6) or ``none`` -> address or None."""
+    text = str(value)
     if text.lower() in ("none", "off", ""):
         return None
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(
-            f"--metrics-listen {text!r}: expected HOST:PORT such as "
-            f"{DEFAULT_METRICS_LISTEN} or [::1]:9584, or 'none'"
+            f"{where} {text!r}: expected HOST:PORT such as {DEFAULT_METRICS_LISTEN} or "
+            "[::1]:9584, or 'none'"
         )
     return host, int(port)
 
@@ -265,7 +198,7 @@ def _mode(value: object, where: str) -> int:
     return mode
 
 
-def _id(value: object, where: str, kind: str) -> int:
+def _id(value: object, where: str, kind: Literal["user", "group"]) -> int:
     """A user or group, by number or by name."""
     text = str(value)
     if text.isdigit():
@@ -276,191 +209,469 @@ def _id(value: object, where: str, kind: str) -> int:
         raise ConfigError(f"{where}: no {kind} named {text!r} on this system") from None
 
 
-def _choice(value: object, allowed: Sequence[str], where: str) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+def _group(value: object, where: str) -> int | None:
+    return None if value is None else _id(value, where, "group")
+
+
+def _ids(kind: Literal["user", "group"]) -> Callable[[object, str], frozenset[int]]:
+    def check(values: object, where: str) -> frozenset[int]:
+        assert isinstance(values, list)  # typed already
+        if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f'{where} = {values!r}: give names or numbers, e.g. ["kvm"]')
+        return frozenset(_id(v, f"allowed {kind}", kind) for v in values)
+
+    return check
+
+
+def _choice(allowed: Sequence[str]) -> Callable[[object, str], str]:
+    def check(value: object, where: str) -> str:
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+        return str(value)
+
+    return check
+
+
+def _seconds(value: object, where: str) -> float:
+    number = float(value)  # type: ignore[arg-type]  # typed already: int or float
+    if number < 0:
+        raise ConfigError(f"{where} = {value!r}: give seconds >= 0 (0: ask once)")
+    return number
+
+
+def _interval(value: object, where: str) -> float:
+    number = float(value)  # type: ignore[arg-type]  # typed already: int or float
+    if number <= 0:
+        raise ConfigError(f"{where} = {value!r}: give interval > 0 seconds")
+    return number
+
+
+def _number(value: object, where: str) -> float:
+    return float(value)  # type: ignore[arg-type]  # typed already: int or float
+
+
+def _percent(value: object, where: str) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if not 0 <= number <= 100:
+        raise ConfigError(f"{where} = {value!r}: min_free_percent goes from 0 to 100")
+    return number
+
+
+def _step(value: object, where: str) -> int:
+    size = _size(value, where)
+    if not size:
+        raise ConfigError(f"{where} = {value!r}: step must be more than 0")
+    return size
+
+
+def _socket_path(value: object, where: str) -> Path:
+    path = Path(str(value))
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    if len(bytes(path)) > _MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"{where}: socket path {str(path)!r} is longer than the {_MAX_SOCKET_PATH} "
+            "bytes a unix socket address can hold"
+        )
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"{where}: directory {str(path.parent)!r} does not exist; create it first (the "
+            "daemon does not create directories)"
+        )
+    return path
+
+
+def _control_socket(value: object, where: str) -> Path | None:
+    return None if value is None else _socket_path(value, where)
+
+
+def _vm_name(value: object, where: str) -> str:
+    if not _NAME.fullmatch(str(value)):
+        raise ConfigError(
+            f"{where}: VM name {value!r} must be 1-64 letters, digits, '_', '.' or '-' (it "
+            "becomes the vm label of every metric)"
+        )
     return str(value)
 
 
-def load_settings(
-    *,
-    vm_args: Sequence[str] = (),
-    config_file: Path | None = None,
-    metrics_listen: str | None = None,
-    log_format: str | None = None,
-    log_level: str | None = None,
-    socket_mode: str | None = None,
-    socket_group: str | None = None,
-    allow_users: Sequence[str] = (),
-    allow_groups: Sequence[str] = (),
-    no_discard: bool = False,
-    stats_interval: float | None = None,
-    deflate_on_oom: bool = False,
-    control_socket: str | None = None,
-    activated: Mapping[str, str] | None = None,
-    auto_budget: int | None = None,
-    auto_observe_only: bool = False,
-    auto_options: Sequence[str] = (),
-) -> Settings:
-    """Merge the TOML file (if any) and the command line; the command line wins."""
-    where = f"--config {str(config_file)!r}"
-    file = _read_file(config_file, where)
-    discard_default = bool(file["discard"]) and not no_discard
-    vms = [_file_vm(entry, discard_default, f"{where}: vm[{i}]")
-           for i, entry in enumerate(_list(file, "vm", where))]  # fmt: skip
-    vms.extend(parse_vm(text, discard=discard_default) for text in vm_args)
-    # Socket activation: a socket systemd passed under a name nobody configured is a VM
-    # of that name (FileDescriptorName= in the .socket unit).
-    named = {vm.name for vm in vms}
-    for name, path in (activated or {}).items():
-        if name not in named:
-            vms.append(VmSpec(name, Path(path), discard_default))
-    _check_vms(vms)
-    interval = stats_interval if stats_interval is not None else file["stats_interval"]
-    if not isinstance(interval, int | float) or isinstance(interval, bool) or interval < 0:
-        raise ConfigError(f"stats interval {interval!r}: give seconds >= 0 (0: ask once)")
-    control = control_socket or file["control_socket"]
-    control_path = Path(str(control)).absolute() if control else None
-    if control_path is not None and not control_path.parent.is_dir():
-        raise ConfigError(
-            f"control socket {str(control_path)!r}: directory "
-            f"{str(control_path.parent)!r} does not exist"
-        )
-    group = socket_group if socket_group is not None else file["socket_group"]
-    return Settings(
-        auto_balloon=_auto_balloon(
-            {**_as_table(file["auto_balloon"]), **_auto_options(auto_options)},
-            auto_budget,
-            auto_observe_only,
-            where,
-        ),
-        control_socket=control_path,
-        stats_interval=float(interval),
-        deflate_on_oom=deflate_on_oom or bool(file["deflate_on_oom"]),
-        vms=tuple(vms),
-        metrics_listen=parse_listen(str(metrics_listen or file["metrics_listen"])),
-        log_format=_choice(log_format or file["log_format"], LOG_FORMATS, "log format"),
-        log_level=_choice(log_level or file["log_level"], LOG_LEVELS, "log level"),
-        access=Access(
-            socket_mode=_mode(socket_mode or file["socket_mode"], "socket mode"),
-            socket_gid=None if group is None else _id(group, "socket group", "group"),
-            allow_uids=_ids([*_list(file, "allow_users", where), *allow_users], "user"),
-            allow_gids=_ids([*_list(file, "allow_groups", where), *allow_groups], "group"),
-        ),
-    )
+class _OptionTable(dict[str, object]):
+    """A table the command line stands for, with the option that said it."""
+
+    def __init__(self, values: dict[str, object], where: str) -> None:
+        super().__init__(values)
+        self.where = where
 
 
-def _read_file(path: Path | None, where: str) -> dict[str, object]:
-    """Every key of the configuration file (its default if absent), type-checked."""
-    data: dict[str, object] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as err:
-            raise ConfigError(f"{where}: {err.strerror}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{where}: not valid TOML: {err}") from None
-    unknown = sorted(set(data) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(KEYS)})")
-    return {name: _typed(data, key, where) for name, key in KEYS.items()}
+def _vm_option(text: str) -> dict[str, object]:
+    """``--vm NAME=SOCKET_PATH`` as the [[vm]] table it stands for."""
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise ConfigError(f"--vm {text!r}: expected NAME=SOCKET_PATH, e.g. web1=/run/vub/web1.sock")
+    return _OptionTable({"name": name, "socket": path}, f"--vm {text!r}")
 
 
-def _ids(values: Sequence[object], kind: str) -> frozenset[int]:
-    return frozenset(_id(v, f"allowed {kind}", kind) for v in values)
-
-
-def _file_vm(entry: object, discard_default: bool, where: str) -> VmSpec:
-    """One [[vm]] table of the configuration file."""
-    if not isinstance(entry, dict) or not {"name", "socket"} <= set(entry):
-        raise ConfigError(f'{where}: needs name = "..." and socket = "/path"')
-    extra = sorted(set(entry) - set(VM_KEYS))
-    if extra:
-        raise ConfigError(f"{where}: unknown keys {', '.join(extra)}")
-    values = {name: _typed(entry, key, where) for name, key in VM_KEYS.items()}
-    discard = bool(values["discard"]) and discard_default
-    vm = _vm(str(values["name"]), str(values["socket"]), discard, where)
-    return replace(
-        vm,
-        auto_balloon=bool(values["auto_balloon"]),
-        min_memory=_bytes(values["min_memory"], f"{where}: min_memory"),
-    )
-
-
-def _bytes(value: object, where: str) -> int:
-    """A size from the file: a whole number of bytes or a string such as "512M"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    try:
-        return parse_size(str(value))
-    except ArgumentTypeError:
-        raise ConfigError(f'{where} = {value!r}: give bytes or a size such as "512M"') from None
-
-
-def _as_table(value: object) -> dict[str, object]:
-    assert isinstance(value, dict)  # _typed checked it
+def _keep(value: object, where: str) -> object:
     return value
 
 
-def _auto_options(options: Sequence[str]) -> dict[str, object]:
-    """``--auto-balloon KEY=VALUE`` options as [auto_balloon] entries, typed by the key."""
-    out: dict[str, object] = {}
-    for text in options:
-        name, sep, raw = text.partition("=")
-        key = AUTO_KEYS.get(name)
-        if not sep or key is None:
-            raise ConfigError(
-                f"--auto-balloon {text!r}: expected KEY=VALUE with KEY one of "
-                f"{', '.join(AUTO_KEYS)}"
-            )
-        value: object = raw
-        if bool in key.types:
-            if raw not in ("true", "false"):
-                raise ConfigError(f"--auto-balloon {text!r}: {name} is true or false")
-            value = raw == "true"
-        elif float in key.types:
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ConfigError(f"--auto-balloon {text!r}: {name} is a number") from None
-        out[name] = value
+# -- the table ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: its key in the file, the option that sets it, and all ``--help``
+    says of it."""
+
+    key: str
+    #: the TOML types accepted (a bool is never taken for a number)
+    types: tuple[type, ...]
+    default: object
+    help: str
+    #: what the daemon uses, from the merged value (raises ConfigError)
+    check: Callable[[object, str], object] = _keep
+    #: the field of the object it fills (Settings, VmSpec, PolicyConfig); default: key
+    field: str | None = None
+    #: the command-line option, or None: the file only
+    option: str | None = None
+    metavar: str | None = None
+    #: "value": the option's text is the value; "list": each use adds an item;
+    #: "flag": the option alone sets ``flag_value``
+    action: Literal["value", "list", "flag"] = "value"
+    flag_value: object = True
+    #: an option's text -> the value the file would hold (default: the text itself)
+    parse: Callable[[str], object] | None = None
+    #: choices the option offers in --help
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def target(self) -> str:
+        return self.field or self.key
+
+    def type_name(self) -> str:
+        return " or ".join(_TYPE_NAMES[t] for t in self.types)
+
+
+_TYPE_NAMES: Final = {bool: "true or false", str: "a string", int: "a whole number",
+                      float: "a number", list: "an array", dict: "a table"}  # fmt: skip
+_ARTICLES: Final = {bool: "a boolean", str: "a string", int: "a whole number", float: "a number",
+                    list: "an array", dict: "a table"}  # fmt: skip
+
+
+def _policy_default(name: str) -> object:
+    """The policy's own default for one of its knobs (policy/auto.py keeps them)."""
+    return next(f.default for f in dataclasses.fields(PolicyConfig) if f.name == name)
+
+
+# Declaration tables (each row one setting, as --help prints them): long by nature.
+#: [[vm]] tables: one VM each (or --vm NAME=SOCKET_PATH).
+VM: Final = (
+    Setting("name", (str,), None, "the VM's name, its metric label", _vm_name),
+    Setting("socket", (str,), None, "the socket QEMU connects to", _socket_path),
+    Setting("discard", (bool,), True, "false for this VM alone (VFIO passthrough)"),
+    Setting("auto_balloon", (bool,), True,
+            "false: the automatic balloon policy leaves this VM alone"),
+    Setting("min_memory", (str, int), 0,
+            "the policy never leaves the guest less memory than this", _size),
+)  # fmt: skip
+#: [auto_balloon]: the automatic balloon policy (its fields are PolicyConfig's).
+AUTO_BALLOON: Final = (
+    Setting("budget", (str, int), None,
+            "hold the guests' host-resident RAM, summed, under SIZE (e.g. 6G): setting it "
+            "turns the automatic balloon policy on", _optional_size, "budget_bytes",
+            "--auto-balloon-budget", "SIZE"),
+    Setting("interval", (int, float), _policy_default("interval_s"),
+            "seconds between decisions", _interval, "interval_s"),
+    Setting("step", (str, int), _policy_default("step_bytes"),
+            "the most a VM's balloon moves per interval", _step, "step_bytes"),
+    Setting("margin", (str, int), _policy_default("margin_bytes"),
+            "balloons deflate once this far under the budget", _size, "margin_bytes"),
+    Setting("min_free", (str, int), _policy_default("min_free_bytes"),
+            "a guest's floor: at least this MemAvailable ...", _size, "min_free_bytes"),
+    Setting("min_free_percent", (int, float), _policy_default("min_free_percent"),
+            "... and at least this percentage of its RAM", _percent),
+    Setting("host_psi_some", (int, float), _policy_default("host_psi_some"),
+            "host memory pressure (PSI some avg10, in percent) above which guests are "
+            "inflated", _number),
+    Setting("host_min_available", (str, int), _policy_default("host_min_available_bytes"),
+            "host MemAvailable under which guests are inflated (unset: not used)",
+            _optional_size, "host_min_available_bytes"),
+    Setting("observe_only", (bool,), False,
+            "the policy logs and counts its decisions but applies none",
+            option="--auto-balloon-observe-only", action="flag"),
+)  # fmt: skip
+
+
+def _vms(tables: object, where: str) -> tuple[VmSpec, ...]:
+    assert isinstance(tables, list)  # typed already
+    return tuple(
+        _vm(entry, getattr(entry, "where", f"{where}[{i}]")) for i, entry in enumerate(tables)
+    )
+
+
+def _vm(entry: object, where: str) -> VmSpec:
+    """One [[vm]] table of the file, or one --vm."""
+    if not isinstance(entry, dict) or not {"name", "socket"} <= set(entry):
+        raise ConfigError(f'{where}: needs name = "..." and socket = "/path"')
+    values = _checked_table(entry, VM, where, {})
+    return VmSpec(**values)
+
+
+def _auto_balloon(table: object, where: str) -> AutoBalloon | None:
+    """The [auto_balloon] table; None (the policy is off) without a budget."""
+    assert isinstance(table, dict)  # typed already
+    values = _checked_table(table, AUTO_BALLOON, where, {})
+    observe_only = bool(values.pop("observe_only"))
+    if values["budget_bytes"] is None:
+        return None
+    return AutoBalloon(PolicyConfig(**values), observe_only)
+
+
+#: Every key of the file, in the order --help lists them.
+SETTINGS: Final = (
+    Setting("vm", (list,), [],
+            "serve a VM: NAME is its metric label, SOCKET_PATH the unix socket the daemon "
+            "listens on and QEMU's -chardev socket connects to (repeatable; in the file: "
+            "[[vm]] tables with the keys below)", _vms, "vms", "--vm", "NAME=SOCKET_PATH",
+            "list", parse=_vm_option),
+    Setting("metrics_listen", (str,), DEFAULT_METRICS_LISTEN,
+            "where to serve /metrics for Prometheus ('none' to disable; [::1]:PORT for "
+            "IPv6)", _listen, option="--metrics-listen", metavar="HOST:PORT"),
+    Setting("log_format", (str,), "auto",
+            "log lines as JSON or for people (auto: JSON unless stdout is a terminal)",
+            _choice(LOG_FORMATS), option="--log-format", choices=LOG_FORMATS),
+    Setting("log_level", (str,), "info", "least severe level logged (debug logs every report)",
+            _choice(LOG_LEVELS), option="--log-level", choices=LOG_LEVELS),
+    Setting("socket_mode", (str, int), "0600",
+            "permissions of the VM sockets (0600: only the daemon's user; QEMU must run as "
+            "that user or be given access; in the file \"0660\" or 0o660)", _mode,
+            option="--socket-mode", metavar="OCTAL"),
+    Setting("socket_group", (str, int), None,
+            "group of the VM sockets, e.g. kvm or libvirt-qemu (with socket mode 0660)",
+            _group, "socket_gid", "--socket-group", "GROUP"),
+    Setting("allow_users", (list,), [],
+            "accept connections only from processes of this user (name or uid; "
+            "repeatable; checked with SO_PEERCRED). Without allowed users or groups, the "
+            "socket permissions decide", _ids("user"), "allow_uids", "--allow-user", "USER",
+            "list"),
+    Setting("allow_groups", (list,), [],
+            "accept connections from processes that have this group, as their primary or "
+            "a supplementary group (name or gid; repeatable); e.g. kvm for QEMU under "
+            "libvirt", _ids("group"), "allow_gids", "--allow-group", "GROUP", "list"),
+    Setting("discard", (bool,), True,
+            "complete and count reports but never free guest memory: for guest memory "
+            "pinned in ways the daemon cannot see (a VFIO device in QEMU is noticed by "
+            "itself, from QEMU's open files)",
+            option="--no-discard", action="flag", flag_value=False),
+    Setting("stats_interval", (int, float), DEFAULT_STATS_INTERVAL_S,
+            "how often to ask guests for fresh memory statistics, in seconds, exported as "
+            "vhost_user_balloon_guest_* metrics (0 keeps the first numbers)", _seconds,
+            option="--stats-interval", metavar="SECONDS", parse=float),
+    Setting("deflate_on_oom", (bool,), False,
+            "offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: a guest about to run out of memory "
+            "takes pages back from the balloon by itself (its MemTotal then does not "
+            "shrink when the balloon grows)", option="--deflate-on-oom", action="flag"),
+    Setting("control_socket", (str,), None,
+            "serve the balloon control socket here (mode 0600): 'vhost-user-balloon "
+            "balloon VM SIZE' sets how much memory a guest gives up", _control_socket,
+            option="--control-socket", metavar="PATH"),
+    Setting("auto_balloon", (dict,), {},
+            "any setting of the automatic balloon policy (repeatable), e.g. step=256M or "
+            "interval=5; in the file, the [auto_balloon] table with the keys below",
+            _auto_balloon, option="--auto-balloon", metavar="KEY=VALUE", action="list"),
+)  # fmt: skip
+_BY_KEY: Final = {s.key: s for s in SETTINGS}
+_AUTO_BY_KEY: Final = {s.key: s for s in AUTO_BALLOON}
+
+
+# -- reading the file ----------------------------------------------------------------------
+def _typed(data: Mapping[str, object], row: Setting, where: str) -> object:
+    """The value of ``row`` in ``data``, or its default; a value of another type is an
+    error naming the key, the value and the type expected."""
+    if row.key not in data:
+        return row.default
+    value = data[row.key]
+    if (isinstance(value, bool) and bool not in row.types) or not isinstance(value, row.types):
+        article = _ARTICLES.get(type(value), type(value).__name__)
+        raise ConfigError(
+            f"{where}: {row.key} = {value!r} is {article}; expected {row.type_name()}"
+        )
+    return value
+
+
+def _checked_table(
+    data: Mapping[str, object], rows: Sequence[Setting], where: str, given: Mapping[str, object]
+) -> dict[str, Any]:
+    """Every row's value from ``data`` (a table of the file) with ``given`` (from the
+    command line) over it, checked and converted, by field."""
+    unknown = sorted(set(data) - {r.key for r in rows})
+    if unknown:
+        known = ", ".join(r.key for r in rows)
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {known})")
+    out: dict[str, Any] = {}
+    for row in rows:
+        value = _typed(data, row, where)
+        source = f"{where}: {row.key}" if data else row.key
+        if row.key in given:
+            value = _merge(value, given[row.key])
+            source = row.option or source
+        out[row.target] = row.check(value, source)
     return out
 
 
-def _auto_balloon(
-    table: object, budget: int | None, observe_only: bool, where: str
-) -> AutoBalloon | None:
-    """The [auto_balloon] table merged with the command line; None if no budget."""
-    assert isinstance(table, dict)  # _typed checked it
-    unknown = sorted(set(table) - set(AUTO_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{where}: [auto_balloon] has unknown keys {', '.join(unknown)} "
-            f"(known: {', '.join(AUTO_KEYS)})"
-        )
-    v = {name: _typed(table, key, f"{where}: [auto_balloon]") for name, key in AUTO_KEYS.items()}
-    if budget is None and v["budget"] is None:
+def _merge(file: object, option: object) -> object:
+    """An option's value over the file's: lists add up, tables merge key by key, any
+    other value is replaced."""
+    if isinstance(file, list) and isinstance(option, list):
+        return [*file, *option]
+    if isinstance(file, dict) and isinstance(option, dict):
+        return {**file, **option}
+    return option
+
+
+def _read_file(path: Path | None) -> dict[str, object]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"--config {str(path)!r}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--config {str(path)!r}: not valid TOML: {err}") from None
+
+
+# -- the command line ------------------------------------------------------------------------
+def _default_text(row: Setting) -> str | None:
+    if row.default in (None, [], {}) or row.action == "flag":
         return None
-    size = {k: None if v[k] is None else _bytes(v[k], f"{where}: [auto_balloon] {k}")
-            for k in ("budget", "step", "margin", "min_free", "host_min_available")}  # fmt: skip
-    numbers = {k: float(v[k]) for k in ("interval", "min_free_percent", "host_psi_some")}  # type: ignore[arg-type]
-    if numbers["interval"] <= 0 or not 0 <= numbers["min_free_percent"] <= 100:
-        raise ConfigError(
-            f"{where}: [auto_balloon] needs interval > 0 and min_free_percent from 0 to 100"
+    if row.types == (str, int) and isinstance(row.default, int):
+        return f"default {_size_text(row.default)}"
+    if isinstance(row.default, bool):
+        return f"default {str(row.default).lower()}"
+    if isinstance(row.default, float):
+        return f"default {row.default:g}"
+    return f"default {row.default}"
+
+
+def _file_text(row: Setting) -> str:
+    where = f"[auto_balloon] {row.key}" if row in AUTO_BALLOON else row.key
+    if row.action == "flag":
+        return f"file: {where} = {str(row.flag_value).lower()}"
+    return f"file: {where}"
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """One option per row that has one, its words and default from the row; the keys
+    of the file, in the epilog."""
+    for row in (*SETTINGS, *AUTO_BALLOON):
+        if row.option is None:
+            continue
+        notes = [n for n in (_default_text(row), _file_text(row)) if n]
+        words = f"{row.help} ({'; '.join(notes)})"
+        if row.action == "flag":
+            parser.add_argument(row.option, action="store_true", help=words)
+        else:
+            parser.add_argument(
+                row.option, metavar=row.metavar, choices=row.choices, help=words,
+                action="append" if row.action == "list" else "store",
+            )  # fmt: skip
+
+
+def keys_help() -> str:
+    """The file's keys, for --help: those with an option say which; the others what
+    they do."""
+
+    def line(row: Setting, prefix: str = "") -> str:
+        if row.action == "flag":
+            said = f"{row.key} = {str(row.flag_value).lower()} is {row.option}"
+        elif row.option:
+            said = f"{row.key}: as {row.option}"
+        else:
+            default = _default_text(row)
+            said = f"{row.key}: {row.help}" + (f" ({default})" if default else "")
+        return textwrap.fill(
+            prefix + said, width=88, initial_indent="  ", subsequent_indent="      "
         )
-    if not size["step"]:
-        raise ConfigError(f"{where}: [auto_balloon] step must be more than 0")
-    policy = PolicyConfig(
-        budget_bytes=budget if budget is not None else int(size["budget"] or 0),
-        interval_s=numbers["interval"],
-        step_bytes=int(size["step"]),
-        margin_bytes=int(size["margin"] or 0),
-        min_free_bytes=int(size["min_free"] or 0),
-        min_free_percent=numbers["min_free_percent"],
-        host_psi_some=numbers["host_psi_some"],
-        host_min_available_bytes=size["host_min_available"],
-    )
-    return AutoBalloon(policy, observe_only or bool(v["observe_only"]))
+
+    rows = [line(r) for r in SETTINGS]
+    rows += [line(r, "[[vm]] ") for r in VM]
+    rows += [line(r, "[auto_balloon] ") for r in AUTO_BALLOON]
+    return "\n".join(rows)
+
+
+def _given(args: argparse.Namespace) -> dict[str, object]:
+    """What the options set, as the values the file would hold for those keys."""
+    given: dict[str, object] = {}
+    auto: dict[str, object] = {}
+    for text in getattr(args, "auto_balloon", None) or ():
+        key, value = _auto_option(text)
+        auto[key] = value
+    for row in (*SETTINGS, *AUTO_BALLOON):
+        if row.option is None or row.key == "auto_balloon":
+            continue
+        raw = getattr(args, row.option.lstrip("-").replace("-", "_"), None)
+        if raw in (None, False, []):
+            continue
+        (auto if row in AUTO_BALLOON else given)[row.key] = _option_value(row, raw)
+    if auto:
+        given["auto_balloon"] = auto
+    return given
+
+
+def _option_value(row: Setting, raw: object) -> object:
+    """What an option set, as the file's value for its key."""
+    if row.action == "flag":
+        return row.flag_value
+    items = raw if row.action == "list" else [raw]
+    assert isinstance(items, list)
+    try:
+        values = [row.parse(str(item)) if row.parse else item for item in items]
+    except ValueError:
+        raise ConfigError(f"{row.option} {raw!r}: expected {row.type_name()}") from None
+    return values if row.action == "list" else values[0]
+
+
+def _auto_option(text: str) -> tuple[str, object]:
+    """``--auto-balloon KEY=VALUE`` as the [auto_balloon] entry, typed by its row."""
+    key, sep, raw = text.partition("=")
+    row = _AUTO_BY_KEY.get(key)
+    if not sep or row is None:
+        known = ", ".join(_AUTO_BY_KEY)
+        raise ConfigError(f"--auto-balloon {text!r}: expected KEY=VALUE with KEY one of {known}")
+    if bool in row.types:
+        if raw not in ("true", "false"):
+            raise ConfigError(f"--auto-balloon {text!r}: {key} is true or false")
+        return key, raw == "true"
+    if float in row.types:
+        try:
+            return key, float(raw)
+        except ValueError:
+            raise ConfigError(f"--auto-balloon {text!r}: {key} is a number") from None
+    return key, raw
+
+
+# -- all of it together ----------------------------------------------------------------------
+def load_settings(args: argparse.Namespace, activated: Mapping[str, str] | None = None) -> Settings:
+    """The settings from the file ``args.config`` names (if any) and the options in
+    ``args`` (an option wins), with a VM for each socket systemd passed under a name
+    nobody configured (``activated``: name -> path; FileDescriptorName= in its unit)."""
+    settings = _settings(args, activated or {})
+    _check_vms(settings.vms)
+    return settings
+
+
+def _settings(args: argparse.Namespace, activated: Mapping[str, str]) -> Settings:
+    config = getattr(args, "config", None)
+    where = f"--config {str(config)!r}"
+    values = _checked_table(_read_file(config), SETTINGS, where, _given(args))
+    vms = list(values["vms"])
+    named = {vm.name for vm in vms}
+    vms += [VmSpec(n, Path(p)) for n, p in activated.items() if n not in named]
+    values["vms"] = tuple(replace(vm, discard=vm.discard and values["discard"]) for vm in vms)
+    return Settings(**values)
+
+
+def default_settings(vms: Sequence[VmSpec]) -> Settings:
+    """The settings with every default, serving ``vms`` (as given: each VM's own
+    ``discard`` stands)."""
+    return replace(_settings(argparse.Namespace(), {}), vms=tuple(vms))
 
 
 def _check_vms(vms: Sequence[VmSpec]) -> None:
@@ -478,14 +689,3 @@ def _check_vms(vms: Sequence[VmSpec]) -> None:
             if value in seen:
                 raise ConfigError(f"two VMs share the {attr} {str(value)!r}; each needs its own")
             seen.add(value)
-
-
-def _list(values: Mapping[str, object], key: str, where: str) -> list[object]:
-    """An array setting whose items are names or numbers (users, groups, vm tables)."""
-    value = values[key]
-    assert isinstance(value, list)  # _typed checked it
-    if key != "vm" and not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
-        raise ConfigError(
-            f'{where}: {key} = {value!r}: give names or numbers, e.g. {key} = ["kvm"]'
-        )
-    return value

@@ -23,11 +23,11 @@ from typing import Any, Final
 import structlog
 import trio
 
-from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonStat
+from vhost_user_balloon.protocol import BalloonStat
 
 from .commands.control import MAX_CONTROL_REQUEST
 from .observing.http import receive_until
-from .serving.connection import BalloonTargetError, VmConnection
+from .serving.connection import BalloonTargetError, VmConnection, VmView
 
 __all__ = ["handle_request", "serve_control"]
 
@@ -41,6 +41,7 @@ async def handle_request(
     vms: Callable[[], Mapping[str, VmConnection | None]],
     pins: set[str] | None = None,
 ) -> dict[str, Any]:
+    """One request: its answer, ``{"ok": false, "error": ...}`` if it cannot be done."""
     try:
         request = json.loads(line)
     except ValueError:
@@ -52,48 +53,60 @@ async def handle_request(
     if name not in known:
         return {"ok": False, "error": f"no VM named {name!r} (known: {', '.join(sorted(known))})"}
     conn = known[name]
+    refused = await _apply(request, name, conn, pins)
+    if refused is not None:
+        return {"ok": False, "error": refused}
+    return _status(name, conn, pins is not None and name in pins)
+
+
+async def _apply(
+    request: dict[str, Any], name: str, conn: VmConnection | None, pins: set[str] | None
+) -> str | None:
+    """Carry out what the request asks besides a status: a new target (the VM is then
+    pinned: the automatic policy leaves it from now on) or a release; why not, or None."""
     if "target_bytes" in request:
         target = request["target_bytes"]
         if not isinstance(target, int) or isinstance(target, bool) or target < 0:
-            return {"ok": False, "error": "target_bytes must be a whole number >= 0"}
+            return "target_bytes must be a whole number >= 0"
         if conn is None:
-            return {"ok": False, "error": f"VM {name} is not attached"}
+            return f"VM {name} is not attached"
         try:
             await conn.set_target(target)
         except BalloonTargetError as err:
-            return {"ok": False, "error": str(err)}
+            return str(err)
         if pins is not None:
-            pins.add(name)  # set by hand: the automatic policy leaves it from now on
+            pins.add(name)
     elif request.get("release") is True and pins is not None:
         pins.discard(name)
-    pinned = pins is not None and name in pins
+    return None
+
+
+def _status(name: str, conn: VmConnection | None, pinned: bool) -> dict[str, Any]:
     if conn is None:
         return {"ok": True, "vm": name, "attached": False, "target_bytes": 0, "actual_bytes": 0,
                 "pinned": pinned}  # fmt: skip
-    config = conn.device.config
+    view = conn.view()
     return {
         "ok": True,
         "vm": name,
         "attached": True,
-        "target_bytes": config.num_pages * GUEST_PAGE_SIZE,
-        "actual_bytes": config.actual * GUEST_PAGE_SIZE,
+        "target_bytes": view.target_bytes,
+        "actual_bytes": view.actual_bytes,
         "pinned": pinned,
-        "ram_bytes": conn.memory.ram_bytes,
-        "resident_bytes": conn.memory.resident_bytes(),
-        "guest": _guest_memory(conn),
+        "ram_bytes": view.ram_bytes,
+        "resident_bytes": view.resident_bytes,
+        "guest": _guest_memory(view),
     }
 
 
-def _guest_memory(conn: VmConnection) -> dict[str, float] | None:
+def _guest_memory(view: VmView) -> dict[str, float] | None:
     """What the guest last said of its memory (None: no statistics yet)."""
-    latest = conn.vm_metrics.guest_stats()
-    if latest is None:
+    if view.guest_stats is None or view.stats_age_s is None:
         return None
-    stats, age = latest
-    out: dict[str, float] = {"age_seconds": round(age, 3)}
+    out: dict[str, float] = {"age_seconds": round(view.stats_age_s, 3)}
     for key, tag in _GUEST_MEMORY.items():
-        if tag in stats:
-            out[key] = stats[tag]
+        if tag in view.guest_stats:
+            out[key] = view.guest_stats[tag]
     return out
 
 

@@ -74,7 +74,7 @@ from .errors import (
     UnsupportedRequestError,
     VhostUserError,
 )
-from .memory import GuestMemory, Location, MemoryAccess, validate_regions
+from .memory import Area, GuestMemory, InPlace, Location, MemoryAccess, validate_regions
 from .messages import (
     Header,
     Message,
@@ -116,6 +116,8 @@ from .virtqueue import (
     Chain,
     DescFlag,
     Descriptor,
+    Readable,
+    RingLayout,
     SplitQueue,
     check_queue_size,
     need_event,
@@ -146,6 +148,7 @@ __all__ = [
     "VERSION",
     "AddRegion",
     "AddressError",
+    "Area",
     "BackendRequest",
     "BalloonChanged",
     "BalloonConfig",
@@ -169,6 +172,7 @@ __all__ = [
     "Header",
     "HeaderError",
     "HeaderFlag",
+    "InPlace",
     "Inflight",
     "IotlbMsg",
     "LocalProtocolError",
@@ -190,6 +194,7 @@ __all__ = [
     "QueueRole",
     "QueueState",
     "Raw",
+    "Readable",
     "RemoteProtocolError",
     "RemoveRegion",
     "ReportError",
@@ -198,6 +203,7 @@ __all__ = [
     "RequestSpec",
     "ResetDevice",
     "RingError",
+    "RingLayout",
     "SavedSession",
     "SavedVring",
     "Session",

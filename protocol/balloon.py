@@ -16,11 +16,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import Enum, IntFlag
+from typing import NamedTuple
 
 from .codes import VirtioFeature
 from .errors import LocalProtocolError, PayloadError, ReportError
 from .memory import GuestMemory, Location
-from .virtqueue import Chain, read_readable
+from .virtqueue import Chain, Readable, read_readable
 
 __all__ = [
     "CONFIG_SIZE",
@@ -51,6 +52,7 @@ _PFN = struct.Struct("<I")
 #: Largest inflate/deflate page array we read: Linux sends at most 256 frame numbers
 #: (VIRTIO_BALLOON_ARRAY_PFNS_MAX, 1 KiB); this bounds what a guest can make us copy.
 MAX_PFN_BYTES = 4096
+_PAGE_ARRAY = Readable("page array", _PFN.size, MAX_PFN_BYTES, ReportError, "pfn")
 
 
 class BalloonFeature(IntFlag):
@@ -118,9 +120,9 @@ class BalloonConfig:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ReportedRange:
-    """One reported free block; ``location`` is None if it is not inside guest RAM."""
+class ReportedRange(NamedTuple):
+    """One reported free block; ``location`` is None if it is not inside guest RAM.
+    (A named tuple: one is made per reported block.)"""
 
     gpa: int
     length: int
@@ -175,20 +177,13 @@ def balloon_pages(chain: Chain, mem: GuestMemory) -> tuple[ReportedRange, ...]:
     """The 4 KiB pages named by an inflate or deflate buffer: an array of le32 page
     frame numbers (virtio 1.2 5.5.6.1), device-readable, at most MAX_PFN_BYTES. Each
     page comes back as an order-0 range, ``location`` None if it is not in guest RAM."""
-    data = read_readable(
-        chain,
-        mem,
-        what="page array",
-        unit=_PFN.size,
-        limit=MAX_PFN_BYTES,
-        error=ReportError,
-        prefix="pfn",
+    data = read_readable(chain, mem, _PAGE_ARRAY)
+    pages = [pfn * GUEST_PAGE_SIZE for (pfn,) in _PFN.iter_unpack(data)]
+    places = mem.find_gpas([(gpa, GUEST_PAGE_SIZE) for gpa in pages])
+    return tuple(
+        ReportedRange(gpa, GUEST_PAGE_SIZE, 0, place)
+        for gpa, place in zip(pages, places, strict=True)
     )
-    out = []
-    for (pfn,) in _PFN.iter_unpack(data):
-        gpa = pfn * GUEST_PAGE_SIZE
-        out.append(ReportedRange(gpa, GUEST_PAGE_SIZE, 0, mem.find_gpa(gpa, GUEST_PAGE_SIZE)))
-    return tuple(out)
 
 
 class BalloonDevice:
@@ -204,10 +199,6 @@ class BalloonDevice:
         if not 0 <= pages <= 0xFFFF_FFFF:
             raise LocalProtocolError(f"balloon target of {pages} pages does not fit le32")
         self.config.num_pages = pages
-
-    @property
-    def poison_val(self) -> int:
-        return self.config.poison_val
 
     @property
     def discard_allowed(self) -> bool:

@@ -9,22 +9,31 @@ arithmetic downstream can step past the end of a mapping or into another file.
 
 ``GuestMemory`` does no I/O itself: reads and writes go through ``MemoryAccess``
 objects, one per region, which the daemon implements over mmap and tests implement
-over a bytearray.
+over a bytearray. A region whose bytes may be read and written in place offers them
+as ``buffer``: the ring code then resolves its areas once (``area_uva``) and reads them
+with ``struct.unpack_from``, without a lookup or a copy per access.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import pairwise
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .codes import MAX_REGIONS
 from .errors import AddressError, LocalProtocolError, MemoryTableError
 from .payloads import MemoryRegion
 
-__all__ = ["U64_LIMIT", "GuestMemory", "Location", "MemoryAccess", "validate_regions"]
+__all__ = [
+    "U64_LIMIT",
+    "Area",
+    "GuestMemory",
+    "InPlace",
+    "Location",
+    "MemoryAccess",
+    "validate_regions",
+]
 
 #: Addresses and sizes are u64; an end beyond this wrapped around.
 U64_LIMIT = 1 << 64
@@ -32,21 +41,47 @@ _GPA = "guest physical"
 _UVA = "user"
 
 
+class InPlace(Protocol):
+    """Bytes read and written in place (a bytearray, a shared mapping): sliced, or
+    with ``struct.unpack_from`` and ``pack_into``."""
+
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+    def __getitem__(self, index: slice, /) -> bytes | bytearray: ...
+
+    def __setitem__(self, index: slice, value: bytes, /) -> None: ...
+
+
 class MemoryAccess(Protocol):
     """Byte access to one region, by offset from the region's start."""
+
+    #: the region's bytes, to be read and written in place, or None: only ``read`` and
+    #: ``write`` may be used (a file that may shrink under us)
+    @property
+    def buffer(self) -> InPlace | None: ...
 
     def read(self, offset: int, length: int) -> bytes: ...
 
     def write(self, offset: int, data: bytes) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where a checked range lies: region index, offset in the region, offset in its fd."""
+class Location(NamedTuple):
+    """Where a checked range lies: region index, offset in the region, offset in its fd.
+    (A named tuple, not a frozen dataclass: one is made per reported block, and a tuple
+    costs a third of it.)"""
 
     region: int
     offset: int
     file_offset: int
+
+
+class Area(NamedTuple):
+    """A checked range of one region, resolved once for repeated access: the region's
+    access, its bytes in place (or None) and the range's offset in the region."""
+
+    access: MemoryAccess
+    buffer: InPlace | None
+    offset: int
 
 
 def _overlaps(spans: list[tuple[int, int]]) -> tuple[int, int] | None:
@@ -169,6 +204,25 @@ class GuestMemory:
         """Where a non-empty guest-physical range lies, or None if not inside one region."""
         return self._find(gpa, length, _GPA) if length > 0 else None
 
+    def find_gpas(self, spans: Sequence[tuple[int, int]]) -> list[Location | None]:
+        """``find_gpa`` of each (address, length): a chain's buffers, found at once. A
+        span in the region of the one before is found without a search (a report's
+        blocks mostly lie in one region)."""
+        out: list[Location | None] = []
+        last: MemoryRegion | None = None
+        at = 0
+        for gpa, length in spans:
+            if last is not None and length > 0 and last.guest_phys_addr <= gpa:
+                offset = gpa - last.guest_phys_addr
+                if offset + length <= last.memory_size:
+                    out.append(Location(at, offset, last.mmap_offset + offset))
+                    continue
+            found = self.find_gpa(gpa, length)
+            if found is not None:
+                at, last = found.region, self.regions[found.region]
+            out.append(found)
+        return out
+
     def find_uva(self, uva: int, length: int) -> Location | None:
         """Where a non-empty QEMU user-address range lies, or None if not inside one region."""
         return self._find(uva, length, _UVA) if length > 0 else None
@@ -190,9 +244,12 @@ class GuestMemory:
         loc = self.locate_gpa(gpa, length)
         return self._backing(loc).read(loc.offset, length)
 
-    def write_gpa(self, gpa: int, data: bytes) -> None:
-        loc = self.locate_gpa(gpa, len(data))
-        self._backing(loc).write(loc.offset, data)
+    def area_uva(self, uva: int, length: int) -> Area:
+        """A user-address range resolved once (``AddressError`` unless inside one region),
+        for the ring code to access again and again."""
+        loc = self.locate_uva(uva, length)
+        access = self._backing(loc)
+        return Area(access, access.buffer, loc.offset)
 
     def read_uva(self, uva: int, length: int) -> bytes:
         loc = self.locate_uva(uva, length)

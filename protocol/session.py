@@ -61,7 +61,7 @@ from .payloads import (
 )
 from .requests import REQUESTS, QueueState, SessionState
 from .saved import SavedSession, SavedVring
-from .virtqueue import SplitQueue, check_queue_size
+from .virtqueue import RingLayout, SplitQueue, check_queue_size
 
 __all__ = [
     "DEFAULT_PROTOCOL_FEATURES",
@@ -238,10 +238,6 @@ class Session:
     def failure_reply(self, request: int, need_reply: bool) -> bytes | None:
         """The REPLY_ACK failure for a request we rejected but can carry on after."""
         return encode_reply(request, U64(1)) if need_reply else None
-
-    @property
-    def queue_roles(self) -> dict[int, QueueRole]:
-        return dict(enumerate(self.layout))
 
     # -- helpers -----------------------------------------------------------------
     def _reply(self, msg: Message, payload: Payload) -> Outcome:
@@ -479,7 +475,7 @@ class Session:
                 flags=addr.flags,
             )
         # Checks alignment now; the extents are checked at start, when the size is known.
-        SplitQueue(1, addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
+        RingLayout(1, addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
         vring.addr = addr
         return self._ack(msg)
 
@@ -532,11 +528,12 @@ class Session:
                 missing=missing,
             )
         assert vring.size is not None and vring.addr is not None and self.memory is not None
+        addr = vring.addr
+        layout = RingLayout(
+            vring.size, addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr
+        )
         queue = SplitQueue(
-            vring.size,
-            vring.addr.desc_user_addr,
-            vring.addr.avail_user_addr,
-            vring.addr.used_user_addr,
+            layout,
             last_avail_idx=vring.base,
             indirect=bool(self.features & VirtioFeature.RING_INDIRECT_DESC),
             event_idx=bool(self.features & VirtioFeature.RING_EVENT_IDX),

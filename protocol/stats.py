@@ -14,7 +14,7 @@ from enum import IntEnum
 
 from .errors import StatsError
 from .memory import GuestMemory
-from .virtqueue import Chain, read_readable
+from .virtqueue import Chain, Readable, read_readable
 
 __all__ = ["MAX_STATS_BYTES", "STAT_SIZE", "BalloonStat", "read_stats"]
 
@@ -26,6 +26,7 @@ STAT_SIZE = 10
 MAX_STATS_BYTES = 4096
 
 _STAT = struct.Struct("<HQ")
+_STATS_BUFFER = Readable("stats buffer", STAT_SIZE, MAX_STATS_BYTES, StatsError, "stats")
 
 
 class BalloonStat(IntEnum):
@@ -53,13 +54,5 @@ def read_stats(chain: Chain, mem: GuestMemory) -> tuple[tuple[int, int], ...]:
     """The (tag, value) pairs in a stats buffer, or ``StatsError`` if it is malformed:
     a device-writable part, a part outside guest RAM, a length that is not whole
     entries, or more than MAX_STATS_BYTES."""
-    data = read_readable(
-        chain,
-        mem,
-        what="stats buffer",
-        unit=STAT_SIZE,
-        limit=MAX_STATS_BYTES,
-        error=StatsError,
-        prefix="stats",
-    )
+    data = read_readable(chain, mem, _STATS_BUFFER)
     return tuple(_STAT.unpack_from(data, off) for off in range(0, len(data), STAT_SIZE))

@@ -1,10 +1,12 @@
 """Split virtqueues (virtio 1.2 section 2.7): read the avail ring, walk chains, fill used.
 
 Theory of operation: the guest owns every byte of the descriptor table and the avail
-ring and may change them at any time, so nothing read from them is trusted. Each
-read goes through ``GuestMemory`` (which checks the range) and each number read is
+ring and may change them at any time, so nothing read from them is trusted. Every
+range is checked against guest memory before it is touched, and each number read is
 checked before it is used as an index:
 
+* the three ring areas each lie wholly inside one region (``check_layout``, when the
+  queue starts; they are then resolved once per memory table, not per access);
 * the avail index may run ahead of ours by at most the queue size (2.7.13.3);
 * a head and every ``next`` must be below the table size (2.7.5);
 * a chain visits at most as many descriptors as its table holds: more means a loop;
@@ -23,6 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntFlag
+from typing import NamedTuple
 
 from .codes import MAX_QUEUE_SIZE
 from .errors import (
@@ -32,12 +35,14 @@ from .errors import (
     RemoteProtocolError,
     RingError,
 )
-from .memory import GuestMemory, Location
+from .memory import Area, GuestMemory, InPlace, Location
 
 __all__ = [
     "Chain",
     "DescFlag",
     "Descriptor",
+    "Readable",
+    "RingLayout",
     "SplitQueue",
     "check_queue_size",
     "need_event",
@@ -69,9 +74,9 @@ _ALL_FLAGS = _F_NEXT | _F_WRITE | _F_INDIRECT
 _SNAPSHOT_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    """One buffer of a chain; ``location`` is None when it is not inside one region."""
+class Descriptor(NamedTuple):
+    """One buffer of a chain; ``location`` is None when it is not inside one region.
+    (A named tuple: one is made per reported block.)"""
 
     addr: int
     length: int
@@ -107,25 +112,22 @@ def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
 
 
-class SplitQueue:
-    """Position and geometry of one split ring; guest memory is passed to each call."""
+@dataclass(frozen=True, slots=True)
+class RingLayout:
+    """Where a split ring's three areas are (QEMU user addresses), and its size; each
+    area aligned as virtio 1.2 2.7 requires, or ``QueueError``."""
 
-    def __init__(
-        self,
-        size: int,
-        desc_addr: int,
-        avail_addr: int,
-        used_addr: int,
-        *,
-        last_avail_idx: int = 0,
-        indirect: bool = False,
-        event_idx: bool = False,
-    ) -> None:
-        self.size = check_queue_size(size)
+    size: int
+    desc: int
+    avail: int
+    used: int
+
+    def __post_init__(self) -> None:
+        check_queue_size(self.size)
         for name, addr, align in (
-            ("descriptor table", desc_addr, 16),
-            ("avail ring", avail_addr, 2),
-            ("used ring", used_addr, 4),
+            ("descriptor table", self.desc, 16),
+            ("avail ring", self.avail, 2),
+            ("used ring", self.used, 4),
         ):
             if addr % align:
                 raise QueueError(
@@ -134,28 +136,66 @@ class SplitQueue:
                     ring=name,
                     addr=addr,
                 )
-        self.desc_addr = desc_addr
-        self.avail_addr = avail_addr
-        self.used_addr = used_addr
+
+    def extents(self, event_idx: bool) -> tuple[tuple[str, int, int], ...]:
+        """(name, QEMU user address, length) of the three ring areas."""
+        extra = 2 if event_idx else 0
+        return (
+            ("descriptor table", self.desc, 16 * self.size),
+            ("avail ring", self.avail, 4 + 2 * self.size + extra),
+            ("used ring", self.used, 4 + 8 * self.size + extra),
+        )
+
+
+# -- reading and writing one resolved area ----------------------------------------------
+def _read(area: Area, offset: int, length: int) -> bytes:
+    at = area.offset + offset
+    if area.buffer is not None:
+        return bytes(area.buffer[at : at + length])
+    return area.access.read(at, length)
+
+
+def _u16(area: Area, offset: int) -> int:
+    if area.buffer is not None:
+        return int(_U16.unpack_from(area.buffer, area.offset + offset)[0])
+    return int(_U16.unpack(area.access.read(area.offset + offset, 2))[0])
+
+
+def _write(area: Area, offset: int, data: bytes) -> None:
+    at = area.offset + offset
+    if area.buffer is not None:
+        area.buffer[at : at + len(data)] = data
+    else:
+        area.access.write(at, data)
+
+
+class SplitQueue:
+    """Position and geometry of one split ring; guest memory is passed to each call,
+    and the ring's areas are resolved in it the first time it is seen."""
+
+    def __init__(
+        self,
+        layout: RingLayout,
+        *,
+        last_avail_idx: int = 0,
+        indirect: bool = False,
+        event_idx: bool = False,
+    ) -> None:
+        self.layout = layout
+        self.size = layout.size
         self.indirect = indirect
         self.event_idx = event_idx
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = 0
         self._signalled_used: int | None = None
+        #: the memory the areas below were resolved in
+        self._mem: GuestMemory | None = None
+        self._desc = self._avail = self._used = Area(_NO_ACCESS, None, 0)
 
     # -- layout -----------------------------------------------------------------
-    def ring_extents(self) -> tuple[tuple[str, int, int], ...]:
-        """(name, QEMU user address, length) of the three ring areas."""
-        extra = 2 if self.event_idx else 0
-        return (
-            ("descriptor table", self.desc_addr, 16 * self.size),
-            ("avail ring", self.avail_addr, 4 + 2 * self.size + extra),
-            ("used ring", self.used_addr, 4 + 8 * self.size + extra),
-        )
-
     def check_layout(self, mem: GuestMemory) -> None:
         """``QueueError`` unless all three ring areas lie inside guest memory regions."""
-        for name, addr, length in self.ring_extents():
+        for name, addr, length in self.layout.extents(self.event_idx):
             if mem.find_uva(addr, length) is None:
                 raise QueueError(
                     f"{name} at user address {addr:#x}+{length:#x} is not inside one "
@@ -166,9 +206,20 @@ class SplitQueue:
                     length=length,
                 )
 
+    def _bind(self, mem: GuestMemory) -> None:
+        """Resolve the three areas in ``mem`` (a new memory table: the session checked
+        them against it before the daemon had it)."""
+        if mem is self._mem:
+            return
+        self._desc, self._avail, self._used = (
+            mem.area_uva(addr, length) for _, addr, length in self.layout.extents(self.event_idx)
+        )
+        self._mem = mem
+
     def load_used_index(self, mem: GuestMemory) -> None:
         """Resume from the used index the ring holds (0 on a fresh ring)."""
-        self.used_idx = _U16.unpack(mem.read_uva(self.used_addr + 2, 2))[0]
+        self._bind(mem)
+        self.used_idx = _u16(self._used, 2)
 
     def resume_from_used(self, mem: GuestMemory) -> int:
         """Take up a ring another process was serving, from the used index alone (its
@@ -184,7 +235,8 @@ class SplitQueue:
 
     # -- avail side -------------------------------------------------------------
     def avail_idx(self, mem: GuestMemory) -> int:
-        return int(_U16.unpack(mem.read_uva(self.avail_addr + 2, 2))[0])
+        self._bind(mem)
+        return _u16(self._avail, 2)
 
     def pending(self, mem: GuestMemory) -> int:
         """How many chains the guest has made available that we have not taken."""
@@ -202,8 +254,7 @@ class SplitQueue:
         """Take the next available chain, or ``None`` if there is none."""
         if not self.pending(mem):
             return None
-        slot = self.avail_addr + 4 + 2 * (self.last_avail_idx % self.size)
-        head = _U16.unpack(mem.read_uva(slot, 2))[0]
+        head = _u16(self._avail, 4 + 2 * (self.last_avail_idx % self.size))
         if head >= self.size:
             raise RingError(
                 f"avail ring offers head {head} on a queue of {self.size}",
@@ -215,108 +266,70 @@ class SplitQueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
             # 2.7.10: tell the driver which avail index should kick us next.
-            avail_event = self.used_addr + 4 + 8 * self.size
-            mem.write_uva(avail_event, _U16.pack(self.last_avail_idx))
+            _write(self._used, 4 + 8 * self.size, _U16.pack(self.last_avail_idx))
         return chain
 
+    def _table(self) -> tuple[InPlace | bytes, int]:
+        """The descriptor table and where it starts in it: a snapshot, or (too big to
+        copy, and in place) the ring itself, each descriptor read as it comes."""
+        length = 16 * self.size
+        if length <= _SNAPSHOT_BYTES or self._desc.buffer is None:
+            return _read(self._desc, 0, length), 0
+        return self._desc.buffer, self._desc.offset
+
     def _walk(self, mem: GuestMemory, head: int) -> tuple[Descriptor, ...]:
-        # One loop on purpose (longer than our usual functions): it is the hot path of
-        # every report, and each check stands next to the read it guards.
-        table_gpa: int | None = None  # None: the ring's own table, by user address
-        table_size = self.size
-        # The descriptor table read once (a snapshot the guest cannot change halfway),
-        # or None: too big to copy, each descriptor is read from the ring as it comes.
-        table: bytes | None = None
-        if 16 * table_size <= _SNAPSHOT_BYTES:
-            table = mem.read_uva(self.desc_addr, 16 * table_size)
-        index = head
-        seen = 0
-        out: list[Descriptor] = []
-        total = 0
-        writable_seen = False
+        # One loop on purpose: it is the hot path of every report, and each check stands
+        # next to the read it guards.
+        table, base = self._table()
+        size, seen, index, total, writable_seen = self.size, 0, head, 0, False
+        nested = False  # in an indirect table
+        spans: list[tuple[int, int, bool]] = []
         while True:
-            if seen >= table_size:
-                raise DescriptorError(
-                    f"descriptor chain from head {head} visits more than {table_size} "
-                    "descriptors: it loops",
-                    reason="chain_loop",
-                    head=head,
-                    limit=table_size,
-                )
+            if seen >= size:
+                raise DescriptorError(f"descriptor chain from head {head} visits more than "
+                                      f"{size} descriptors: it loops", reason="chain_loop",
+                                      head=head, limit=size)  # fmt: skip
             seen += 1
-            if table is not None:
-                addr, length, flags, nxt = _DESC.unpack_from(table, 16 * index)
-            else:
-                addr, length, flags, nxt = _DESC.unpack(
-                    mem.read_uva(self.desc_addr + 16 * index, 16)
-                )
+            addr, length, flags, nxt = _DESC.unpack_from(table, base + 16 * index)
             if flags & ~_ALL_FLAGS:
-                raise DescriptorError(
-                    f"descriptor {index} has unknown flag bits {flags:#x}",
-                    reason="bad_descriptor_flags",
-                    index=index,
-                    flags=flags,
-                )
+                raise DescriptorError(f"descriptor {index} has unknown flag bits {flags:#x}",
+                                      reason="bad_descriptor_flags", index=index,
+                                      flags=flags)  # fmt: skip
             if flags & _F_INDIRECT:
-                table_gpa, table_size = self._indirect(
-                    mem,
-                    addr,
-                    length,
-                    flags=flags,
-                    index=index,
-                    first=seen == 1,
-                    nested=table_gpa is not None,
-                )
-                # The whole indirect table, once: in guest RAM, checked by _indirect.
-                table = mem.read_gpa(table_gpa, 16 * table_size)
-                index, seen = 0, 0
+                at = "nested" if nested else "head" if seen == 1 else "inside"
+                table, size = self._indirect(mem, index, (addr, length, flags), at), length // 16
+                base, index, seen, nested = 0, 0, 0, True
                 continue
             if length == 0:
-                raise DescriptorError(
-                    f"descriptor {index} has length 0", reason="zero_length", index=index
-                )
+                raise DescriptorError(f"descriptor {index} has length 0", reason="zero_length",
+                                      index=index)  # fmt: skip
             writable = bool(flags & _F_WRITE)
             if writable_seen and not writable:
-                raise DescriptorError(
-                    f"descriptor {index} is device-readable after a device-writable one "
-                    "(virtio 1.2 2.7.4.2)",
-                    reason="readable_after_writable",
-                    index=index,
-                )
-            writable_seen = writable
-            total += length
+                raise DescriptorError(f"descriptor {index} is device-readable after a "
+                                      "device-writable one (virtio 1.2 2.7.4.2)",
+                                      reason="readable_after_writable", index=index)  # fmt: skip
+            writable_seen, total = writable, total + length
             if total >= _U32_LIMIT:
-                raise DescriptorError(
-                    f"descriptor chain from head {head} is {total} bytes long; "
-                    "the limit is 2^32 - 1",
-                    reason="chain_too_large",
-                    head=head,
-                    total=total,
-                )
-            out.append(Descriptor(addr, length, writable, mem.find_gpa(addr, length)))
+                raise DescriptorError(f"descriptor chain from head {head} is {total} bytes "
+                                      "long; the limit is 2^32 - 1", reason="chain_too_large",
+                                      head=head, total=total)  # fmt: skip
+            spans.append((addr, length, writable))
             if not flags & _F_NEXT:
-                return tuple(out)
-            if nxt >= table_size:
-                raise DescriptorError(
-                    f"descriptor {index} points to next {nxt}, past the table of {table_size}",
-                    reason="next_out_of_range",
-                    index=index,
-                    next=nxt,
-                    size=table_size,
-                )
+                break
+            if nxt >= size:
+                raise DescriptorError(f"descriptor {index} points to next {nxt}, past the "
+                                      f"table of {size}", reason="next_out_of_range",
+                                      index=index, next=nxt, size=size)  # fmt: skip
             index = nxt
+        places = mem.find_gpas([(a, n) for a, n, _ in spans])
+        return tuple(map(Descriptor._make, ((*s, p) for s, p in zip(spans, places, strict=True))))
 
-    def _indirect(
-        self,
-        mem: GuestMemory,
-        addr: int,
-        length: int,
-        *,
-        flags: int,
-        index: int,
-        first: bool,
-        nested: bool,
-    ) -> tuple[int, int]:
+    def _indirect(self, mem: GuestMemory, index: int, desc: tuple[int, int, int], at: str) -> bytes:
+        """The indirect table descriptor ``index`` names (``desc``: address, length,
+        flags; ``at``: where it stands: "head" of its chain, "inside" it, or "nested"
+        in an indirect table), read whole once it is checked."""
+        addr, length, flags = desc
+
         def bad(why: str, reason: str) -> DescriptorError:
             return DescriptorError(
                 f"indirect descriptor {index}: {why}", reason=reason, index=index, length=length
@@ -324,9 +337,9 @@ class SplitQueue:
 
         if not self.indirect:
             raise bad("VIRTIO_F_INDIRECT_DESC was not negotiated", "indirect_not_negotiated")
-        if nested:
+        if at == "nested":
             raise bad("indirect tables may not nest (virtio 1.2 2.7.5.3.1)", "nested_indirect")
-        if not first:
+        if at != "head":
             raise bad("an indirect table must head its chain", "indirect_not_head")
         if flags & _F_NEXT:
             raise bad("INDIRECT and NEXT set together (virtio 1.2 2.7.5.3.1)", "indirect_next")
@@ -340,66 +353,90 @@ class SplitQueue:
             raise bad(
                 f"table at {addr:#x}+{length:#x} is outside guest memory", "indirect_outside_memory"
             )
-        return addr, length // 16
+        return mem.read_gpa(addr, length)
 
     # -- used side --------------------------------------------------------------
     def push(self, mem: GuestMemory, head: int, written: int) -> None:
         """Return a chain to the guest with ``written`` bytes written into it."""
         if not 0 <= head < self.size:
             raise LocalProtocolError(f"push of head {head} on a queue of {self.size}")
-        slot = self.used_addr + 4 + 8 * (self.used_idx % self.size)
-        mem.write_uva(slot, _USED_ELEM.pack(head, written))
+        self._bind(mem)
+        _write(self._used, 4 + 8 * (self.used_idx % self.size), _USED_ELEM.pack(head, written))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         # The element is written before the index that publishes it (2.7.8.2); stores
         # from one thread are not reordered on x86, and mmap writes are plain stores.
-        mem.write_uva(self.used_addr + 2, _U16.pack(self.used_idx))
+        _write(self._used, 2, _U16.pack(self.used_idx))
 
     def should_notify(self, mem: GuestMemory) -> bool:
         """Whether the guest wants an interrupt for what was pushed since the last one."""
+        self._bind(mem)
         if not self.event_idx:
-            flags = _U16.unpack(mem.read_uva(self.avail_addr, 2))[0]
-            return not flags & _AVAIL_F_NO_INTERRUPT
+            return not _u16(self._avail, 0) & _AVAIL_F_NO_INTERRUPT
         old = self._signalled_used
         self._signalled_used = self.used_idx
         if old is None:
             return True
-        used_event = _U16.unpack(mem.read_uva(self.avail_addr + 4 + 2 * self.size, 2))[0]
+        used_event = _u16(self._avail, 4 + 2 * self.size)
         return need_event(used_event, self.used_idx, old)
 
+    def complete(self, mem: GuestMemory, head: int, written: int = 0) -> bool:
+        """``push`` and ``should_notify``: hand a chain back; whether to interrupt."""
+        self.push(mem, head, written)
+        return self.should_notify(mem)
 
-def read_readable(
-    chain: Chain,
-    mem: GuestMemory,
-    *,
-    what: str,
-    unit: int,
-    limit: int,
-    error: type[RemoteProtocolError],
-    prefix: str,
-) -> bytes:
-    """The bytes of a device-readable buffer made of whole ``unit``-byte entries, at most
-    ``limit`` bytes, every part inside guest RAM. Otherwise ``error`` with the reason
-    ``{prefix}_bad_length``, ``{prefix}_writable`` or ``{prefix}_outside_ram``. The bytes
-    are copied once, so the guest cannot change them under the caller."""
+
+class _NoAccess:
+    """The areas of a queue not resolved in any memory yet."""
+
+    buffer = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise LocalProtocolError("a ring accessed before its memory was given")
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise LocalProtocolError("a ring accessed before its memory was given")
+
+
+_NO_ACCESS = _NoAccess()
+
+
+@dataclass(frozen=True, slots=True)
+class Readable:
+    """What a device-readable buffer must be: whole ``unit``-byte entries, at most
+    ``limit`` bytes; ``what`` names it in errors, which are ``error`` with the reasons
+    ``{prefix}_bad_length``, ``{prefix}_writable`` and ``{prefix}_outside_ram``."""
+
+    what: str
+    unit: int
+    limit: int
+    error: type[RemoteProtocolError]
+    prefix: str
+
+
+def read_readable(chain: Chain, mem: GuestMemory, rule: Readable) -> bytes:
+    """The bytes of a device-readable buffer as ``rule`` says it must be, every part
+    inside guest RAM, or ``rule.error``. The bytes are copied once, so the guest
+    cannot change them under the caller."""
     total = chain.total_length
-    if total > limit or total % unit:
-        raise error(
-            f"{what} of {total} bytes is not whole {unit}-byte entries of at most {limit} bytes",
-            reason=f"{prefix}_bad_length",
+    if total > rule.limit or total % rule.unit:
+        raise rule.error(
+            f"{rule.what} of {total} bytes is not whole {rule.unit}-byte entries of at most "
+            f"{rule.limit} bytes",
+            reason=f"{rule.prefix}_bad_length",
             length=total,
         )
     data = bytearray()
     for i, d in enumerate(chain.descriptors):
         if d.writable:
-            raise error(
-                f"{what} part {i} is device-writable; it must be device-readable",
-                reason=f"{prefix}_writable",
+            raise rule.error(
+                f"{rule.what} part {i} is device-writable; it must be device-readable",
+                reason=f"{rule.prefix}_writable",
                 entry=i,
             )
         if d.location is None:
-            raise error(
-                f"{what} part {i} at {d.addr:#x}+{d.length:#x} is outside guest RAM",
-                reason=f"{prefix}_outside_ram",
+            raise rule.error(
+                f"{rule.what} part {i} at {d.addr:#x}+{d.length:#x} is outside guest RAM",
+                reason=f"{rule.prefix}_outside_ram",
                 entry=i,
             )
         data += mem.read_gpa(d.addr, d.length)

@@ -8,16 +8,24 @@ import subprocess
 import threading
 import urllib.request
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from tests.frontend import FakeFrontend, GuestMemfd
+from vhost_user_balloon.daemon.config import Settings, VmSpec, default_settings
 from vhost_user_balloon.daemon.observing.metrics import PREFIX
 from vhost_user_balloon.daemon.server import Daemon
 
 StartDaemon = Callable[..., Coroutine[Any, Any, Daemon]]
+
+
+def settings_for(vms: list[VmSpec], **changes: Any) -> Settings:
+    """The daemon's defaults for ``vms``, no metrics port (tests scrape the registry),
+    and ``changes`` (any field of Settings)."""
+    return replace(default_settings(vms), **{"metrics_listen": None, **changes})
 
 
 class Logs:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from vhost_user_balloon.protocol import GuestMemory, MemoryRegion, VringAddr
+from vhost_user_balloon.protocol import GuestMemory, MemoryRegion, RingLayout, VringAddr
 
 #: Where test regions appear in "QEMU's" address space: user address = gpa + this.
 UVA_BASE = 0x7F00_0000_0000
@@ -32,10 +32,12 @@ class Buffer(Protocol):
 
 
 class ByteRegion:
-    """``MemoryAccess`` over a bytearray or an mmap."""
+    """``MemoryAccess`` over a bytearray or an mmap; ``in_place``: offered as its
+    ``buffer`` (as the daemon's sealed mappings are), or not (an unsealed file's)."""
 
-    def __init__(self, buf: Buffer) -> None:
+    def __init__(self, buf: Buffer, *, in_place: bool = True) -> None:
         self.buf = buf
+        self.buffer = buf if in_place else None
 
     def read(self, offset: int, length: int) -> bytes:
         return bytes(self.buf[offset : offset + length])
@@ -85,8 +87,11 @@ class GuestRam:
     def memory_regions(self) -> tuple[MemoryRegion, ...]:
         return tuple(r.to_region() for r in self.regions)
 
-    def guest_memory(self) -> GuestMemory:
-        return GuestMemory(self.memory_regions(), [ByteRegion(r.buf) for r in self.regions])
+    def guest_memory(self, *, in_place: bool = True) -> GuestMemory:
+        """The memory as the daemon sees it: its bytes in place (a sealed memfd's
+        mapping), or only through read and write (an unsealed file's)."""
+        regions = [ByteRegion(r.buf, in_place=in_place) for r in self.regions]
+        return GuestMemory(self.memory_regions(), regions)
 
 
 class DriverRing:
@@ -108,6 +113,12 @@ class DriverRing:
     def vring_addr(self) -> VringAddr:
         return VringAddr(
             self.index, 0, UVA_BASE + self.desc, UVA_BASE + self.used, UVA_BASE + self.avail, 0
+        )
+
+    def layout(self) -> RingLayout:
+        """Where QEMU would tell the device this ring is."""
+        return RingLayout(
+            self.size, UVA_BASE + self.desc, UVA_BASE + self.avail, UVA_BASE + self.used
         )
 
     def write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:

@@ -12,16 +12,15 @@ import contextlib
 import os
 import select
 import socket
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from vhost_user_balloon.daemon.linux.fds import close_fds, take_fds
+from vhost_user_balloon.daemon.linux.peer import CREDENTIALS_SPACE, sender_credentials
 from vhost_user_balloon.daemon.linux.systemd import Notifier
 
-_UCRED = struct.Struct("=iII")
-_ANCBUF = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(_UCRED.size)
+_ANCBUF = socket.CMSG_SPACE(253 * 4) + CREDENTIALS_SPACE
 
 
 @dataclass(frozen=True)
@@ -77,14 +76,9 @@ class ServiceManager:
         return new
 
     def _record(self, text: str, anc: list[tuple[int, int, bytes]]) -> Datagram:
-        pid = next(
-            (_UCRED.unpack(payload[: _UCRED.size])[0]
-             for level, kind, payload in anc
-             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS),
-            None,
-        )  # fmt: skip
+        sender = sender_credentials(anc)
         fds = take_fds(anc)
-        got = Datagram(pid, text, len(fds))
+        got = Datagram(None if sender is None else sender.pid, text, len(fds))
         fields = got.fields
         name = fields.get("FDNAME", "stored")
         if fields.get("FDSTORE") == "1":

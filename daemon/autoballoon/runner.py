@@ -26,7 +26,7 @@ from vhost_user_balloon.policy import (
     Outcome,
     Policy,
 )
-from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonFeature, BalloonStat
+from vhost_user_balloon.protocol import BalloonFeature, BalloonStat
 
 from ..config import AutoBalloon, VmSpec
 from ..observing.metrics import PREFIX
@@ -142,25 +142,22 @@ class AutoBalloonRunner:
     def _guests(self, conns: Mapping[str, VmConnection]) -> Iterator[GuestView]:
         specs = self.vms()
         for name, conn in sorted(conns.items()):
-            ram = conn.memory.ram_bytes
-            if ram == 0:  # no memory table yet: nothing to decide on
+            view = conn.view()
+            if view.ram_bytes == 0:  # no memory table yet: nothing to decide on
                 continue
             spec = specs.get(name)
-            config = conn.device.config
-            latest = conn.vm_metrics.guest_stats()
-            stats, age = (None, None) if latest is None else (_stats(latest[0]), latest[1])
             yield GuestView(
                 vm=name,
-                ram_bytes=ram,
-                resident_bytes=conn.memory.resident_bytes(),
-                target_bytes=config.num_pages * GUEST_PAGE_SIZE,
-                actual_bytes=config.actual * GUEST_PAGE_SIZE,
-                stats=stats,
-                stats_age_s=age,
+                ram_bytes=view.ram_bytes,
+                resident_bytes=view.resident_bytes,
+                target_bytes=view.target_bytes,
+                actual_bytes=view.actual_bytes,
+                stats=None if view.guest_stats is None else _stats(view.guest_stats),
+                stats_age_s=view.stats_age_s,
                 min_memory_bytes=spec.min_memory if spec is not None else 0,
                 opted_out=spec is not None and not spec.auto_balloon,
                 pinned=name in self.pins,
-                balloon_in_total=bool(conn.session.features & BalloonFeature.DEFLATE_ON_OOM),
+                balloon_in_total=bool(view.features & BalloonFeature.DEFLATE_ON_OOM),
             )
 
     def _record(self, outcome: Outcome, guests: list[GuestView]) -> None:

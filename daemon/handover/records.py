@@ -1,11 +1,11 @@
-"""What one connection saves for the next process, and how that process takes it up.
+"""What one connection saves for the next process, and how that process adopts it.
 
 Theory of operation. With a keeper (handover.py), a connection saves a
 ``ConnectionRecord`` after every change it applies and before it answers QEMU:
 the session (``SavedSession``), which stored fd is which region, vring fd and
 backend channel, and the reply it still owes for the message being handled. The
 next process reads the newest record, checks every value again, and takes the
-connection up (``take_up``), or lets it go with a reason (``AdoptError``).
+connection up (``check_kept``), or lets it go with a reason (``AdoptError``).
 
 A keeper that stops answering (a supervisor that died) costs that VM its hand-over,
 never its connection: the saver logs it once and goes on without it.
@@ -23,18 +23,19 @@ import structlog
 
 from vhost_user_balloon.protocol import FdKind, LocalProtocolError, SavedSession
 
-from .store import FdStore, StateFile, StoredVm, VmKeeper
+from ..linux.systemd import FdStore
+from .store import KeptVm, StateFile, VmKeeper
 
 __all__ = [
     "RECORD_FORMAT",
     "AdoptError",
+    "Adoptable",
     "ConnectionRecord",
     "HandOver",
     "LiveFds",
     "OwedReply",
-    "Stored",
     "VringFdName",
-    "take_up",
+    "check_kept",
 ]
 
 log = structlog.get_logger()
@@ -44,7 +45,7 @@ RECORD_FORMAT: Final = 1
 
 
 class AdoptError(Exception):
-    """A stored connection cannot be taken up; the message says why."""
+    """A kept connection cannot be adopted; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +235,7 @@ class HandOver:
 
 
 @dataclass(frozen=True, slots=True)
-class Stored:
+class Adoptable:
     """A connection the keeper passed us, checked and ready to be served again."""
 
     keeper: VmKeeper
@@ -252,13 +253,13 @@ class Stored:
             ) from None
 
 
-def take_up(stored: StoredVm, store: FdStore) -> Stored:
+def check_kept(stored: KeptVm, store: FdStore) -> Adoptable:
     """Check what the keeper passed for one VM. On failure the keeper is told to let
     go of all of it (QEMU sees the end) and ``AdoptError`` says why."""
     state_fd, conn_fd = stored.get("state"), stored.get("conn")
     keeper = VmKeeper(store, stored.vm, StateFile(state_fd if state_fd is not None else -1))
     for name, fd in stored.fds.items():
-        keeper.adopt(name, fd)
+        keeper.add_kept(name, fd)
     try:
         if state_fd is None or conn_fd is None:
             raise AdoptError("the keeper holds no saved state or no connection for it")
@@ -272,5 +273,5 @@ def take_up(stored: StoredVm, store: FdStore) -> Stored:
             raise AdoptError(f"stored fd {conn_fd} is not a unix stream socket")
     except (AdoptError, LocalProtocolError, OSError, ValueError) as err:
         keeper.release_all()
-        raise AdoptError(f"VM {stored.vm}: cannot take up its connection: {err}") from err
-    return Stored(keeper, record, sock, dict(stored.fds))
+        raise AdoptError(f"VM {stored.vm}: cannot adopt its connection: {err}") from err
+    return Adoptable(keeper, record, sock, dict(stored.fds))

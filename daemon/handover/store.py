@@ -35,15 +35,14 @@ import structlog
 
 from ..linux.fds import close_fds
 from ..linux.syscalls import same_open_file
-from ..linux.systemd import Notifier
+from ..linux.systemd import FdStore
 
 __all__ = [
     "STATE_SLOT_BYTES",
-    "FdStore",
+    "KeptVm",
     "StateFile",
-    "StoredVm",
     "VmKeeper",
-    "stored_vms",
+    "kept_vms",
 ]
 
 log = structlog.get_logger()
@@ -76,20 +75,6 @@ def parse_fd_name(name: str) -> tuple[str, str] | None:
     if not sep or not vm or not (kind in FIXED_KINDS or _NUMBERED.fullmatch(kind)):
         return None
     return vm, kind
-
-
-class FdStore:
-    """The keeper, reached through sd_notify. ``enabled`` is False outside a keeper."""
-
-    def __init__(self, notifier: Notifier, *, enabled: bool) -> None:
-        self.notifier = notifier
-        self.enabled = enabled and notifier.enabled
-
-    def put(self, name: str, fd: int) -> None:
-        self.notifier.send_fds(["FDSTORE=1", f"FDNAME={name}"], [fd])
-
-    def drop(self, name: str) -> None:
-        self.notifier.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
 
 class StateFile:
@@ -163,7 +148,7 @@ class VmKeeper:
             raise
         return keeper
 
-    def adopt(self, name: str, fd: int) -> None:
+    def add_kept(self, name: str, fd: int) -> None:
         """An fd the keeper already holds (passed to us at start)."""
         self.stored[name] = fd
         parsed = parse_fd_name(name)
@@ -224,7 +209,7 @@ class VmKeeper:
 
 
 @dataclass
-class StoredVm:
+class KeptVm:
     """What the keeper passed us for one VM at start."""
 
     vm: str
@@ -235,13 +220,13 @@ class StoredVm:
         return self.fds.get(fd_name(self.vm, kind))
 
 
-def stored_vms(inherited: dict[str, int]) -> dict[str, StoredVm]:
+def kept_vms(inherited: dict[str, int]) -> dict[str, KeptVm]:
     """Take our names out of ``inherited`` (the rest are socket activation), by VM."""
-    out: dict[str, StoredVm] = {}
+    out: dict[str, KeptVm] = {}
     for name in list(inherited):
         parsed = parse_fd_name(name)
         if parsed is None:
             continue
         vm = parsed[0]
-        out.setdefault(vm, StoredVm(vm)).fds[name] = inherited.pop(name)
+        out.setdefault(vm, KeptVm(vm)).fds[name] = inherited.pop(name)
     return out

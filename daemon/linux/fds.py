@@ -6,9 +6,9 @@ import array
 import contextlib
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-__all__ = ["close_fds", "take_fds"]
+__all__ = ["close_fds", "send_fds", "take_fds"]
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -16,6 +16,18 @@ def close_fds(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def send_fds(
+    sock: socket.socket, data: bytes, fds: Sequence[int], address: str | None = None
+) -> None:
+    """Send ``data`` with copies of ``fds`` attached (SCM_RIGHTS; at most 253), to
+    ``address`` if the socket is not connected."""
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    if address is None:
+        sock.sendmsg([data], rights)
+    else:
+        sock.sendmsg([data], rights, 0, address)
 
 
 def take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

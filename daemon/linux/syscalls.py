@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from ._syscalls import ffi, lib  # type: ignore[import-not-found]
 
@@ -11,6 +12,7 @@ __all__ = [
     "FALLOC_FL_PUNCH_HOLE",
     "peer_groups",
     "punch_hole",
+    "punch_holes",
     "same_open_file",
 ]
 
@@ -36,6 +38,18 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
             f"fallocate(PUNCH_HOLE) of {length:#x} bytes at {offset:#x} on fd {fd}: "
             f"{os.strerror(err)}",
         )
+
+
+def punch_holes(holes: Sequence[tuple[int, int, int]]) -> list[tuple[int, OSError]]:
+    """``punch_hole`` for each (fd, offset, length), in order; the ones that failed, by
+    index, with why (one failure does not stop the others)."""
+    failed = []
+    for index, (fd, offset, length) in enumerate(holes):
+        try:
+            punch_hole(fd, offset, length)
+        except OSError as err:
+            failed.append((index, err))
+    return failed
 
 
 def same_open_file(fd1: int, fd2: int) -> bool:

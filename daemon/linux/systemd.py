@@ -3,6 +3,8 @@
 * ``sd_notify`` (sd_notify(3)): datagrams to ``$NOTIFY_SOCKET``: ``READY=1`` once every
   VM socket listens, ``STATUS=`` lines as VMs come and go, ``WATCHDOG=1`` (the daemon
   pings at half of ``watchdog_seconds``), ``STOPPING=1`` on shutdown.
+* The fd store (sd_notify ``FDSTORE=1``/``FDSTOREREMOVE=1`` with ``FDNAME=``): fds the
+  manager keeps for the next process, which gets them as below.
 * Socket activation (sd_listen_fds(3)): listening sockets passed as fds 3, 4, ... with
   ``$LISTEN_FDS``, ``$LISTEN_PID`` and ``$LISTEN_FDNAMES``; each name is a VM's name.
 
@@ -11,14 +13,15 @@ Outside systemd the environment variables are absent and all of this does nothin
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 from collections.abc import MutableMapping
 
 import structlog
 
-__all__ = ["SD_LISTEN_FDS_START", "Notifier", "listen_fds"]
+from .fds import send_fds
+
+__all__ = ["SD_LISTEN_FDS_START", "FdStore", "Notifier", "listen_fds"]
 
 log = structlog.get_logger()
 
@@ -31,7 +34,7 @@ SD_LISTEN_FDS_START = 3
 
 def listen_fds(environ: MutableMapping[str, str] | None = None) -> dict[str, int]:
     """The listening sockets systemd passed us, by name; the variables are then removed
-    so that no child process adopts them as well."""
+    so that no child process takes them as well."""
     env = os.environ if environ is None else environ
     try:
         if int(env.get("LISTEN_PID", "0")) != os.getpid():
@@ -89,12 +92,16 @@ class Notifier:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.settimeout(_NOTIFY_TIMEOUT_S)  # a keeper that stops reading is an error
-            s.sendmsg(
-                ["\n".join(lines).encode()],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
-                0,
-                self.address,
-            )
+            send_fds(s, "\n".join(lines).encode(), fds, self.address)
+
+    def store(self, name: str, fds: list[int]) -> None:
+        """Hand copies of ``fds`` to the manager's fd store under ``name`` (errors raise:
+        see ``send_fds``)."""
+        self.send_fds(["FDSTORE=1", f"FDNAME={name}"], fds)
+
+    def remove(self, name: str) -> None:
+        """Let the fd store close every fd stored under ``name``."""
+        self.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")
@@ -104,3 +111,19 @@ class Notifier:
 
     def stopping(self) -> None:
         self.notify("STOPPING=1", "STATUS=stopping")
+
+
+class FdStore:
+    """The service manager's fd store (systemd's, or ``supervise``'s), through sd_notify:
+    what the daemon hands over so that it outlives the process. ``enabled`` is False
+    outside a keeper, and then nothing is stored."""
+
+    def __init__(self, notifier: Notifier, *, enabled: bool) -> None:
+        self.notifier = notifier
+        self.enabled = enabled and notifier.enabled
+
+    def put(self, name: str, fd: int) -> None:
+        self.notifier.store(name, [fd])
+
+    def drop(self, name: str) -> None:
+        self.notifier.remove(name)

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,7 +21,7 @@ from prometheus_client.registry import Collector
 from vhost_user_balloon import __version__
 from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonStat
 
-from .totals import CounterChild, Totals
+from .totals import CounterChild, Totals, add
 
 __all__ = ["GUEST_STAT_METRICS", "PREFIX", "GuestStats", "Metrics", "VmMemoryStats", "VmMetrics"]
 
@@ -240,7 +239,7 @@ class Metrics:
         )  # fmt: skip
         self.start_time.set(time.time())
         self.adopted = t.counter(
-            "connections_adopted", "Connections taken up from the process before this one "
+            "connections_adopted", "Connections adopted from the process before this one "
             "(a restart under a keeper; QEMU noticed nothing).",
             ["vm"],
         )  # fmt: skip
@@ -248,13 +247,10 @@ class Metrics:
         self.guest_stats = GuestStats()
         self.registry.register(self.guest_stats)
 
-    def export_totals(self) -> list[list[Any]]:
-        """``[sample name, labels, value]`` of every series that goes on across a
-        restart (not the guest's own statistics: the guest sends those again)."""
-        return self.totals.export()
-
     def export_totals_json(self) -> str:
-        """``export_totals`` as JSON text, cheap when few series changed since the last."""
+        """``[sample name, labels, value]`` of every series that goes on across a
+        restart (not the guest's own statistics: the guest sends those again), as JSON
+        text; cheap when few series changed since the last."""
         return self.totals.export_json()
 
     def restore_totals(self, samples: object) -> int:
@@ -347,31 +343,39 @@ class VmMetrics:
         service_seconds: float,
     ) -> None:
         """``by_order``: order -> (blocks, bytes) of one report (counted in a discard
-        thread: under the lock a scrape takes)."""
+        thread: under the lock a scrape takes), all in one go."""
+        counts: list[tuple[CounterChild, float]] = [(self.reports, 1)]
+        entries = 0
+        for order, (blocks, nbytes) in by_order.items():
+            children = self._orders.get(order) or self._order(order)
+            counts += ((children[0], blocks), (children[1], nbytes))
+            entries += blocks
+        counts += self._discards(discarded, skipped)
         with self._m.lock:
-            entries = 0
-            for order, (blocks, nbytes) in by_order.items():
-                children = self._orders.get(order)
-                if children is None:
-                    children = self._orders[order] = (
-                        self._m.reported_blocks.labels(vm=self.vm, order=str(order)),
-                        self._m.reported_bytes.labels(vm=self.vm, order=str(order)),
-                    )
-                children[0].inc(blocks)
-                children[1].inc(nbytes)
-                entries += blocks
-            self.record_discard(discarded, skipped)
-            self.reports.inc()
-            self.entries.observe(entries)
-            self.service.observe(service_seconds)
+            add(counts, ((self.entries, entries), (self.service, service_seconds)))
+
+    def _order(self, order: int) -> tuple[CounterChild, CounterChild]:
+        children = self._orders[order] = (
+            self._m.reported_blocks.labels(vm=self.vm, order=str(order)),
+            self._m.reported_bytes.labels(vm=self.vm, order=str(order)),
+        )
+        return children
 
     def record_discard(self, discarded: int, skipped: Mapping[str, int]) -> None:
         """Bytes given back to the host, and the bytes that were not, by reason."""
-        self.discarded.inc(discarded)
+        counts = self._discards(discarded, skipped)
+        with self._m.lock:
+            add(counts, ())
+
+    def _discards(
+        self, discarded: int, skipped: Mapping[str, int]
+    ) -> list[tuple[CounterChild, float]]:
+        counts: list[tuple[CounterChild, float]] = [(self.discarded, discarded)]
         for reason, n in skipped.items():
             child = self._skipped.get(reason)
             if child is None:
                 child = self._skipped[reason] = self._m.discard_skipped_bytes.labels(
                     vm=self.vm, reason=reason
                 )
-            child.inc(n)
+            counts.append((child, n))
+        return counts

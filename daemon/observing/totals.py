@@ -9,8 +9,10 @@ exposes them) and the next process's ``restore`` adds them to its fresh series,
 checked whole first, so a counter never goes below what Prometheus has seen.
 
 A child is looked up once (``labels``) and kept by the hot path; ``inc`` and
-``observe`` are plain additions (and forget the child's saved text). All of it runs on
-the event loop's thread.
+``observe`` are plain additions (and forget the child's saved text), and ``add`` makes
+a report's at once. A report is counted in the discard thread that served it, other
+series in the event loop; the caller holds ``Metrics.lock`` where both may meet, and a
+scrape takes it while it saves and collects.
 
 Saving runs before every scrape, in the event loop, so it must stay cheap at hundreds
 of VMs: ``export_json`` writes the same samples as ``export`` as JSON text, each
@@ -23,15 +25,14 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate, repeat
-from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-__all__ = ["CounterChild", "CounterFamily", "HistogramChild", "HistogramFamily", "Totals"]
+__all__ = ["CounterChild", "CounterFamily", "HistogramChild", "HistogramFamily", "Totals", "add"]
 
 
 def _prefix(name: str, labels: dict[str, str]) -> str:
@@ -125,6 +126,18 @@ class HistogramChild:
         return self._text
 
 
+def add(
+    counts: Iterable[tuple[CounterChild, float]],
+    observations: Iterable[tuple[HistogramChild, float]],
+) -> None:
+    """Several increments and observations at once (a report's: one call from the hot
+    path, not one per series)."""
+    for counter, amount in counts:
+        counter.inc(amount)
+    for histogram, value in observations:
+        histogram.observe(value)
+
+
 class _Family:
     def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
         self.name = name
@@ -157,10 +170,6 @@ class CounterFamily(_Family):
         name = f"{self.name}_total"
         family.samples = [Sample(name, c.labels, c.value) for c in list(self.children.values())]
         return family
-
-    def export(self) -> Iterator[list[Any]]:
-        for child in self.children.values():
-            yield [f"{self.name}_total", child.labels, child.value]
 
     def series(self) -> list[CounterChild]:
         return list(self.children.values())
@@ -201,12 +210,6 @@ class HistogramFamily(_Family):
             samples += child.samples(self.name)
         return family
 
-    def export(self) -> Iterator[list[Any]]:
-        for child in self.children.values():
-            for labels, running in zip(child.bucket_labels, accumulate(child.counts), strict=True):
-                yield [f"{self.name}_bucket", labels, running]
-            yield [f"{self.name}_sum", child.labels, child.sum]
-
     def series(self) -> list[HistogramChild]:
         return list(self.children.values())
 
@@ -234,12 +237,10 @@ class Totals(Collector):
         for family in self.families.values():
             yield family.collect()
 
-    def export(self) -> list[list[Any]]:
-        """``[sample name, labels, value]`` of every series, JSON-able."""
-        return [sample for family in self.families.values() for sample in family.export()]
-
     def export_json(self) -> str:
-        """What ``export`` gives, as JSON text (cheap when few series changed)."""
+        """Every series as ``[sample name, labels, value]`` (histogram buckets cumulative,
+        as Prometheus exposes them, then the sum), as JSON text: each series' text is
+        kept until it changes, so this is cheap when few series changed."""
         texts = [child.text() for family in self.families.values() for child in family.series()]
         return "[" + ",".join(texts) + "]"
 

@@ -14,7 +14,7 @@ effect keeps them (then they live in ``memory``, ``_vring_fds`` or ``_backend``)
 they are closed at once; everything is closed in ``_teardown`` on every exit path.
 A protocol error or an unexpected exception ends this connection only.
 
-Surviving a restart (adoption.py). With a keeper, each message is applied while it
+Surviving a restart (handover/records.py). With a keeper, each message is applied while it
 is still in the socket (peeked), the state that includes it is saved with the reply
 it owes, and only then is it taken out and answered. A process killed at any point
 leaves either the message in the socket and the old state (the next process applies
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -61,17 +62,18 @@ from vhost_user_balloon.protocol import (
     VhostUserError,
 )
 
-from ..handover.records import HandOver, LiveFds, OwedReply, Stored
+from ..handover.records import Adoptable, HandOver, LiveFds, OwedReply
 from ..linux.fds import close_fds
+from ..linux.peer import peer_credentials
 from ..observing.metrics import Metrics
 from ..observing.problems import report_problem
-from .discard import DiscardPool
+from .discard import DiscardGate, DiscardPool
 from .framing import BackendChannel, FrontendStream, PeerGone, Received
 from .guestram import VmMemory
-from .passthrough import PeerScans, PinWatch, peer_pid
-from .queues import QueueRunner
+from .passthrough import PeerScans, PinWatch
+from .queues import QueueContext, QueueRunner
 
-__all__ = ["BalloonTargetError", "ConnectionOptions", "VmConnection"]
+__all__ = ["BalloonTargetError", "ConnectionOptions", "VmConnection", "VmView"]
 
 log = structlog.get_logger()
 
@@ -91,8 +93,26 @@ class BalloonTargetError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class VmView:
+    """One attached VM as the rest of the daemon sees it (the control socket, the
+    automatic policy, /metrics): sizes in bytes."""
+
+    ram_bytes: int
+    #: host memory the guest RAM files hold now (their allocated blocks)
+    resident_bytes: int
+    target_bytes: int
+    actual_bytes: int
+    #: virtio feature bits the guest driver accepted
+    features: int
+    #: the guest's latest statistics by tag (None: none yet) and their age in seconds
+    guest_stats: Mapping[int, int] | None
+    stats_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionOptions:
-    """How the daemon serves one VM's connection (from the settings, by the server)."""
+    """What the daemon serves one VM's connection with (from the settings, by the
+    server): how, and the parts every connection shares."""
 
     #: punch reported memory out of guest RAM (False: complete reports, free nothing)
     discard: bool
@@ -104,35 +124,32 @@ class ConnectionOptions:
     features: int
     #: looks at QEMU's open files for passthrough devices, shared by the connections
     peer_scans: PeerScans
+    metrics: Metrics
+    #: balloon target in bytes by VM name, shared by the daemon's connections: what a
+    #: VM was last asked for outlives its connection (a live migration unplugs the
+    #: device and plugs a new one) and is given to the next one's guest
+    targets: dict[str, int]
 
 
 class VmConnection:
-    """Serves one accepted frontend socket until EOF or a fatal error."""
+    """Serves one accepted frontend socket until EOF or a fatal error. ``handover``
+    names the VM (and saves its state for the next process, with a keeper);
+    ``session`` is an adopted connection's, restored."""
 
     def __init__(
         self,
-        vm: str,
         sock: trio.socket.SocketType,
-        metrics: Metrics,
+        handover: HandOver,
         options: ConnectionOptions,
-        *,
-        handover: HandOver | None = None,
         session: Session | None = None,
-        targets: dict[str, int] | None = None,
     ) -> None:
-        self.vm = vm
+        self.vm = vm = handover.vm
         self.stream = FrontendStream(sock)
-        self.metrics = metrics
-        self.vm_metrics = metrics.for_vm(vm)
-        self.discard = options.discard
-        self.discard_pool = options.discard_pool
-        self.stats_interval = options.stats_interval
+        self.metrics = options.metrics
+        self.vm_metrics = options.metrics.for_vm(vm)
         self.session = session if session is not None else Session(BalloonDevice(options.features))
         self.device = self.session.device
-        #: balloon target in bytes by VM name, shared by the daemon's connections: what
-        #: this VM was last asked for outlives the connection (a live migration unplugs
-        #: the device and plugs a new one) and is given to the next one's guest
-        self.targets = targets if targets is not None else {}
+        self.targets = options.targets
         if session is None:
             self.device.set_target(self.targets.get(vm, 0) // GUEST_PAGE_SIZE)
             self.vm_metrics.set_balloon(self.device.config.num_pages, 0)
@@ -140,9 +157,15 @@ class VmConnection:
             self.targets[vm] = self.device.config.num_pages * GUEST_PAGE_SIZE
         self.memory = VmMemory()
         #: whether QEMU holds a VFIO device, which forbids discarding
-        self.passthrough = PinWatch(vm, peer_pid(sock), options.peer_scans)
+        self.passthrough = PinWatch(vm, peer_credentials(sock).pid, options.peer_scans)
+        #: what of this VM's memory may be given back (``enabled``: the operator's switch)
+        self.gate = DiscardGate(self.memory, self.device, self.passthrough, enabled=options.discard)
         self.ring_lock = trio.Lock()
         self.runners: dict[int, QueueRunner] = {}
+        self._queues = QueueContext(
+            self.vm_metrics, self.memory, self.gate, self.ring_lock, options.discard_pool,
+            options.stats_interval,
+        )  # fmt: skip
         self._vring_fds: dict[tuple[int, FdKind], int] = {}
         self._nursery: trio.Nursery | None = None
         #: the channel for messages we start (SET_BACKEND_REQ_FD)
@@ -150,18 +173,23 @@ class VmConnection:
         #: why there is no channel, for a balloon command
         self._no_backend = _NO_CHANNEL
         #: saves our state for the next process (inactive without a keeper)
-        self.handover = handover if handover is not None else HandOver(vm, None)
-        #: set when taken up from a keeper: what the process before left to finish
-        self._adopted: Stored | None = None
+        self.handover = handover
+        #: set when adopted from a keeper: what the process before left to finish
+        self._adopted: Adoptable | None = None
 
-    # -- QueueHost ------------------------------------------------------------------
-    def vring_fd(self, index: int, kind: FdKind) -> int | None:
-        return self._vring_fds.get((index, kind))
-
-    def discard_blocked(self) -> str | None:
-        """Why reported memory must not be discarded (the skip reason), or None; the
-        passthrough check is made apart (``passthrough``), in the discard's thread."""
-        return None if self.discard else "inhibited"
+    def view(self) -> VmView:
+        """This VM now (a few fstat calls: the resident bytes are read afresh)."""
+        config = self.device.config
+        latest = self.vm_metrics.guest_stats()
+        return VmView(
+            ram_bytes=self.memory.ram_bytes,
+            resident_bytes=self.memory.resident_bytes(),
+            target_bytes=config.num_pages * GUEST_PAGE_SIZE,
+            actual_bytes=config.actual * GUEST_PAGE_SIZE,
+            features=self.session.features,
+            guest_stats=None if latest is None else latest[0],
+            stats_age_s=None if latest is None else latest[1],
+        )
 
     # -- lifecycle ------------------------------------------------------------------
     async def serve(self) -> None:
@@ -248,27 +276,14 @@ class VmConnection:
             self.handover.save(self.session.export_state(), fds, owed)
 
     @classmethod
-    def adopt(
-        cls,
-        stored: Stored,
-        metrics: Metrics,
-        options: ConnectionOptions,
-        targets: dict[str, int] | None = None,
-    ) -> VmConnection:
-        """Take up a connection a previous process served (``adoption.take_up`` checked
+    def adopt(cls, stored: Adoptable, options: ConnectionOptions) -> VmConnection:
+        """Adopt a connection a previous process served (``records.check_kept`` checked
         what the keeper passed). On failure every fd is closed and the keeper told to
         let go; the error says why."""
         record = stored.record
         session = Session.restore(record.session)
-        conn = cls(
-            record.vm,
-            trio.socket.from_stdlib_socket(stored.sock),
-            metrics,
-            options,
-            handover=HandOver(record.vm, stored.keeper),
-            session=session,
-            targets=targets,
-        )
+        sock = trio.socket.from_stdlib_socket(stored.sock)
+        conn = cls(sock, HandOver(record.vm, stored.keeper), options, session)
         try:
             if session.memory is not None:
                 dups = [stored.dup(name) for name in record.regions]
@@ -289,7 +304,7 @@ class VmConnection:
         conn.vm_metrics.set_balloon(conn.device.config.num_pages, conn.device.config.actual)
         return conn
 
-    async def _resume(self, stored: Stored) -> None:
+    async def _resume(self, stored: Adoptable) -> None:
         """Finish what the previous process left: the reply it owed, then every started
         queue from where the guest's used ring says it got to."""
         owed = stored.record.owed
@@ -468,7 +483,9 @@ class VmConnection:
         self, index: int, role: QueueRole, queue: SplitQueue, *, enabled: bool
     ) -> QueueRunner:
         """Start the task that serves a queue."""
-        runner = QueueRunner(self, index, role, queue)
+        runner = QueueRunner(index, role, queue, self._queues)
+        for kind in FdKind:
+            runner.set_fd(kind, self._vring_fds.get((index, kind)))
         runner.enabled = enabled
         self.runners[index] = runner
         assert self._nursery is not None
@@ -521,9 +538,13 @@ class VmConnection:
     def _set_vring_fd(self, index: int, kind: FdKind, fd: int | None) -> None:
         old = self._vring_fds.pop((index, kind), None)
         if old is not None:
-            # Wake a runner waiting on the old kick fd before the number can be reused.
+            # Wake a runner waiting on the old kick fd before the number can be reused:
+            # it then waits on the one set below.
             trio.lowlevel.notify_closing(old)
             close_fds([old])
         if fd is not None:
             os.set_blocking(fd, False)
             self._vring_fds[(index, kind)] = fd
+        runner = self.runners.get(index)
+        if runner is not None:
+            runner.set_fd(kind, fd)

@@ -1,16 +1,26 @@
-"""From reported guest ranges to freed host memory: plan, then punch holes.
+"""From reported guest ranges to freed host memory: whether each may be given back, and
+the holes that give it back.
 
-Theory of operation. A report names guest-physical blocks; the walker has already
-located each one wholly inside a region (or marked it outside RAM). Planning turns
-each block into a hole to punch in the region's fd at ``mmap_offset + (gpa -
-guest_phys_addr)``, clamped to the region and shrunk to whole pages of the file
-(4 KiB for a memfd, 2 MiB for hugetlbfs). Whatever is not punched is counted under
-one reason: ``outside_ram``, ``inhibited`` (the operator said no: --no-discard),
-``vfio`` (QEMU holds a passthrough device: guest RAM is pinned), ``poison`` (the
-guest wants its poison pattern back), ``unaligned`` or ``error`` (fallocate failed).
-Executing the plan makes blocking syscalls, so it runs in a worker thread; cffi
-releases the GIL, and the event loop stays free for other VMs and for the vCPUs
-waiting on GET_CONFIG.
+Theory of operation. ``DiscardGate`` is the one place that decides whether a reported
+block (or a page the guest put into the balloon) may be punched out of guest RAM, and
+counts what is not under one reason (the ``reason`` metric label):
+
+``outside_ram``  the walker found it outside every region, or across a region's end
+``inhibited``    the operator said no (--no-discard, ``discard = false``)
+``poison``       the guest poisons freed pages and expects the pattern back (QEMU's rule)
+``unaligned``    the part that is not whole pages of the RAM file (4 KiB for a memfd,
+                 2 MiB for hugetlbfs)
+``vfio``         QEMU holds a passthrough device: guest RAM is pinned for DMA
+``error``        fallocate failed
+
+Planning turns each block into a hole at ``mmap_offset + (gpa - guest_phys_addr)`` of
+the region's fd, clamped to the region and shrunk to whole pages of the file. The
+passthrough check (a look at QEMU's open files, at most once a second) is made only if
+there is something to punch. A file shrunk under us costs nothing here: its ring reads
+fail first (``region_truncated`` ends that queue, guestram.py), and a hole past a
+file's end frees nothing and hurts nothing. Punching makes blocking syscalls (cffi
+releases the GIL), so it runs in a worker thread (``DiscardPool``), lowered in priority:
+the event loop, which answers vCPUs waiting on GET_CONFIG, must win the CPU.
 """
 
 from __future__ import annotations
@@ -21,26 +31,28 @@ import os
 import queue
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import outcome
 import trio
 
-from vhost_user_balloon.protocol import ReportedRange
+from vhost_user_balloon.protocol import BalloonDevice, ReportedRange
 
-from ..linux.syscalls import punch_hole
+from ..linux.syscalls import punch_holes
 from .guestram import VmMemory
+from .passthrough import PinWatch
 
 __all__ = [
     "DISCARD_NICE",
     "SKIP_REASONS",
+    "DiscardGate",
     "DiscardPlan",
+    "DiscardPool",
     "DiscardResult",
     "Punch",
     "execute",
-    "plan_discards",
 ]
 
 #: Every reason a reported byte may not be given back (the ``reason`` metric label).
@@ -64,8 +76,7 @@ def _lower_priority() -> None:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Punch:
+class Punch(NamedTuple):
     """One ``fallocate(PUNCH_HOLE)`` to make."""
 
     fd: int
@@ -86,51 +97,68 @@ class DiscardResult:
     errors: list[OSError] = field(default_factory=list)
 
 
-def plan_discards(
-    ranges: Iterable[ReportedRange], memory: VmMemory, *, poisoned: bool, blocked: str | None
-) -> DiscardPlan:
-    """The punches that give ``ranges`` back. ``blocked`` names why nothing may be
-    discarded now (``inhibited``, ``vfio``), which is then the skip reason."""
-    plan = DiscardPlan()
-    for r in ranges:
-        if r.location is None:
-            plan.skipped["outside_ram"] += r.length
-            continue
-        if blocked is not None:
-            plan.skipped[blocked] += r.length
-            continue
-        if poisoned:
-            plan.skipped["poison"] += r.length
-            continue
-        m = memory.backing(r.location.region)
-        start = r.location.file_offset
-        end = min(start + r.length, m.region.mmap_offset + m.region.memory_size)
-        page = m.page_size
-        first = -(-start // page) * page
-        last = end // page * page
-        punched = max(last - first, 0)
-        if punched:
-            plan.punches.append(Punch(m.fd, first, punched))
-        if r.length - punched:
-            plan.skipped["unaligned"] += r.length - punched
-    return plan
+class DiscardGate:
+    """One VM's discards: what may be given back, and the giving."""
+
+    def __init__(
+        self, memory: VmMemory, device: BalloonDevice, passthrough: PinWatch, *, enabled: bool
+    ) -> None:
+        self.memory = memory
+        self.device = device
+        self.passthrough = passthrough
+        #: the operator's switch (--no-discard; a SIGHUP may change it, for the next report)
+        self.enabled = enabled
+
+    def plan(self, ranges: Sequence[ReportedRange]) -> DiscardPlan:
+        """The holes that give ``ranges`` back, and what is skipped, by reason (but
+        ``vfio`` and ``error``: see ``carry_out``)."""
+        plan = DiscardPlan()
+        blocked = None if self.enabled else "inhibited"
+        if blocked is None and not self.device.discard_allowed:
+            blocked = "poison"
+        regions = self.memory.by_index
+        for r in ranges:
+            if r.location is None:
+                plan.skipped["outside_ram"] += r.length
+                continue
+            if blocked is not None:
+                plan.skipped[blocked] += r.length
+                continue
+            m = regions[r.location.region]
+            start = r.location.file_offset
+            end = min(start + r.length, m.region.mmap_offset + m.region.memory_size)
+            page = m.page_size
+            first = -(-start // page) * page
+            punched = max(end // page * page - first, 0)
+            if punched:
+                plan.punches.append(Punch(m.fd, first, punched))
+            if r.length - punched:
+                plan.skipped["unaligned"] += r.length - punched
+        return plan
+
+    def carry_out(self, plan: DiscardPlan) -> DiscardResult:
+        """Punch the plan's holes, unless guest RAM is pinned (blocking: in a worker
+        thread, as is the passthrough check, made only if there is something to punch)."""
+        if plan.punches and self.passthrough.check():  # VFIO: guest RAM is pinned
+            pinned = sum(p.length for p in plan.punches)
+            return DiscardResult(skipped=plan.skipped + Counter(vfio=pinned))
+        return execute(plan)
+
+    def give_back(self, ranges: Sequence[ReportedRange]) -> DiscardResult:
+        """``plan`` and ``carry_out`` (blocking: in a worker thread)."""
+        return self.carry_out(self.plan(ranges))
 
 
-def execute(
-    plan: DiscardPlan, punch: Callable[[int, int, int], None] = punch_hole
-) -> DiscardResult:
+def execute(plan: DiscardPlan) -> DiscardResult:
     """Make the plan's punches (blocking: call from a worker thread, which it lowers to
-    DISCARD_NICE)."""
+    DISCARD_NICE). Tests hold or slow discards here."""
     _lower_priority()
     result = DiscardResult(skipped=Counter(plan.skipped))
-    for p in plan.punches:
-        try:
-            punch(p.fd, p.offset, p.length)
-        except OSError as err:
-            result.skipped["error"] += p.length
-            result.errors.append(err)
-        else:
-            result.discarded += p.length
+    failed = punch_holes(plan.punches)
+    for index, err in failed:
+        result.skipped["error"] += plan.punches[index].length
+        result.errors.append(err)
+    result.discarded = sum(p.length for p in plan.punches) - result.skipped["error"]
     return result
 
 

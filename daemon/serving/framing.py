@@ -2,7 +2,7 @@
 
 Theory of operation. A message is first *peeked*: it stays in the socket while the
 connection applies it, and is taken out (``consume``) only after the state that
-includes it is saved for a hand-over (adoption.py). A message that is not all in
+includes it is saved for a hand-over (handover/records.py). A message that is not all in
 the socket yet, or whose fds cannot be told apart from the next message's, is read
 the ordinary way instead: exactly the bytes the decoder wants (the 12-byte header
 with its SCM_RIGHTS fds, then the payload), so fds always land on the message they

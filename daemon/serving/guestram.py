@@ -44,7 +44,7 @@ __all__ = ["MappedRegion", "VmMemory"]
 log = structlog.get_logger()
 
 
-class Access(enum.Enum):
+class RegionIo(enum.Enum):
     """How a region's bytes are read and written."""
 
     MAP = "map"  #: through the mapping: the file is sealed against shrinking
@@ -85,8 +85,8 @@ class MappedRegion:
     file_id: tuple[int, int]
     _map: mmap.mmap
     #: how bytes are read and written (not through the map if the file may shrink)
-    access: Access = Access.MAP
-    #: the mapping's address, for Access.PROC_MEM
+    access: RegionIo = RegionIo.MAP
+    #: the mapping's address, for RegionIo.PROC_MEM
     address: int = 0
 
     @classmethod
@@ -130,11 +130,11 @@ class MappedRegion:
                 reason="region_map_failed",
             ) from err
         if _seals(fd) & fcntl.F_SEAL_SHRINK:
-            access, address = Access.MAP, 0
+            access, address = RegionIo.MAP, 0
         elif page == mmap.PAGESIZE:
-            access, address = Access.FILE, 0
+            access, address = RegionIo.FILE, 0
         else:
-            access, address = Access.PROC_MEM, _address(mapping)
+            access, address = RegionIo.PROC_MEM, _address(mapping)
             log.info(
                 "region_unsealed", gpa=region.guest_phys_addr, page_size=page,
                 message="huge-page guest RAM not sealed against shrinking: read and "
@@ -143,8 +143,13 @@ class MappedRegion:
             )  # fmt: skip
         return cls(region, fd, page, (st.st_dev, st.st_ino), mapping, access, address)
 
+    @property
+    def buffer(self) -> mmap.mmap | None:
+        """The mapping, to be read and written in place, if the file cannot shrink."""
+        return self._map if self.access is RegionIo.MAP else None
+
     def read(self, offset: int, length: int) -> bytes:
-        if self.access is Access.MAP:
+        if self.access is RegionIo.MAP:
             return self._map[offset : offset + length]
         fd, at = self._where(offset)
         try:
@@ -156,7 +161,7 @@ class MappedRegion:
         return data
 
     def write(self, offset: int, data: bytes) -> None:
-        if self.access is Access.MAP:
+        if self.access is RegionIo.MAP:
             self._map[offset : offset + len(data)] = data
             return
         fd, at = self._where(offset)
@@ -169,7 +174,7 @@ class MappedRegion:
 
     def _where(self, offset: int) -> tuple[int, int]:
         """The file and position that hold byte ``offset`` of the region."""
-        if self.access is Access.FILE:
+        if self.access is RegionIo.FILE:
             return self.fd, self.region.mmap_offset + offset
         return _proc_mem(), self.address + offset
 

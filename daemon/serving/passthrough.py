@@ -24,15 +24,12 @@ what cannot be detected.
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-import trio
 
 __all__ = [
     "RECHECK_SECONDS",
@@ -40,7 +37,6 @@ __all__ = [
     "PeerScans",
     "PinCheck",
     "PinWatch",
-    "peer_pid",
     "scan",
 ]
 
@@ -50,15 +46,6 @@ log = structlog.get_logger()
 VFIO_MARKERS = ("/dev/vfio/", "/dev/iommu", "anon_inode:[vfio-device]")
 #: Most often a VM's fds are looked at while it reports.
 RECHECK_SECONDS = 1.0
-_PEERCRED = struct.Struct("3i")
-
-
-def peer_pid(sock: socket.socket | trio.socket.SocketType) -> int:
-    """The connecting process's pid (0 if it is in a pid namespace we cannot see)."""
-    pid, _, _ = _PEERCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    )
-    return int(pid)
 
 
 @dataclass(frozen=True, slots=True)

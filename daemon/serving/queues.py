@@ -3,7 +3,9 @@
 Theory of operation. A ``QueueRunner`` task sleeps on its kick eventfd (epoll via
 trio, no polling). On a kick it takes the connection's ring lock and services the
 ring: pop each available chain, do the device's work for it, push it to the used
-ring, and signal the call eventfd if the guest wants an interrupt.
+ring, and signal the call eventfd if the guest wants an interrupt. The connection
+hands a runner its kick, call and err eventfds as they are set (``set_fd``); a kick fd
+replaced while the task waits on it wakes the task, which then waits on the new one.
 
 The lock is what keeps GET_VRING_BASE honest: the connection takes the same lock
 before handing any message that changes memory or queues to the session, so a
@@ -12,11 +14,14 @@ Each chain's work is shielded from cancellation: the guest waits for every repor
 without a timeout, with up to 128 MiB isolated, so once taken a chain is always
 completed, even on shutdown, even when a discard fails.
 
-Free page reports, the hot path, are served whole in a discard thread: taking the
-chain, checking it, punching and writing the used entry and the call, while the
+Free page reports, the hot path, are served whole in a discard thread, while the
 task waits holding the lock (so nothing else touches the ring or the memory
-meanwhile). The event loop then only records what was done: the guest has its
-buffer back before the loop wakes again, and the loop stays free for vCPUs.
+meanwhile). One report, top to bottom (``_report``): take the chain (the walker
+checks every descriptor, protocol/virtqueue.py), read it as a report
+(protocol/balloon.py), give back what may be given back (``DiscardGate``, discard.py),
+hand the buffer back, count it, interrupt the guest. The event loop only waits: the
+guest has its buffer back before the loop wakes again, and the loop stays free for
+vCPUs.
 
 If the guest breaks the ring rules, the queue stops for good: the error is logged
 and counted, the vring error eventfd is signalled, and the other queues and VMs
@@ -29,21 +34,18 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
 
 import structlog
 import trio
 
 from vhost_user_balloon.protocol import (
     GUEST_PAGE_SIZE,
-    BalloonDevice,
     Chain,
     FdKind,
     GuestMemory,
     QueueRole,
     RemoteProtocolError,
-    ReportedRange,
     ReportError,
     SplitQueue,
     StatsError,
@@ -54,62 +56,68 @@ from vhost_user_balloon.protocol import (
 
 from ..observing.metrics import VmMetrics
 from ..observing.problems import report_problem
-from .discard import DiscardPlan, DiscardPool, DiscardResult, execute, plan_discards
+from .discard import DiscardGate, DiscardPool, DiscardResult
 from .guestram import VmMemory
-from .passthrough import PinWatch
 
-__all__ = ["QueueHost", "QueueRunner"]
+__all__ = ["QueueContext", "QueueRunner"]
 
 log = structlog.get_logger()
 
 
-class QueueHost(Protocol):
-    """What a runner needs from its connection."""
+@dataclass(frozen=True, slots=True)
+class QueueContext:
+    """What the queues of one VM's connection share."""
 
-    vm: str
     vm_metrics: VmMetrics
     memory: VmMemory
-    device: BalloonDevice
+    gate: DiscardGate
+    #: held while a chain is served, and while the connection changes memory or queues
     ring_lock: trio.Lock
-    discard_pool: DiscardPool
+    #: the threads that punch holes (and serve reports), shared by every VM
+    pool: DiscardPool
+    #: seconds between requests for fresh guest statistics (0: never ask again)
     stats_interval: float
-
-    def vring_fd(self, index: int, kind: FdKind) -> int | None: ...
-
-    def discard_blocked(self) -> str | None: ...
-
-    @property
-    def passthrough(self) -> PinWatch: ...
 
 
 class QueueRunner:
     """One started queue of one VM."""
 
-    def __init__(self, host: QueueHost, index: int, role: QueueRole, queue: SplitQueue) -> None:
-        self.host = host
+    def __init__(
+        self, index: int, role: QueueRole, queue: SplitQueue, context: QueueContext
+    ) -> None:
         self.index = index
         self.role = role
         self.queue = queue
+        self.context = context
         self.enabled = False
         self.broken = False
+        #: the queue's eventfds, as the connection last set them (it owns them)
+        self.fds: dict[FdKind, int] = {}
         #: The stats buffer the guest posted; held until stats are wanted (handing it
         #: back is how the device asks for fresh statistics).
         self.held: Chain | None = None
         self.cancel_scope = trio.CancelScope()
-        self.vm_metrics = host.vm_metrics
+        self.vm_metrics = context.vm_metrics
+
+    def set_fd(self, kind: FdKind, fd: int | None) -> None:
+        """A new kick, call or err eventfd (None: none any more)."""
+        if fd is None:
+            self.fds.pop(kind, None)
+        else:
+            self.fds[kind] = fd
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self.cancel_scope:
             task_status.started()
             async with trio.open_nursery() as nursery:
-                if self.role is QueueRole.STATS and self.host.stats_interval > 0:
+                if self.role is QueueRole.STATS and self.context.stats_interval > 0:
                     nursery.start_soon(self._request_stats)
                 await self._serve_kicks()
                 nursery.cancel_scope.cancel()
 
     async def _serve_kicks(self) -> None:
         while not self.broken:
-            fd = self.host.vring_fd(self.index, FdKind.KICK)
+            fd = self.fds.get(FdKind.KICK)
             if fd is None:
                 return
             try:
@@ -119,12 +127,12 @@ class QueueRunner:
             seen = time.perf_counter()
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(fd)  # a racing wakeup may have taken it; the ring tells
-            async with self.host.ring_lock:
+            async with self.context.ring_lock:
                 await self.service(seen)
 
     async def service(self, seen: float | None = None) -> None:
         """Serve every available chain. The caller holds ``ring_lock``."""
-        mem = self.host.memory.memory
+        mem = self.context.memory.memory
         if not self.enabled or self.broken or mem is None:
             return
         seen = time.perf_counter() if seen is None else seen
@@ -141,86 +149,12 @@ class QueueRunner:
                 return
             with trio.CancelScope(shield=True):
                 try:
-                    await self._serve_chain(chain, mem, seen)
+                    await self._serve_chain(chain, mem)
                 except RemoteProtocolError as err:  # e.g. the RAM file shrank under us
                     self._fail(err)
                     return
 
-    async def _serve_chain(self, chain: Chain, mem: GuestMemory, seen: float) -> None:
-        if self.role is QueueRole.STATS:
-            # Keep the guest's stats buffer: handing it back asks for fresh stats, which
-            # _request_stats does every stats_interval. Give back an older one if a new
-            # one comes.
-            self._read_stats(chain, mem)
-            older, self.held = self.held, chain
-            if older is not None:
-                self._complete(older, mem)
-        elif self.role in (QueueRole.INFLATE, QueueRole.DEFLATE):
-            await self._balloon(chain, mem)
-        else:
-            # Free page hints are not offered; a buffer is simply handed back.
-            self._complete(chain, mem)
-
-    async def _balloon(self, chain: Chain, mem: GuestMemory) -> None:
-        """Inflate: the guest gave these pages up; free them on the host like reported
-        memory (same checks, same discard path). Deflate: the guest takes pages back;
-        they are simply there again when it touches them (MUST_TELL_HOST is not
-        offered). Either way the buffer goes back, malformed or not: the guest waits."""
-        try:
-            pages = balloon_pages(chain, mem)
-        except ReportError as err:
-            self._reject("balloon_pages_rejected", err)
-            self._complete(chain, mem)
-            return
-        nbytes = len(pages) * GUEST_PAGE_SIZE
-        if self.role is QueueRole.DEFLATE:
-            self._complete(chain, mem)
-            self.vm_metrics.record_deflate(nbytes)
-            return
-        result = await self._discard(pages)
-        self._complete(chain, mem)
-        self.vm_metrics.record_inflate(nbytes, result.discarded, result.skipped)
-
-    async def _discard(self, ranges: Sequence[ReportedRange]) -> DiscardResult:
-        """Give ``ranges`` back (inflated memory) in a worker thread; a failure is
-        logged, never raised."""
-        plan = self._plan(ranges)
-        if not plan.punches:
-            return DiscardResult(skipped=Counter(plan.skipped))
-        result = await self.host.discard_pool.run(lambda: self._punch(plan))
-        self._log_failures(result)
-        return result
-
-    def _plan(self, ranges: Sequence[ReportedRange]) -> DiscardPlan:
-        host = self.host
-        return plan_discards(
-            ranges,
-            host.memory,
-            poisoned=not host.device.discard_allowed,
-            blocked=host.discard_blocked(),
-        )
-
-    def _punch(self, plan: DiscardPlan) -> DiscardResult:
-        """Make the holes (blocking: in a worker thread, as is the passthrough check,
-        made only if there is something to punch)."""
-        if plan.punches and self.host.passthrough.check():  # VFIO: guest RAM is pinned
-            pinned = sum(p.length for p in plan.punches)
-            return DiscardResult(skipped=Counter(plan.skipped) + Counter(vfio=pinned))
-        return execute(plan)
-
-    def _log_failures(self, result: DiscardResult) -> None:
-        if result.errors:
-            log.warning(
-                "discard_failed",
-                queue=self.index,
-                error=str(result.errors[0]),
-                failures=len(result.errors),
-            )
-
-    def _reject(self, event: str, err: RemoteProtocolError) -> None:
-        """Log and count a buffer the guest got wrong."""
-        report_problem(self.vm_metrics, event, err, queue=self.index)
-
+    # -- free page reports ------------------------------------------------------------
     async def _serve_reports(self, mem: GuestMemory, seen: float) -> None:
         """Every available report, served in one trip to a discard thread (see the
         module's docstring)."""
@@ -237,7 +171,7 @@ class QueueRunner:
                     failed.append(err)
                     return
 
-        await self.host.discard_pool.run(work)
+        await self.context.pool.run(work)
         for err in failed:
             self._fail(err)
 
@@ -251,10 +185,9 @@ class QueueRunner:
             self._reject("report_rejected", err)
             self._complete(chain, mem)
             return
-        plan = self._plan(ranges)
-        result = self._punch(plan)
+        result = self.context.gate.give_back(ranges)
         self._log_failures(result)
-        notify = self._push(chain, mem)
+        notify = self.queue.complete(mem, chain.head)
         service = time.perf_counter() - seen
         by_order: dict[int, tuple[int, int]] = {}
         for r in ranges:
@@ -269,6 +202,48 @@ class QueueRunner:
             service_ms=round(service * 1000, 3),
         )  # fmt: skip
 
+    # -- the other queues -------------------------------------------------------------
+    async def _serve_chain(self, chain: Chain, mem: GuestMemory) -> None:
+        if self.role is QueueRole.STATS:
+            # Keep the guest's stats buffer: handing it back asks for fresh stats, which
+            # _request_stats does every stats_interval. Give back an older one if a new
+            # one comes.
+            self._read_stats(chain, mem)
+            older, self.held = self.held, chain
+            if older is not None:
+                self._complete(older, mem)
+        elif self.role in (QueueRole.INFLATE, QueueRole.DEFLATE):
+            await self._balloon(chain, mem)
+        else:
+            # Free page hints are not offered; a buffer is simply handed back.
+            self._complete(chain, mem)
+
+    async def _balloon(self, chain: Chain, mem: GuestMemory) -> None:
+        """Inflate: the guest gave these pages up; free them on the host like reported
+        memory (through the same gate). Deflate: the guest takes pages back; they are
+        simply there again when it touches them (MUST_TELL_HOST is not offered). Either
+        way the buffer goes back, malformed or not: the guest waits."""
+        try:
+            pages = balloon_pages(chain, mem)
+        except ReportError as err:
+            self._reject("balloon_pages_rejected", err)
+            self._complete(chain, mem)
+            return
+        nbytes = len(pages) * GUEST_PAGE_SIZE
+        if self.role is QueueRole.DEFLATE:
+            self._complete(chain, mem)
+            self.vm_metrics.record_deflate(nbytes)
+            return
+        gate = self.context.gate
+        plan = gate.plan(pages)
+        if plan.punches:  # a thread only if there is something to punch
+            result = await self.context.pool.run(lambda: gate.carry_out(plan))
+            self._log_failures(result)
+        else:
+            result = DiscardResult(skipped=Counter(plan.skipped))
+        self._complete(chain, mem)
+        self.vm_metrics.record_inflate(nbytes, result.discarded, result.skipped)
+
     def _read_stats(self, chain: Chain, mem: GuestMemory) -> None:
         try:
             stats = read_stats(chain, mem)
@@ -281,9 +256,9 @@ class QueueRunner:
     async def _request_stats(self) -> None:
         """Every stats_interval, hand the held buffer back: the guest refills it."""
         while True:
-            await trio.sleep(self.host.stats_interval)
-            async with self.host.ring_lock:
-                mem = self.host.memory.memory
+            await trio.sleep(self.context.stats_interval)
+            async with self.context.ring_lock:
+                mem = self.context.memory.memory
                 if self.held is not None and self.enabled and not self.broken and mem:
                     held, self.held = self.held, None
                     try:
@@ -291,21 +266,17 @@ class QueueRunner:
                     except RemoteProtocolError as err:
                         self._fail(err)
 
+    # -- handing back, telling ----------------------------------------------------------
     def _complete(self, chain: Chain, mem: GuestMemory) -> None:
-        if self._push(chain, mem):
+        if self.queue.complete(mem, chain.head):
             self._signal(FdKind.CALL)
-
-    def _push(self, chain: Chain, mem: GuestMemory) -> bool:
-        """Hand the buffer back in the used ring; whether the guest wants a call."""
-        self.queue.push(mem, chain.head, 0)
-        return self.queue.should_notify(mem)
 
     def signal_call(self) -> None:
         """Interrupt the guest (a spare one is harmless: it finds nothing new)."""
         self._signal(FdKind.CALL)
 
     def _signal(self, kind: FdKind) -> None:
-        fd = self.host.vring_fd(self.index, kind)
+        fd = self.fds.get(kind)
         if fd is None:
             return
         try:
@@ -314,6 +285,19 @@ class QueueRunner:
             log.warning(
                 "eventfd_write_failed", queue=self.index, fd_kind=kind.value, error=str(err)
             )
+
+    def _log_failures(self, result: DiscardResult) -> None:
+        if result.errors:
+            log.warning(
+                "discard_failed",
+                queue=self.index,
+                error=str(result.errors[0]),
+                failures=len(result.errors),
+            )
+
+    def _reject(self, event: str, err: RemoteProtocolError) -> None:
+        """Log and count a buffer the guest got wrong."""
+        report_problem(self.vm_metrics, event, err, queue=self.index)
 
     def _fail(self, err: RemoteProtocolError) -> None:
         self.broken = True

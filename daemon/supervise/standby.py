@@ -20,15 +20,14 @@ This module is imported by the keeper too, which imports nothing else of the dae
 
 from __future__ import annotations
 
-import array
 import contextlib
 import socket
 from collections.abc import Sequence
 from typing import Final
 
-from ..linux.fds import close_fds, take_fds
+from ..linux.fds import close_fds, send_fds, take_fds
 
-__all__ = ["ENV", "FDS_PER_MESSAGE", "Handoff", "send_fds", "wait_for_fds"]
+__all__ = ["ENV", "FDS_PER_MESSAGE", "Handoff", "hand_fds", "wait_for_fds"]
 
 #: The environment variable naming the standby's end of the socket pair.
 ENV: Final = "VUB_STANDBY_FD"
@@ -46,13 +45,12 @@ class Handoff(Exception):
     """The keeper's messages made no sense (a bug on one side or the other)."""
 
 
-def send_fds(sock: socket.socket, kept: Sequence[tuple[str, int]]) -> None:
+def hand_fds(sock: socket.socket, kept: Sequence[tuple[str, int]]) -> None:
     """Keeper side: give the standby copies of ``kept`` (name, fd), then ``go``."""
     for start in range(0, len(kept), FDS_PER_MESSAGE):
         part = kept[start : start + FDS_PER_MESSAGE]
         text = b"\n".join([_FDS, *(name.encode() for name, _ in part)])
-        fds = array.array("i", [fd for _, fd in part]).tobytes()
-        sock.sendmsg([text], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        send_fds(sock, text, [fd for _, fd in part])
     sock.send(_GO)
 
 

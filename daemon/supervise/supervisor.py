@@ -44,7 +44,6 @@ import selectors
 import shutil
 import signal
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ import structlog
 
 from ..linux.fds import close_fds, take_fds
 from ..linux.logs import configure_logging
+from ..linux.peer import CREDENTIALS_SPACE, sender_credentials
 from ..linux.systemd import Notifier, listen_fds
 from . import standby
 
@@ -78,8 +78,7 @@ _STANDBY_BACKOFF_MAX_S: Final = 300.0
 _STANDBY_ARM_TIMEOUT_S: Final = 30.0
 #: Seconds the keeper waits to hand fds to a standby that does not read them.
 _HANDOFF_TIMEOUT_S: Final = 5.0
-_UCRED: Final = struct.Struct("=iII")
-_ANCBUF: Final = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(_UCRED.size)
+_ANCBUF: Final = socket.CMSG_SPACE(253 * 4) + CREDENTIALS_SPACE
 
 USAGE = """\
 usage: vhost-user-balloon supervise [--no-standby] [DAEMON OPTIONS]
@@ -238,7 +237,7 @@ class Supervisor:
             self._drop(waiting)
             try:
                 waiting.sock.settimeout(_HANDOFF_TIMEOUT_S)
-                standby.send_fds(waiting.sock, self.kept)
+                standby.hand_fds(waiting.sock, self.kept)
             except OSError as err:
                 log.warning("standby_lost", pid=waiting.pid, error=str(err))
                 self._retire(waiting.pid)
@@ -411,12 +410,8 @@ class Supervisor:
             except BlockingIOError:
                 return
             fds = take_fds(ancdata)
-            pid = next(
-                (_UCRED.unpack(payload[: _UCRED.size])[0]
-                 for level, kind, payload in ancdata
-                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS),
-                None,
-            )  # fmt: skip
+            sender = sender_credentials(ancdata)
+            pid = None if sender is None else sender.pid
             if pid is None or pid != self.child:
                 log.warning("notification_ignored", sender_pid=pid, why="not the daemon")
                 close_fds(fds)
@@ -463,7 +458,7 @@ class Supervisor:
         name = fields.get("FDNAME", "stored")
         if stored:
             try:
-                self.upstream.send_fds(["FDSTORE=1", f"FDNAME={name}"], stored)
+                self.upstream.store(name, stored)
             except OSError as err:
                 log.error("fd_store_forward_failed", name=name, error=str(err))
         lines = ["READY=1"] if ready else []

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 import trio
 
-from tests.daemon_helpers import Logs, RunCommand, StartDaemon
+from tests.daemon_helpers import Logs, RunCommand, StartDaemon, settings_for
 from tests.daemon_helpers import children as list_children
 from tests.frontend import FakeFrontend, GuestMemfd
 from vhost_user_balloon.daemon.config import VmSpec
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 from vhost_user_balloon.daemon.server import Daemon
+from vhost_user_balloon.daemon.serving.passthrough import VFIO_MARKERS
 
 
 @pytest.fixture
@@ -52,12 +53,21 @@ def run_command(tmp_path: Path) -> Iterator[RunCommand]:
 
 @pytest.fixture
 async def start_daemon(tmp_path: Path, nursery: trio.Nursery) -> StartDaemon:
-    """Start a Daemon serving the named VMs (any other Daemon option passes through);
+    """Start a Daemon serving the named VMs (``settings``: any field of Settings);
     it is cancelled when the test ends."""
 
-    async def start(*names: str, discard: bool = True, **options: Any) -> Daemon:
+    async def start(
+        *names: str,
+        discard: bool = True,
+        passthrough_markers: tuple[str, ...] = VFIO_MARKERS,
+        **settings: Any,
+    ) -> Daemon:
         vms = [VmSpec(n, tmp_path / f"{n}.sock", discard) for n in names]
-        daemon = Daemon(vms, metrics=Metrics(), **options)
+        daemon = Daemon(
+            settings_for(vms, **settings),
+            metrics=Metrics(),
+            passthrough_markers=passthrough_markers,
+        )
         await nursery.start(daemon.run)
         return daemon
 

@@ -7,19 +7,21 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from tests.daemon_helpers import sample, samples
+from tests.daemon_helpers import sample, samples, settings_for
 from tests.frontend import FakeFrontend, GuestMemfd, MiB
-from vhost_user_balloon.daemon.config import Access, VmSpec
+from vhost_user_balloon.daemon.config import VmSpec
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 from vhost_user_balloon.daemon.server import Daemon, StartupError
 
 
-async def start(nursery: trio.Nursery, tmp_path: Path, access: Access) -> Daemon:
-    daemon = Daemon([VmSpec("vm", tmp_path / "vm.sock")], metrics=Metrics(), access=access)
+async def start(nursery: trio.Nursery, tmp_path: Path, **access: Any) -> Daemon:
+    """A daemon serving VM "vm" with these access settings (fields of Settings)."""
+    daemon = Daemon(settings_for([VmSpec("vm", tmp_path / "vm.sock")], **access), metrics=Metrics())
     await nursery.start(daemon.run)
     return daemon
 
@@ -28,7 +30,7 @@ async def test_peers_outside_the_allow_list_are_refused_and_counted(
     nursery: trio.Nursery, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     me = os.getuid()
-    daemon = await start(nursery, tmp_path, Access(allow_uids=frozenset({me + 4242})))
+    daemon = await start(nursery, tmp_path, allow_uids=frozenset({me + 4242}))
     guest = GuestMemfd(16 * MiB)
     fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
     try:
@@ -44,7 +46,7 @@ async def test_peers_outside_the_allow_list_are_refused_and_counted(
 
 async def test_allowed_peers_by_uid_or_gid_get_in(nursery: trio.Nursery, tmp_path: Path) -> None:
     daemon = await start(
-        nursery, tmp_path, Access(allow_uids=frozenset({4242}), allow_gids=frozenset({os.getgid()}))
+        nursery, tmp_path, allow_uids=frozenset({4242}), allow_gids=frozenset({os.getgid()})
     )
     guest = GuestMemfd(16 * MiB)
     fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
@@ -61,7 +63,7 @@ async def test_allowed_peers_by_uid_or_gid_get_in(nursery: trio.Nursery, tmp_pat
 
 async def test_socket_mode_and_group(nursery: trio.Nursery, tmp_path: Path) -> None:
     gid = 100 if os.getgid() != 100 else 101
-    daemon = await start(nursery, tmp_path, Access(socket_mode=0o660, socket_gid=gid))
+    daemon = await start(nursery, tmp_path, socket_mode=0o660, socket_gid=gid)
     st = os.stat(daemon.vms[0].socket)
     assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid
 
@@ -70,13 +72,13 @@ async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    daemon = Daemon([VmSpec("vm", shared / "vm.sock")], metrics=Metrics())
+    daemon = Daemon(settings_for([VmSpec("vm", shared / "vm.sock")]), metrics=Metrics())
     with pytest.raises(StartupError, match="writable by other users"):
         await daemon.run()
     sticky = tmp_path / "sticky"
     sticky.mkdir()
     sticky.chmod(0o1777)  # like /tmp: others cannot remove our socket
-    daemon = Daemon([VmSpec("vm", sticky / "vm.sock")], metrics=Metrics())
+    daemon = Daemon(settings_for([VmSpec("vm", sticky / "vm.sock")]), metrics=Metrics())
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)  # it starts: the socket is there, listening
         assert stat.S_ISSOCK(os.stat(sticky / "vm.sock").st_mode)
@@ -115,7 +117,7 @@ async def test_a_supplementary_group_is_allowed_like_a_primary_one(
     """libvirt runs QEMU as libvirt-qemu:libvirt-qemu with kvm as a supplementary group;
     allow_groups = ["kvm"] must let it in (SO_PEERGROUPS), and nobody else."""
     kvm, qemu_group, other = 4711, 4712, 4713
-    daemon = await start(nursery, tmp_path, Access(allow_gids=frozenset({kvm})))
+    daemon = await start(nursery, tmp_path, allow_gids=frozenset({kvm}))
     path = daemon.vms[0].socket
     assert await trio.to_thread.run_sync(peer, qemu_group, [kvm], path) == "answered"
     assert await trio.to_thread.run_sync(peer, kvm, [], path) == "answered"

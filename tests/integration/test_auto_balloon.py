@@ -15,20 +15,30 @@ from tests.daemon_helpers import StartDaemon, sample, sample_or_none
 from tests.frontend import FakeFrontend, GuestMemfd, MiB
 from tests.integration.test_balloon import control
 from tests.integration.test_stats import post_stats, wait_for
+from vhost_user_balloon.daemon.autoballoon.runner import AutoBalloonRunner
 from vhost_user_balloon.daemon.commands.status import render
 from vhost_user_balloon.daemon.config import AutoBalloon
 from vhost_user_balloon.daemon.observing.metrics import PREFIX
+from vhost_user_balloon.daemon.server import Daemon
 from vhost_user_balloon.policy import HostView, PolicyConfig
 
 BUDGET = 40 * MiB
 
 
 def settings(observe_only: bool = False) -> AutoBalloon:
-    # An interval of an hour: the test takes each step itself.
     return AutoBalloon(
         PolicyConfig(budget_bytes=BUDGET, interval_s=3600, step_bytes=8 * MiB,
                      margin_bytes=4 * MiB, min_free_bytes=4 * MiB, min_free_percent=0),
         observe_only=observe_only,
+    )  # fmt: skip
+
+
+def runner_for(daemon: Daemon, observe_only: bool = False) -> AutoBalloonRunner:
+    """The policy's loop over ``daemon``'s VMs, stepped by the test itself (the daemon
+    runs none: its policy is off), blind to this machine's own memory pressure."""
+    return AutoBalloonRunner(
+        settings(observe_only), daemon.metrics.registry, lambda: daemon.connections,
+        lambda: {vm.name: vm for vm in daemon.vms}, daemon.pins, host=HostView,
     )  # fmt: skip
 
 
@@ -50,10 +60,8 @@ async def test_the_policy_inflates_the_guest_with_most_to_give_and_pins_hold(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
     ctl = tmp_path / "control.sock"
-    daemon = await start_daemon("a", "b", control_socket=ctl, auto_balloon=settings())
-    runner = daemon.auto_runner
-    assert runner is not None
-    runner.host = HostView  # this machine's own pressure must not decide the test
+    daemon = await start_daemon("a", "b", control_socket=ctl)
+    runner = runner_for(daemon)
     guests = [GuestMemfd(64 * MiB), GuestMemfd(64 * MiB)]
     (fa, qa), (fb, qb) = [
         await attach(vm.socket, g, avail, total)
@@ -107,10 +115,8 @@ async def test_the_policy_inflates_the_guest_with_most_to_give_and_pins_hold(
 async def test_observe_only_decides_and_applies_nothing(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon("a", auto_balloon=settings(observe_only=True))
-    runner = daemon.auto_runner
-    assert runner is not None
-    runner.host = HostView
+    daemon = await start_daemon("a")
+    runner = runner_for(daemon, observe_only=True)
     guest = GuestMemfd(64 * MiB)
     fe, qemus = await attach(daemon.vms[0].socket, guest, 40 * MiB, 48 * MiB)
     try:

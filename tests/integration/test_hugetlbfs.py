@@ -18,7 +18,7 @@ import trio
 
 from tests.daemon_helpers import StartDaemon, attach, sample, sample_or_none
 from tests.frontend import PAGE, FakeFrontend, GuestMemfd, MiB
-from vhost_user_balloon.daemon.serving import queues
+from vhost_user_balloon.daemon.serving import discard
 
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 PAGES = 24  # 48 MiB
@@ -89,7 +89,7 @@ async def test_unsealed_huge_page_ram_truncated_under_load_costs_only_that_vm(
     await fe.report(3, [(4 * MiB, 2 * MiB)])  # rings read through /proc/self/mem work
     assert before - huge.allocated() == 2 * MiB
 
-    execute = queues.execute
+    execute = discard.execute
     truncated = threading.Event()  # set in the daemon's discard thread
     huge_fd = daemon.connections["huge"].memory.regions[0].fd  # the daemon's own copy
 
@@ -99,7 +99,7 @@ async def test_unsealed_huge_page_ram_truncated_under_load_costs_only_that_vm(
             truncated.set()
         return execute(plan, *args)
 
-    monkeypatch.setattr(queues, "execute", truncate_then_execute)
+    monkeypatch.setattr(discard, "execute", truncate_then_execute)
 
     async def bystander_load() -> None:
         for _ in range(30):

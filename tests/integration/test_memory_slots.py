@@ -18,7 +18,7 @@ import trio
 
 from tests.daemon_helpers import StartDaemon, connect, sample
 from tests.frontend import QEMU_PROTOCOL, FakeFrontend, GuestMemfd, MiB
-from vhost_user_balloon.daemon.serving import queues
+from vhost_user_balloon.daemon.serving import discard
 from vhost_user_balloon.protocol import ProtocolFeature, Request
 
 pytestmark = pytest.mark.trio
@@ -88,14 +88,14 @@ async def test_a_removal_waits_for_the_discard_under_way_in_its_region(
 ) -> None:
     daemon, guest, fe = await plugged(start_daemon, guests, frontends)
     begun, release = threading.Event(), threading.Event()
-    execute = queues.execute
+    execute = discard.execute
 
     def held_execute(*args: Any, **kwargs: Any) -> Any:
         begun.set()
         assert release.wait(10), "the test never let the discard go on"
         return execute(*args, **kwargs)
 
-    monkeypatch.setattr(queues, "execute", held_execute)
+    monkeypatch.setattr(discard, "execute", held_execute)
     guest.populate(HIGH, 2 * MiB)
     ring = fe.rings[3]
     head = ring.add_chain([(HIGH, 2 * MiB, True)])

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.daemon_helpers import attach, free_port
+from tests.daemon_helpers import attach, free_port, settings_for
 from tests.frontend import FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.config import AutoBalloon, VmSpec
 from vhost_user_balloon.daemon.observing.metrics import Metrics
@@ -114,18 +114,19 @@ async def test_prometheus_scrapes_the_daemon_and_the_alerts_react(
     frontends: list[FakeFrontend],
 ) -> None:
     port = free_port()
-    daemon = Daemon(
-        [
-            VmSpec("web1", tmp_path / "web1.sock"),
-            VmSpec("idle1", tmp_path / "idle1.sock"),
-            VmSpec("nodisc1", tmp_path / "nodisc1.sock", discard=False),
-            VmSpec("bad1", tmp_path / "bad1.sock"),
-        ],
-        metrics=Metrics(),
+    vms = [
+        VmSpec("web1", tmp_path / "web1.sock"),
+        VmSpec("idle1", tmp_path / "idle1.sock"),
+        VmSpec("nodisc1", tmp_path / "nodisc1.sock", discard=False),
+        VmSpec("bad1", tmp_path / "bad1.sock"),
+    ]
+    settings = settings_for(
+        vms,
         metrics_listen=("127.0.0.1", port),
         # on, so that the dashboard's automatic-ballooning row has series to show
         auto_balloon=AutoBalloon(PolicyConfig(budget_bytes=1 << 30, interval_s=1)),
     )
+    daemon = Daemon(settings, metrics=Metrics())
     daemon_scope = trio.CancelScope()
 
     async def serve(task_status: trio.TaskStatus[None]) -> None:

@@ -14,7 +14,7 @@ import trio
 from tests.daemon_helpers import StartDaemon, attach, one_guest, sample, wait_disconnected
 from tests.fakes import F_NEXT, F_WRITE
 from tests.frontend import PAGE, FakeFrontend, GuestMemfd, MiB
-from vhost_user_balloon.daemon.serving import discard, queues
+from vhost_user_balloon.daemon.serving import discard
 from vhost_user_balloon.daemon.serving.passthrough import RECHECK_SECONDS
 from vhost_user_balloon.protocol import U64, Config, Request
 
@@ -311,14 +311,14 @@ async def test_get_config_is_answered_while_a_discard_is_in_progress(
     # discard is held in its worker thread until the test has its GET_CONFIG answer. If
     # GET_CONFIG waited for the discard, this would deadlock and fail_after would fire.
     entered, release = threading.Event(), threading.Event()
-    real_execute = queues.execute
+    real_execute = discard.execute
 
     def held_execute(plan: discard.DiscardPlan) -> discard.DiscardResult:
         entered.set()
         release.wait(10)
         return real_execute(plan)
 
-    monkeypatch.setattr(queues, "execute", held_execute)
+    monkeypatch.setattr(discard, "execute", held_execute)
     daemon = await start_daemon("vcpu", "other")
     g1, g2 = GuestMemfd(32 * MiB), GuestMemfd(32 * MiB)
     guests += [g1, g2]

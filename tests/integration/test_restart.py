@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 import trio
 
-from tests.daemon_helpers import Logs, RunCommand, attach, free_port, scrape
+from tests.daemon_helpers import Logs, RunCommand, attach, free_port, scrape, settings_for
 from tests.frontend import FakeFrontend, GuestMemfd, MiB
 from tests.service_manager import ServiceManager
 from vhost_user_balloon.daemon.config import VmSpec
-from vhost_user_balloon.daemon.handover.store import STATE_SLOT_BYTES, stored_vms
+from vhost_user_balloon.daemon.handover.store import STATE_SLOT_BYTES, KeptVm, kept_vms
 from vhost_user_balloon.daemon.observing.metrics import Metrics
-from vhost_user_balloon.daemon.server import Daemon
+from vhost_user_balloon.daemon.server import Daemon, Inherited
 from vhost_user_balloon.daemon.serving.connection import VmConnection
 from vhost_user_balloon.daemon.serving.framing import FrontendStream
 from vhost_user_balloon.protocol import Config, Request, VringFile, encode_message
@@ -135,11 +135,9 @@ class Crash:
         self.dead, self.buried = trio.Event(), trio.Event()
         self.copy: dict[str, int] = {}
 
-    def daemon(self, **options: Any) -> Daemon:
-        return Daemon(
-            [self.vm], metrics=Metrics(), notifier=self.keeper.notifier, fd_store=True,
-            **options,
-        )  # fmt: skip
+    def daemon(self, kept: dict[str, KeptVm] | None = None) -> Daemon:
+        inherited = Inherited(kept=kept or {}, fd_store=True, notifier=self.keeper.notifier)
+        return Daemon(settings_for([self.vm]), metrics=Metrics(), inherited=inherited)
 
     async def start_first(self) -> None:
         async def run(task_status: trio.TaskStatus[None]) -> None:
@@ -178,7 +176,7 @@ class Crash:
         """The next process, started from what the keeper held when the first died."""
         with trio.fail_after(5):
             await self.dead.wait()
-        second = self.daemon(stored=stored_vms(self.copy))
+        second = self.daemon(kept_vms(self.copy))
         await self.nursery.start(second.run)
         return second
 

@@ -164,7 +164,7 @@ def test_handoff_carries_every_fd_with_its_name() -> None:
     waiter = threading.Thread(target=lambda: got.append(standby.wait_for_fds(theirs.detach())))
     waiter.start()
     assert ours.recv(64) == standby.ARMED
-    standby.send_fds(ours, kept)
+    standby.hand_fds(ours, kept)
     waiter.join(10)
     given = got[0]
     assert given is not None and sorted(given) == sorted(name for name, _ in kept)

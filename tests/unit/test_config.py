@@ -8,24 +8,29 @@ import pytest
 
 from vhost_user_balloon.daemon.cli import build_parser
 from vhost_user_balloon.daemon.config import (
-    AUTO_KEYS,
+    AUTO_BALLOON,
     DEFAULT_STATS_INTERVAL_S,
-    KEYS,
-    VM_KEYS,
+    SETTINGS,
+    VM,
     ConfigError,
     Settings,
     load_settings,
 )
 
 
+def settings(*argv: str | Path) -> Settings:
+    """The settings of the daemon's command line ``argv`` (and the file it names)."""
+    return load_settings(build_parser().parse_args([str(a) for a in argv]))
+
+
 def load(tmp_path: Path, text: str) -> Settings:
     """A file with ``text`` at the top level and one VM."""
     conf = tmp_path / "vub.toml"
     conf.write_text(f'{text}\n[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\n')
-    return load_settings(config_file=conf)
+    return settings("--config", conf)
 
 
-@pytest.mark.parametrize("key", [k.name for k in KEYS.values() if k.types == (bool,)])
+@pytest.mark.parametrize("key", [k.key for k in SETTINGS if k.types == (bool,)])
 @pytest.mark.parametrize("value", ['"false"', "0", '"no"', "[]"])
 def test_a_boolean_setting_takes_only_true_or_false(tmp_path: Path, key: str, value: str) -> None:
     """``discard = "false"`` used to be taken as true (a non-empty string): for a VFIO
@@ -40,9 +45,9 @@ def test_a_vm_tables_discard_is_a_boolean_too(tmp_path: Path) -> None:
     conf = tmp_path / "vub.toml"
     conf.write_text(f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\ndiscard = "false"\n')
     with pytest.raises(ConfigError, match=r"vm\[0\]: discard = 'false' is a string"):
-        load_settings(config_file=conf)
+        settings("--config", conf)
     conf.write_text(f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\ndiscard = false\n')
-    assert load_settings(config_file=conf).vms[0].discard is False
+    assert settings("--config", conf).vms[0].discard is False
 
 
 @pytest.mark.parametrize(
@@ -64,18 +69,18 @@ def test_every_wrong_type_names_key_value_and_type(tmp_path: Path, line: str, wo
 
 def test_right_types_and_defaults(tmp_path: Path) -> None:
     s = load(tmp_path, "")
-    assert s.stats_interval == DEFAULT_STATS_INTERVAL_S and s.access.socket_mode == 0o600
+    assert s.stats_interval == DEFAULT_STATS_INTERVAL_S and s.access.mode == 0o600
     s = load(
         tmp_path, 'stats_interval = 2\nsocket_mode = 0o660\ndiscard = false\nlog_level = "debug"'
     )
-    assert s.stats_interval == 2.0 and s.access.socket_mode == 0o660
+    assert s.stats_interval == 2.0 and s.access.mode == 0o660
     assert s.vms[0].discard is False and s.log_level == "debug"
-    assert load(tmp_path, 'socket_mode = "0640"').access.socket_mode == 0o640
+    assert load(tmp_path, 'socket_mode = "0640"').access.mode == 0o640
 
 
 def test_help_lists_every_key_of_the_file() -> None:
     text = " ".join(build_parser().format_help().split())
-    for key in [*KEYS, *VM_KEYS, *AUTO_KEYS]:
+    for key in [k.key for k in (*SETTINGS, *VM, *AUTO_BALLOON)]:
         assert key in text, key
     assert f"default {DEFAULT_STATS_INTERVAL_S:g}" in text
 
@@ -87,21 +92,21 @@ def test_auto_balloon_table(tmp_path: Path) -> None:
         f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\nauto_balloon = false\n'
         'min_memory = "512M"\n'
     )
-    settings = load_settings(config_file=conf)
-    auto = settings.auto_balloon
+    loaded = settings("--config", conf)
+    auto = loaded.auto_balloon
     assert auto is not None and auto.observe_only
     assert (auto.policy.budget_bytes, auto.policy.step_bytes, auto.policy.interval_s) == (
         6 << 30, 64 << 20, 5.0)  # fmt: skip
     assert auto.policy.min_free_bytes == 128 << 20  # a default
-    (vm,) = settings.vms
+    (vm,) = loaded.vms
     assert (vm.auto_balloon, vm.min_memory) == (False, 512 << 20)
     # The command line's budget wins; without any budget the policy is off.
     assert (
-        load_settings(config_file=conf, auto_budget=1 << 30).auto_balloon.policy.budget_bytes
+        settings("--config", conf, "--auto-balloon-budget", "1G").auto_balloon.policy.budget_bytes
         == 1 << 30
     )  # type: ignore[union-attr]
     assert load(tmp_path, "").auto_balloon is None
-    assert load_settings(vm_args=[f"a={tmp_path}/a.sock"], auto_budget=1 << 30).auto_balloon
+    assert settings("--vm", f"a={tmp_path}/a.sock", "--auto-balloon-budget", "1G").auto_balloon
 
 
 @pytest.mark.parametrize(
@@ -119,15 +124,14 @@ def test_auto_balloon_mistakes_are_named(tmp_path: Path, table: str, words: str)
 
 
 def test_auto_balloon_options_on_the_command_line(tmp_path: Path) -> None:
-    vm = [f"a={tmp_path}/a.sock"]
-    auto = load_settings(
-        vm_args=vm, auto_options=["budget=2G", "step=64M", "interval=2.5", "observe_only=true"]
-    ).auto_balloon
+    vm = ["--vm", f"a={tmp_path}/a.sock"]
+    options = ["budget=2G", "step=64M", "interval=2.5", "observe_only=true"]
+    auto = settings(*vm, *(a for o in options for a in ("--auto-balloon", o))).auto_balloon
     assert auto is not None and auto.observe_only
     assert (auto.policy.budget_bytes, auto.policy.step_bytes, auto.policy.interval_s) == (
         2 << 30, 64 << 20, 2.5)  # fmt: skip
     for bad, words in (("stepp=1M", "KEY one of budget"), ("interval=soon", "is a number"),
                        ("observe_only=yes", "true or false")):  # fmt: skip
         with pytest.raises(ConfigError) as err:
-            load_settings(vm_args=vm, auto_options=[bad])
+            settings(*vm, "--auto-balloon", bad)
         assert words in str(err.value)

@@ -20,13 +20,13 @@ from vhost_user_balloon.daemon.handover.store import (
     StateFile,
     VmKeeper,
     fd_name,
+    kept_vms,
     parse_fd_name,
-    stored_vms,
 )
 from vhost_user_balloon.daemon.linux.syscalls import same_open_file
 from vhost_user_balloon.daemon.linux.systemd import Notifier
 from vhost_user_balloon.daemon.observing.metrics import Metrics
-from vhost_user_balloon.daemon.observing.totals import HistogramFamily
+from vhost_user_balloon.daemon.observing.totals import HistogramChild, HistogramFamily
 
 
 def test_state_survives_a_write_torn_in_the_middle() -> None:
@@ -88,7 +88,7 @@ def test_fd_names(name: str, parsed: tuple[str, str] | None) -> None:
 
 def test_stored_fds_are_sorted_by_vm_and_the_rest_left_for_socket_activation() -> None:
     inherited = {"vub.a.conn": 3, "vub.a.7": 4, "web2": 5, "vub.b.state": 6}
-    stored = stored_vms(inherited)
+    stored = kept_vms(inherited)
     assert inherited == {"web2": 5}
     assert {vm: s.fds for vm, s in stored.items()} == {
         "a": {"vub.a.conn": 3, "vub.a.7": 4},
@@ -123,7 +123,7 @@ def test_one_open_file_sent_twice_is_stored_once(recorder: ServiceManager) -> No
         # A new process takes the books over and numbers new fds after the ones kept.
         successor = VmKeeper(keeper.store, "web1", StateFile(keeper.state.fd))
         for name, fds in recorder.kept.items():
-            successor.adopt(name, os.dup(fds[0]))
+            successor.add_kept(name, os.dup(fds[0]))
         assert successor.keep(memfd) == first
         newer = successor.keep(other)
         recorder.sync()
@@ -152,20 +152,36 @@ def _busy_metrics() -> Metrics:
     return m
 
 
+def exported(m: Metrics) -> list[list[Any]]:
+    """The saved totals' format, written out from the series as they are (the oracle
+    for the text the metrics keep per series): ``[sample name, labels, value]``,
+    histogram buckets cumulative as Prometheus shows them, then their sum."""
+    out: list[list[Any]] = []
+    for family in m.totals.families.values():
+        for child in family.series():
+            if isinstance(child, HistogramChild):
+                buckets = zip(child.bucket_labels, accumulate(child.counts), strict=True)
+                out += [[f"{family.name}_bucket", labels, n] for labels, n in buckets]
+                out.append([f"{family.name}_sum", child.labels, child.sum])
+            else:
+                out.append([f"{family.name}_total", child.labels, child.value])
+    return out
+
+
 def test_the_saved_json_text_is_the_export_and_follows_every_change() -> None:
     """What is saved before each scrape is text kept per series until it changes; it
-    must always read back as exactly what ``export_totals`` gives."""
+    must always read back as exactly the series' totals (``exported``)."""
     m = _busy_metrics()
-    assert json.loads(m.export_totals_json()) == m.export_totals()
+    assert json.loads(m.export_totals_json()) == exported(m)
     vm = m.for_vm("web1")
     vm.record_report({9: (1, 2 << 20)}, 2 << 20, {"poison": 4096}, 0.5)  # a new bucket too
     m.protocol_errors.labels(vm="web2", reason="bad_flags").inc()
-    assert json.loads(m.export_totals_json()) == m.export_totals()
+    assert json.loads(m.export_totals_json()) == exported(m)
     restored = Metrics()
-    restored.restore_totals(m.export_totals())
-    assert json.loads(restored.export_totals_json()) == m.export_totals()
+    restored.restore_totals(exported(m))
+    assert json.loads(restored.export_totals_json()) == exported(m)
     restored.for_vm("web1").record_report({10: (1, 4 << 20)}, 4 << 20, {}, 0.001)
-    assert json.loads(restored.export_totals_json()) == restored.export_totals()
+    assert json.loads(restored.export_totals_json()) == exported(restored)
     assert json.loads(Metrics().export_totals_json()) == []
 
 
@@ -194,7 +210,7 @@ def test_carried_series_scrape_as_prometheus_client_would_make_them() -> None:
     m.for_vm("web1").record_report({9: (1, 2 << 20)}, 2 << 20, {"poison": 4096}, 0.5)
     _scrapes_as_prometheus_client_would(m)  # what changed shows, the rest as it was
     restored = Metrics()
-    restored.restore_totals(m.export_totals())
+    restored.restore_totals(exported(m))
     _scrapes_as_prometheus_client_would(restored)
     restored.for_vm("web1").record_report({9: (1, 2 << 20)}, 2 << 20, {}, 0.001)
     _scrapes_as_prometheus_client_would(restored)
@@ -202,7 +218,7 @@ def test_carried_series_scrape_as_prometheus_client_would_make_them() -> None:
 
 def test_metric_totals_go_on_in_the_next_process() -> None:
     before = _busy_metrics()
-    saved = json.loads(json.dumps(before.export_totals()))  # crosses a process boundary
+    saved = json.loads(json.dumps(exported(before)))  # crosses a process boundary
     after = Metrics()
     assert after.restore_totals(saved) == len(
         {
@@ -210,7 +226,7 @@ def test_metric_totals_go_on_in_the_next_process() -> None:
             for n, labels, _ in saved
         }
     )
-    assert after.export_totals() == before.export_totals()
+    assert exported(after) == exported(before)
     after.for_vm("web1").record_report({10: (1, 4 << 20)}, 4 << 20, {}, 0.001)
     value = after.registry.get_sample_value(
         "vhost_user_balloon_reported_bytes_total", {"vm": "web1", "order": "10"}
@@ -233,12 +249,12 @@ def test_metric_totals_go_on_in_the_next_process() -> None:
 def test_damaged_totals_are_refused_whole(damage: Any) -> None:
     """One bad entry and nothing is applied: counters then start from 0, which
     Prometheus reads as a reset, never as a counter going down."""
-    saved = _busy_metrics().export_totals()
+    saved = exported(_busy_metrics())
     damage(saved)
     fresh = Metrics()
     with pytest.raises(ValueError):
         fresh.restore_totals(saved)
-    assert all(value == 0 for _, _, value in fresh.export_totals())
+    assert all(value == 0 for _, _, value in exported(fresh))
 
 
 def test_carried_series_are_exposed_as_prometheus_reads_them() -> None:

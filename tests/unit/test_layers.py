@@ -22,7 +22,7 @@ import vhost_user_balloon
 PACKAGE = "vhost_user_balloon"
 ROOT = Path(vhost_user_balloon.__file__).parent
 #: The daemon's top level: it puts the parts together, and nothing imports it.
-TOP = {"daemon", "daemon.server", "daemon.cli", "daemon.control", "__main__"}
+TOP = {"daemon", "daemon.server", "daemon.listening", "daemon.cli", "daemon.control", "__main__"}
 #: What each part may import of the package (besides itself and the root's __version__).
 ALLOWED: dict[str, set[str]] = {
     "protocol": set(),

@@ -153,7 +153,7 @@ def test_two_regions_second_with_mmap_offset() -> None:
 
 def test_poison_value_arrives_before_features() -> None:
     session, _, _ = replay("qemu-11.1.3-poison-init-on-free-6.12.jsonl")
-    assert session.device.poison_val == 0 and session.device.discard_allowed
+    assert session.device.config.poison_val == 0 and session.device.discard_allowed
     assert session.features & BalloonFeature.PAGE_POISON
 
 
@@ -367,7 +367,7 @@ def test_config_space_reads_and_driver_writes() -> None:
     assert out.reply is not None and out.reply[12 + 12 : 12 + 16] == struct.pack("<I", 0x1234)
     s.handle(msg(Request.SET_CONFIG, Config(0, 16, 0, struct.pack("<IIII", 9, 5, 9, 0xAA))))
     assert s.device.config.num_pages == 0x1234  # not the driver's to write
-    assert s.device.config.actual == 5 and s.device.poison_val == 0xAA
+    assert s.device.config.actual == 5 and s.device.config.poison_val == 0xAA
     assert not s.device.discard_allowed
     with pytest.raises(PayloadError) as err:
         s.handle(msg(Request.GET_CONFIG, Config(8, 16, 0, bytes(16))))
@@ -407,7 +407,7 @@ def test_a_new_device_on_the_same_connection_is_a_fresh_session() -> None:
 
 def test_layout_follows_features() -> None:
     s = active(features=int(VirtioFeature.VERSION_1 | BalloonFeature.REPORTING))
-    assert s.queue_roles == {0: QueueRole.INFLATE, 1: QueueRole.DEFLATE, 2: QueueRole.REPORTING}
+    assert s.layout == (QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.REPORTING)
 
 
 # -- anything at all ----------------------------------------------------------------------

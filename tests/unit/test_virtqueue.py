@@ -24,6 +24,7 @@ from vhost_user_balloon.protocol import (
     QueueError,
     ReportError,
     RingError,
+    RingLayout,
     SplitQueue,
     StatsError,
     VhostUserError,
@@ -41,15 +42,7 @@ def setup(
 ) -> tuple[GuestRam, DriverRing, SplitQueue, GuestMemory]:
     ram = GuestRam.flat(ram_size)
     drv = DriverRing(ram, 0x1000, size)
-    a = drv.vring_addr()
-    q = SplitQueue(
-        size,
-        a.desc_user_addr,
-        a.avail_user_addr,
-        a.used_user_addr,
-        indirect=indirect,
-        event_idx=event_idx,
-    )
+    q = SplitQueue(drv.layout(), indirect=indirect, event_idx=event_idx)
     mem = ram.guest_memory()
     q.check_layout(mem)
     q.load_used_index(mem)
@@ -178,11 +171,11 @@ def test_event_idx() -> None:
 
 def test_queue_geometry_rules() -> None:
     with pytest.raises(QueueError):
-        SplitQueue(16, 0x1001, 0x2000, 0x3000)
+        RingLayout(16, 0x1001, 0x2000, 0x3000)
     with pytest.raises(QueueError):
-        SplitQueue(16, 0x1000, 0x2001, 0x3000)
+        RingLayout(16, 0x1000, 0x2001, 0x3000)
     with pytest.raises(QueueError):
-        SplitQueue(16, 0x1000, 0x2000, 0x3002)
+        RingLayout(16, 0x1000, 0x2000, 0x3002)
     _, _, q, mem = setup()
     with pytest.raises(LocalProtocolError):
         q.push(mem, 16, 0)
@@ -212,7 +205,7 @@ def test_translation_and_ranges() -> None:
     mem = ram.guest_memory()
     loc = mem.locate_gpa((1 << 32) + 100, 10)
     assert (loc.region, loc.offset, loc.file_offset) == (1, 100, 8292)
-    mem.write_gpa((1 << 32) + 100, b"hello")
+    ram.write((1 << 32) + 100, b"hello")
     assert mem.read_uva(0x7F00_0000_0000 + (1 << 32) + 100, 5) == b"hello"
     with pytest.raises(AddressError) as err:
         mem.locate_gpa(8000, 4096)  # runs off region 0
@@ -310,6 +303,7 @@ descriptor = st.tuples(
     avail_idx=st.integers(0, 0xFFFF),
     indirect=st.booleans(),
     indirect_table=st.lists(descriptor, max_size=8),
+    in_place=st.booleans(),
 )
 def test_any_ring_content_yields_chains_inside_ram_or_typed_errors(
     size: int,
@@ -318,7 +312,10 @@ def test_any_ring_content_yields_chains_inside_ram_or_typed_errors(
     avail_idx: int,
     indirect: bool,
     indirect_table: list[tuple[int, int, int, int]],
+    in_place: bool,
 ) -> None:
+    """Whether the ring is read in place (a sealed memfd) or through read and write
+    (an unsealed file), the same rules hold."""
     ram = GuestRam([RamRegion(r.gpa, bytearray(len(r.buf)), r.mmap_offset) for r in TWO_REGIONS])
     drv = DriverRing(ram, 0x1000, size)
     for i in range(size):
@@ -328,9 +325,8 @@ def test_any_ring_content_yields_chains_inside_ram_or_typed_errors(
     for k, h in enumerate(heads):
         ram.write(drv.avail + 4 + 2 * (k % size), struct.pack("<H", h))
     drv.set_avail_idx(avail_idx)
-    a = drv.vring_addr()
-    q = SplitQueue(size, a.desc_user_addr, a.avail_user_addr, a.used_user_addr, indirect=indirect)
-    mem = ram.guest_memory()
+    q = SplitQueue(drv.layout(), indirect=indirect)
+    mem = ram.guest_memory(in_place=in_place)
     regions = mem.regions
     for _ in range(size + 1):  # bounded: at most one pass over the ring
         try:

@@ -11,10 +11,10 @@ import json
 import sys
 import time
 
-from vhost_user_balloon.daemon.serving import queues
+from vhost_user_balloon.daemon.serving import discard
 
 DELAY_S = 3.0
-_execute = queues.execute
+_execute = discard.execute
 
 
 def _slow_execute(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -24,4 +24,4 @@ def _slow_execute(*args, **kwargs):  # type: ignore[no-untyped-def]
     return _execute(*args, **kwargs)
 
 
-queues.execute = _slow_execute
+discard.execute = _slow_execute
