@@ -346,13 +346,13 @@ class Setting:
         return self.field or self.key
 
     def type_name(self) -> str:
-        return " or ".join(_TYPE_NAMES[t] for t in self.types)
+        """What the key takes, as an error says it ("a string or a whole number")."""
+        return " or ".join("true or false" if t is bool else _KINDS[t] for t in self.types)
 
 
-_TYPE_NAMES: Final = {bool: "true or false", str: "a string", int: "a whole number",
-                      float: "a number", list: "an array", dict: "a table"}  # fmt: skip
-_ARTICLES: Final = {bool: "a boolean", str: "a string", int: "a whole number", float: "a number",
-                    list: "an array", dict: "a table"}  # fmt: skip
+#: What each TOML type is called in errors.
+_KINDS: Final = {bool: "a boolean", str: "a string", int: "a whole number", float: "a number",
+                 list: "an array", dict: "a table"}  # fmt: skip
 
 
 def _policy_default(name: str) -> object:
@@ -489,7 +489,7 @@ def _typed(data: Mapping[str, object], row: Setting, where: str) -> object:
         return row.default
     value = data[row.key]
     if (isinstance(value, bool) and bool not in row.types) or not isinstance(value, row.types):
-        article = _ARTICLES.get(type(value), type(value).__name__)
+        article = _KINDS.get(type(value), type(value).__name__)
         raise ConfigError(
             f"{where}: {row.key} = {value!r} is {article}; expected {row.type_name()}"
         )

@@ -8,9 +8,9 @@ from .auto import (
     GuestStats,
     GuestView,
     HostView,
-    Outcome,
     Policy,
     PolicyConfig,
+    Round,
     floor_bytes,
 )
 
@@ -20,8 +20,8 @@ __all__ = [
     "GuestStats",
     "GuestView",
     "HostView",
-    "Outcome",
     "Policy",
     "PolicyConfig",
+    "Round",
     "floor_bytes",
 ]

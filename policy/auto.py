@@ -46,9 +46,9 @@ __all__ = [
     "GuestStats",
     "GuestView",
     "HostView",
-    "Outcome",
     "Policy",
     "PolicyConfig",
+    "Round",
     "floor_bytes",
 ]
 
@@ -150,7 +150,7 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Round:
     """Everything decided in one interval."""
 
     decisions: tuple[Decision, ...]
@@ -173,7 +173,7 @@ class Policy:
     config: PolicyConfig
     _last: dict[str, GuestStats] = field(default_factory=dict)
 
-    def decide(self, host: HostView, guests: Sequence[GuestView]) -> Outcome:
+    def decide(self, host: HostView, guests: Sequence[GuestView]) -> Round:
         cfg = self.config
         resident = sum(g.resident_bytes for g in guests)
         over = resident - cfg.budget_bytes
@@ -203,7 +203,7 @@ class Policy:
                 need -= decision.target_bytes - g.target_bytes
             decided[g.vm] = decision
         self._last = {g.vm: g.stats for g in guests if g.stats is not None}
-        return Outcome(
+        return Round(
             tuple(decided[g.vm] for g in guests),
             resident,
             shortfall_bytes=max(0, over - coming - capacity),

@@ -20,7 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .balloon import BalloonConfig, BalloonDevice, QueueRole, queue_layout
+from .balloon import (
+    CONFIG_SIZE,
+    BalloonConfig,
+    BalloonDevice,
+    QueueRole,
+    qemu_device_option,
+    queue_layout,
+)
 from .codes import MAX_QUEUES, ProtocolFeature, Request, VirtioFeature
 from .effects import (
     AddRegion,
@@ -95,8 +102,8 @@ _MAX_VRING_BASE = 0xFFFF
 CONFIG_MISSING_HELP = (
     "QEMU did not negotiate the vhost-user CONFIG protocol feature, so the guest would "
     "read num_pages=0xffffffff from a config space nobody serves and inflate the balloon "
-    "over all its memory. Give the QEMU device config_size=16: "
-    "-device vhost-user-test-device-pci,chardev=...,virtio-id=5,num_vqs=5,config_size=16"
+    f"over all its memory. Give the QEMU device config_size={CONFIG_SIZE}: "
+    f"-device {qemu_device_option(chardev='...')}"
 )
 
 
@@ -309,16 +316,7 @@ class Session:
 
     def _set_features(self, msg: Message) -> Outcome:
         assert isinstance(msg.payload, U64)
-        value = msg.payload.value
-        extra = value & ~self.device.features
-        if extra:
-            raise PayloadError(
-                f"SET_FEATURES acks bits {extra:#x} that were never offered "
-                f"(offered {self.device.features:#x})",
-                reason="unoffered_features",
-                features=value,
-                offered=self.device.features,
-            )
+        value = _offered(msg, self.device.features, "unoffered_features")
         if self._started():
             raise StateError(
                 "SET_FEATURES while queues are started",
@@ -339,17 +337,7 @@ class Session:
         return self._reply(msg, U64(self.offered_protocol_features))
 
     def _set_protocol_features(self, msg: Message) -> Outcome:
-        assert isinstance(msg.payload, U64)
-        value = msg.payload.value
-        extra = value & ~self.offered_protocol_features
-        if extra:
-            raise PayloadError(
-                f"SET_PROTOCOL_FEATURES acks bits {extra:#x} that were never offered "
-                f"(offered {self.offered_protocol_features:#x})",
-                reason="unoffered_protocol_features",
-                features=value,
-                offered=self.offered_protocol_features,
-            )
+        value = _offered(msg, self.offered_protocol_features, "unoffered_protocol_features")
         if not value & ProtocolFeature.CONFIG:
             raise ConfigurationError(
                 CONFIG_MISSING_HELP, reason="config_not_negotiated", protocol_features=value
@@ -371,10 +359,7 @@ class Session:
                 reason="handshake_while_running",
                 started=[v.index for v in self._started()],
             )
-        self.memory = None
-        self.features = 0
-        self.layout = queue_layout(0)
-        self.vrings = [Vring(i) for i in range(len(self.vrings))]
+        self._forget_device()
         self.device.config.actual = 0
         return [
             ResetDevice(new_device=True),
@@ -386,12 +371,17 @@ class Session:
         effects: list[Effect] = []
         for v in self._started():
             effects += self._stop(v)
+        self._forget_device()
+        effects += [ResetDevice(), self._features_set()]
+        return self._ack(msg, *effects)
+
+    def _forget_device(self) -> None:
+        """What a reset and a new device both start from: no memory, no features, no
+        queue set up (the balloon's config stays)."""
         self.memory = None
         self.features = 0
         self.layout = queue_layout(0)
         self.vrings = [Vring(i) for i in range(len(self.vrings))]
-        effects += [ResetDevice(), self._features_set()]
-        return self._ack(msg, *effects)
 
     # -- memory ------------------------------------------------------------------
     def _set_mem_table(self, msg: Message) -> Outcome:
@@ -587,3 +577,20 @@ class Session:
         self.device.write_config(cfg.offset, cfg.data)
         config = self.device.config
         return self._ack(msg, BalloonChanged(config.num_pages, config.actual))
+
+
+def _offered(msg: Message, offered: int, reason: str) -> int:
+    """The feature bits a SET_FEATURES or SET_PROTOCOL_FEATURES acks, all of them
+    offered (a bit never offered is a ``PayloadError``)."""
+    assert isinstance(msg.payload, U64)
+    value = msg.payload.value
+    extra = value & ~offered
+    if extra:
+        raise PayloadError(
+            f"{msg.request.name} acks bits {extra:#x} that were never offered "
+            f"(offered {offered:#x})",
+            reason=reason,
+            features=value,
+            offered=offered,
+        )
+    return value

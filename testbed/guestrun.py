@@ -442,6 +442,29 @@ def _take_sample(run: GuestRun, pid: int) -> Sample:
     return Sample(run.now(), allocated, _rss_shmem(pid), metrics)
 
 
+def _watch(
+    run: GuestRun,
+    qemu: subprocess.Popen[bytes],
+    on_sample: Callable[[GuestRun, Sample], None] | None,
+    stop_when: Callable[[GuestRun], bool] | None,
+) -> None:
+    """Sample host memory twice a second until QEMU exits, ``stop_when`` says so, or
+    the spec's time is up."""
+    deadline = time.monotonic() + run.spec.timeout_s
+    while qemu.poll() is None:
+        if time.monotonic() > deadline:
+            run.timed_out = True
+            return
+        sample = _take_sample(run, qemu.pid)
+        if run.memfd_path:
+            run.samples.append(sample)
+            if on_sample:
+                on_sample(run, sample)
+        if stop_when and stop_when(run):
+            return
+        time.sleep(0.5)
+
+
 def run_guest(
     spec: GuestSpec,
     env: Env | None = None,
@@ -475,19 +498,7 @@ def run_guest(
             stderr=subprocess.PIPE,
         )
         _follow_console(run, qemu)
-        deadline = time.monotonic() + spec.timeout_s
-        while qemu.poll() is None:
-            if time.monotonic() > deadline:
-                run.timed_out = True
-                break
-            sample = _take_sample(run, qemu.pid)
-            if run.memfd_path:
-                run.samples.append(sample)
-                if on_sample:
-                    on_sample(run, sample)
-            if stop_when and stop_when(run):
-                break
-            time.sleep(0.5)
+        _watch(run, qemu, on_sample, stop_when)
     finally:
         run.qemu_returncode = stop_process(qemu, signal.SIGTERM, 5)
         run.daemon_returncode = stop_process(daemon, signal.SIGTERM, 15)

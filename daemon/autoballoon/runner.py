@@ -23,8 +23,8 @@ from vhost_user_balloon.policy import (
     GuestStats,
     GuestView,
     HostView,
-    Outcome,
     Policy,
+    Round,
 )
 from vhost_user_balloon.protocol import BalloonFeature, BalloonStat
 
@@ -121,13 +121,13 @@ class AutoBalloonRunner:
         log.info("auto_balloon_reconfigured", budget_bytes=settings.policy.budget_bytes,
                  observe_only=settings.observe_only)  # fmt: skip
 
-    async def step(self) -> Outcome:
+    async def step(self) -> Round:
         """One interval: decide, record, apply."""
         conns = dict(self.connections())
         guests = list(self._guests(conns))
-        outcome = self.policy.decide(self.host(), guests)
-        self._record(outcome, guests)
-        for decision in outcome.decisions:
+        decided = self.policy.decide(self.host(), guests)
+        self._record(decided, guests)
+        for decision in decided.decisions:
             if decision.direction is Direction.HOLD or self.settings.observe_only:
                 continue
             conn = conns.get(decision.vm)
@@ -137,7 +137,7 @@ class AutoBalloonRunner:
                 await conn.set_target(decision.target_bytes)
             except BalloonTargetError as err:
                 log.warning("auto_balloon_not_applied", vm=decision.vm, error=str(err))
-        return outcome
+        return decided
 
     def _guests(self, conns: Mapping[str, VmConnection]) -> Iterator[GuestView]:
         specs = self.vms()
@@ -160,31 +160,31 @@ class AutoBalloonRunner:
                 balloon_in_total=bool(view.features & BalloonFeature.DEFLATE_ON_OOM),
             )
 
-    def _record(self, outcome: Outcome, guests: list[GuestView]) -> None:
+    def _record(self, decided: Round, guests: list[GuestView]) -> None:
         m = self._metrics
-        m.resident.set(outcome.resident_bytes)
-        m.shortfall.set(outcome.shortfall_bytes)
+        m.resident.set(decided.resident_bytes)
+        m.shortfall.set(decided.shortfall_bytes)
         views = {g.vm: g for g in guests}
-        for d in outcome.decisions:
+        for d in decided.decisions:
             m.reclaimable.labels(vm=d.vm).set(d.reclaimable_bytes)
             m.floor.labels(vm=d.vm).set(d.floor_bytes)
             m.latest(d.vm, d.reason)
             if d.direction is not Direction.HOLD:
                 m.decisions.labels(vm=d.vm, direction=d.direction.value, reason=d.reason).inc()
                 _log_decision(d, views[d.vm], self.settings.observe_only)
-        short = outcome.shortfall_bytes > 0
+        short = decided.shortfall_bytes > 0
         if short != self._short:
             self._short = short
             if short:
                 log.warning(
                     "auto_balloon_budget_unreachable",
-                    shortfall_bytes=outcome.shortfall_bytes,
-                    resident_bytes=outcome.resident_bytes,
+                    shortfall_bytes=decided.shortfall_bytes,
+                    resident_bytes=decided.resident_bytes,
                     budget_bytes=self.settings.policy.budget_bytes,
                     message="the guests cannot give more without going under their floors",
                 )
             else:
-                log.info("auto_balloon_budget_reachable", resident_bytes=outcome.resident_bytes)
+                log.info("auto_balloon_budget_reachable", resident_bytes=decided.resident_bytes)
 
 
 def _log_decision(d: Decision, g: GuestView, observe_only: bool) -> None:

@@ -23,7 +23,14 @@ from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonStat
 
 from .totals import CounterChild, Totals, add
 
-__all__ = ["GUEST_STAT_METRICS", "PREFIX", "GuestStats", "Metrics", "VmMemoryStats", "VmMetrics"]
+__all__ = [
+    "GUEST_STAT_METRICS",
+    "PREFIX",
+    "LatestGuestStats",
+    "Metrics",
+    "VmMemoryStats",
+    "VmMetrics",
+]
 
 PREFIX = "vhost_user_balloon"
 
@@ -86,7 +93,7 @@ GUEST_STAT_METRICS: dict[int, tuple[str, str, str]] = {
 }  # fmt: skip
 
 
-class GuestStats(Collector):
+class LatestGuestStats(Collector):
     """The latest statistics each guest sent, exported at scrape time."""
 
     def __init__(self) -> None:
@@ -139,6 +146,8 @@ class GuestStats(Collector):
 class Metrics:
     """Every metric the daemon exports, registered in one ``CollectorRegistry``."""
 
+    # A declaration table (each series its name, help and labels, as README "Metrics"
+    # lists them): long by nature.
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         #: Held while a report is counted (in a discard thread) and while a scrape saves
@@ -244,7 +253,7 @@ class Metrics:
             ["vm"],
         )  # fmt: skip
         self.registry.register(self.totals)
-        self.guest_stats = GuestStats()
+        self.guest_stats = LatestGuestStats()
         self.registry.register(self.guest_stats)
 
     def export_totals_json(self) -> str:

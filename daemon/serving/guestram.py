@@ -75,6 +75,28 @@ def _seals(fd: int) -> int:
         return 0
 
 
+def _checked_file(region: MemoryRegion, fd: int) -> os.stat_result:
+    """The file behind a region: a regular file that holds the whole region (touching
+    a mapping past the end of its file raises SIGBUS, which would kill every VM)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise MemoryTableError(
+            f"memory region fd is not a regular file (mode {st.st_mode:#o}); guest RAM "
+            "must be fd-backed and shared: memory-backend-memfd,share=on",
+            reason="region_not_a_file",
+        )
+    end = region.mmap_offset + region.memory_size
+    if st.st_size < end:
+        raise MemoryTableError(
+            f"memory region {region.guest_phys_addr:#x}+{region.memory_size:#x} needs "
+            f"{end:#x} bytes of its file, which holds only {st.st_size:#x}",
+            reason="region_beyond_file",
+            file_size=st.st_size,
+            needed=end,
+        )
+    return st
+
+
 @dataclass(eq=False)
 class MappedRegion:
     """One region mapped from its fd; implements ``protocol.MemoryAccess``."""
@@ -92,22 +114,7 @@ class MappedRegion:
     @classmethod
     def open(cls, region: MemoryRegion, fd: int) -> MappedRegion:
         """Map ``region`` from ``fd``. On failure the fd is left to the caller."""
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise MemoryTableError(
-                f"memory region fd is not a regular file (mode {st.st_mode:#o}); guest RAM "
-                "must be fd-backed and shared: memory-backend-memfd,share=on",
-                reason="region_not_a_file",
-            )
-        end = region.mmap_offset + region.memory_size
-        if st.st_size < end:
-            raise MemoryTableError(
-                f"memory region {region.guest_phys_addr:#x}+{region.memory_size:#x} needs "
-                f"{end:#x} bytes of its file, which holds only {st.st_size:#x}",
-                reason="region_beyond_file",
-                file_size=st.st_size,
-                needed=end,
-            )
+        st = _checked_file(region, fd)
         page = max(st.st_blksize, mmap.PAGESIZE)
         if region.mmap_offset % page:
             raise MemoryTableError(

@@ -16,9 +16,9 @@ from vhost_user_balloon.policy import (
     GuestStats,
     GuestView,
     HostView,
-    Outcome,
     Policy,
     PolicyConfig,
+    Round,
     floor_bytes,
 )
 
@@ -55,7 +55,7 @@ def guest(
 QUIET = HostView()
 
 
-def decide(*guests: GuestView, host: HostView = QUIET, config: PolicyConfig = CONFIG) -> Outcome:
+def decide(*guests: GuestView, host: HostView = QUIET, config: PolicyConfig = CONFIG) -> Round:
     return Policy(config).decide(host, guests)
 
 
