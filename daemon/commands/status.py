@@ -7,21 +7,35 @@ import sys
 import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Final
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from vhost_user_balloon.protocol import BalloonFeature, VirtioFeature
 
 from ..config import DEFAULT_METRICS_LISTEN
 from ..observing.metrics import PREFIX
 
-__all__ = ["main", "render"]
+__all__ = ["FEATURE_NAMES", "main", "render"]
 
 MiB = 1 << 20
 
 
+#: How each feature the guest may accept is shown: every balloon feature, and VERSION_1.
+FEATURE_NAMES: Final = {
+    BalloonFeature.MUST_TELL_HOST: "tell_host",
+    BalloonFeature.STATS_VQ: "stats",
+    BalloonFeature.DEFLATE_ON_OOM: "deflate_on_oom",
+    BalloonFeature.FREE_PAGE_HINT: "hints",
+    BalloonFeature.PAGE_POISON: "poison",
+    BalloonFeature.REPORTING: "reporting",
+    VirtioFeature.VERSION_1: "v1",
+}
+
+
 def _features(value: float) -> str:
-    names = {1: "stats", 4: "poison", 5: "reporting", 32: "v1"}
     bits = int(value)
-    return ",".join(name for bit, name in names.items() if bits >> bit & 1) or "-"
+    return ",".join(name for bit, name in FEATURE_NAMES.items() if bits & bit) or "-"
 
 
 def render(text: str) -> str:
@@ -44,7 +58,7 @@ def render(text: str) -> str:
             else:
                 vms[vm][name] = s.value
     lines = [
-        f"{'VM':16} {'state':9} {'features':24} {'RAM':>9} {'resident':>9} "
+        f"{'VM':16} {'state':9} {'features':40} {'RAM':>9} {'resident':>9} "
         f"{'given back':>11} {'skipped':>8} {'errors':>6} {'balloon':>8} {'why':18}"
         "  reported by order"
     ]
@@ -57,7 +71,7 @@ def render(text: str) -> str:
         )
         lines.append(
             f"{vm:16} {'attached' if v.get('connected') else 'waiting':9} "
-            f"{_features(v.get('negotiated_features', 0)):24} "
+            f"{_features(v.get('negotiated_features', 0)):40} "
             f"{v.get('guest_ram_bytes', 0) / MiB:8.0f}M "
             f"{v.get('guest_ram_resident_bytes', 0) / MiB:8.0f}M "
             f"{v.get('discarded_bytes_total', 0) / MiB:10.0f}M "

@@ -1,0 +1,27 @@
+"""``vhost-user-balloon status``: the table it prints from a daemon's /metrics."""
+
+from __future__ import annotations
+
+from vhost_user_balloon.daemon.commands.status import FEATURE_NAMES, render
+from vhost_user_balloon.protocol import BalloonFeature, VirtioFeature
+
+
+def test_every_feature_a_guest_may_accept_has_a_name() -> None:
+    assert set(FEATURE_NAMES) == {*BalloonFeature, VirtioFeature.VERSION_1}
+
+
+def test_the_features_column_names_what_the_guest_accepted() -> None:
+    bits = (
+        BalloonFeature.STATS_VQ
+        | BalloonFeature.DEFLATE_ON_OOM
+        | BalloonFeature.REPORTING
+        | VirtioFeature.VERSION_1
+    )
+    page = (
+        "# TYPE vhost_user_balloon_connected gauge\n"
+        'vhost_user_balloon_connected{vm="web1"} 1\n'
+        "# TYPE vhost_user_balloon_negotiated_features gauge\n"
+        f'vhost_user_balloon_negotiated_features{{vm="web1"}} {int(bits)}\n'
+    )
+    (row,) = render(page).splitlines()[1:]
+    assert row.split()[:3] == ["web1", "attached", "stats,deflate_on_oom,reporting,v1"]
