@@ -14,6 +14,7 @@ import structlog
 import trio
 
 from vhost_user_balloon import __version__
+from vhost_user_balloon.protocol import qemu_device_option
 
 from .config import ConfigError, Settings, add_options, keys_help, load_settings
 from .handover.store import kept_vms
@@ -31,13 +32,13 @@ host (fallocate PUNCH_HOLE on the guest RAM file) and exports per-VM, per-order
 counters for Prometheus. One daemon serves many VMs, one socket each.
 """
 
-EPILOG = """\
+EPILOG = f"""\
 attach a VM (QEMU >= 10.2; guest RAM must be a shared memfd or hugetlbfs file):
   qemu-system-x86_64 ... \\
     -object memory-backend-memfd,id=mem,size=2G,share=on \\
     -machine q35,memory-backend=mem \\
     -chardev socket,id=vb,path=/run/vhost-user-balloon/web1.sock \\
-    -device vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=5,config_size=16
+    -device {qemu_device_option(chardev="vb")}
 
 config_size=16 is required: without it the guest inflates the balloon over all its
 memory, and the daemon refuses the connection.

@@ -16,7 +16,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import Enum, IntFlag
-from typing import NamedTuple
+from types import MappingProxyType
+from typing import Final, NamedTuple
 
 from .codes import VirtioFeature
 from .errors import LocalProtocolError, PayloadError, ReportError
@@ -29,12 +30,15 @@ __all__ = [
     "GUEST_PAGE_SIZE",
     "MAX_PFN_BYTES",
     "MAX_REPORT_ORDER",
+    "QEMU_DEVICE",
+    "VIRTIO_ID_BALLOON",
     "BalloonConfig",
     "BalloonDevice",
     "BalloonFeature",
     "QueueRole",
     "ReportedRange",
     "balloon_pages",
+    "qemu_device_option",
     "queue_layout",
     "report_ranges",
 ]
@@ -86,6 +90,30 @@ class QueueRole(Enum):
     STATS = "stats"
     FREE_PAGE_HINT = "free_page_hint"
     REPORTING = "reporting"
+
+
+#: VIRTIO_ID_BALLOON (virtio 1.2 5: device types).
+VIRTIO_ID_BALLOON = 5
+#: The properties QEMU's generic vhost-user device (QEMU >= 10.2) needs to be this
+#: balloon: every attach line and libvirt snippet shipped, the migration commands and
+#: the errors that tell users what to write come from here (tests check the files).
+#: ``num_vqs`` covers every queue a balloon can have (the guest numbers them densely
+#: over its features); ``config_size`` must be the balloon config's 16 bytes (with 0,
+#: QEMU forwards no config access and the guest inflates over all its memory).
+QEMU_DEVICE: Final = MappingProxyType({
+    "driver": "vhost-user-test-device-pci",
+    "virtio-id": VIRTIO_ID_BALLOON,
+    "num_vqs": len(QueueRole),
+    "config_size": CONFIG_SIZE,
+})  # fmt: skip
+
+
+def qemu_device_option(**where: str) -> str:
+    """The ``-device`` option's value, key=value: the driver, then ``where`` (``id``,
+    ``bus``, ``chardev``, in the order given), then the balloon's properties."""
+    driver, *rest = QEMU_DEVICE.items()
+    parts = [str(driver[1]), *(f"{k}={v}" for k, v in where.items())]
+    return ",".join(parts + [f"{k}={v}" for k, v in rest])
 
 
 def queue_layout(features: int) -> tuple[QueueRole, ...]:

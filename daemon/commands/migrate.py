@@ -25,17 +25,14 @@ import sys
 import time
 from typing import Any, Final
 
+from vhost_user_balloon.protocol import QEMU_DEVICE
+
 from .qmp import Qmp, QmpError
 
 __all__ = ["DEVICE", "MigrateError", "finish", "finish_command", "prepare", "prepare_command"]
 
-#: The device QEMU realizes for us (the shipped options, qemu-config/).
-DEVICE: Final = {
-    "driver": "vhost-user-test-device-pci",
-    "virtio-id": 5,
-    "num_vqs": 5,
-    "config_size": 16,
-}
+#: The device QEMU realizes for us (the shipped options, qemu-config/, say the same).
+DEVICE: Final = dict(QEMU_DEVICE)
 
 
 class MigrateError(Exception):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from testbed.guestrun import attach_args
+from vhost_user_balloon.daemon.cli import build_parser
+from vhost_user_balloon.daemon.commands.migrate import DEVICE
+from vhost_user_balloon.protocol import CONFIG_MISSING_HELP, QEMU_DEVICE, qemu_device_option
 
 QEMU_CONFIG = Path(__file__).resolve().parents[2] / "qemu-config"
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -45,7 +49,9 @@ def test_every_variant_keeps_config_size_16_and_shared_ram() -> None:
 def test_every_fragment_is_documented() -> None:
     table = (QEMU_CONFIG / "README.md").read_text()
     for path in QEMU_CONFIG.iterdir():
-        if path.suffix in (".args", ".xml", ".py", ".sh") or path.name == "provision":
+        assert path.suffix in (".args", ".xml") or path.name == "README.md", (
+            f"{path.name}: qemu-config/ holds only what users paste")  # fmt: skip
+        if path.suffix in (".args", ".xml"):
             assert f"`{path.name}`" in table, path.name
 
 
@@ -59,3 +65,43 @@ def test_readme_shows_the_args_files_as_they_are() -> None:
             if line and not line.startswith("#"):
                 option = line.split(" ", 1)[1].format(**values)
                 assert option in text, (name, option)
+
+
+_KEY_VALUE = re.compile(r"vhost-user-test-device-pci(,[^\s`'\\]+)")
+_JSON = re.compile(r'\{"driver":\s*"vhost-user-test-device-pci"[^{}]*\}')
+#: What may stand beside the balloon's own properties: where the device sits.
+_PLACE = {"id", "bus", "chardev"}
+
+
+def _device_mentions(text: str) -> list[dict[str, str]]:
+    """Every -device of the balloon a text shows: key=value or QEMU's JSON form."""
+    found = [dict(p.split("=", 1) for p in m.group(1).strip(",").split(","))
+             for m in _KEY_VALUE.finditer(text)]  # fmt: skip
+    for m in _JSON.finditer(text):
+        props = json.loads(m.group(0))
+        props.pop("driver")
+        found.append({k: str(v) for k, v in props.items()})
+    return found
+
+
+def test_every_device_option_shipped_is_the_one_the_code_knows() -> None:
+    """The balloon's QEMU properties have one source (QEMU_DEVICE): every .args file,
+    the libvirt snippet and every block of README and qemu-config/README.md say them
+    exactly, with nothing but where the device sits beside them."""
+    own = {k: str(v) for k, v in QEMU_DEVICE.items() if k != "driver"}
+    texts = {p.name: p.read_text() for p in QEMU_CONFIG.iterdir() if p.suffix in (".args", ".xml")}
+    texts |= {"README.md": README.read_text(), "qemu-config/README.md":
+              (QEMU_CONFIG / "README.md").read_text()}  # fmt: skip
+    seen = 0
+    for name, text in texts.items():
+        for props in _device_mentions(text):
+            seen += 1
+            assert props.keys() - _PLACE == own.keys(), (name, props)
+            assert {k: props[k] for k in own} == own, (name, props)
+    assert seen >= 8  # the four .args and XML ones, README's several
+
+
+def test_the_daemons_own_words_name_the_same_device() -> None:
+    assert qemu_device_option(chardev="vb") in build_parser().format_help()
+    assert qemu_device_option(chardev="...") in CONFIG_MISSING_HELP
+    assert dict(QEMU_DEVICE) == DEVICE
