@@ -99,7 +99,7 @@ _IDLE: Final = frozenset({QueueState.IDLE})
 _EITHER: Final = frozenset(QueueState)
 
 
-def _device(
+def _device(  # noqa: PLR0913 - one keyword per field of RequestSpec, for the table below
     handler: str,
     payload: type[Payload],
     *,
