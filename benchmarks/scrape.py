@@ -18,42 +18,50 @@ from vhost_user_balloon.daemon.observing.http import open_metrics_listeners, ser
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 
 
-async def scrape_stall(vms: int, scrapes: int) -> dict[str, float]:
-    """How long the event loop stops while /metrics is scraped at ``vms`` VMs: a task
-    that wakes every millisecond records how late it wakes, while the daemon's metrics
-    endpoint (daemon/http.py) answers ``scrapes`` scrapes; against the same task while
-    the page is written in the loop, as it was before (the baseline, same run)."""
+async def lateness(during: Callable[[], Awaitable[None]]) -> list[float]:
+    """How late a task that sleeps a millisecond at a time wakes, while ``during`` runs."""
+    late: list[float] = []
+    done = False
+
+    async def ticker() -> None:
+        while not done:
+            t = time.perf_counter()
+            await trio.sleep(0.001)
+            late.append(time.perf_counter() - t - 0.001)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await during()
+        done = True
+    return late
+
+
+def busy_metrics(vms: int) -> Metrics:
+    """The series of ``vms`` VMs that each served a report."""
     m = Metrics()
     for i in range(vms):
         m.for_vm(f"vm{i}").record_report(
             {9: (16, 32 * MiB), 10: (16, 64 * MiB)}, 96 * MiB, {"unaligned": 4096}, 0.01
         )
+    return m
+
+
+async def scrape_stall(vms: int, scrapes: int) -> dict[str, float]:
+    """How long the event loop stops while /metrics is scraped at ``vms`` VMs: a task
+    that wakes every millisecond records how late it wakes, while the daemon's metrics
+    endpoint (daemon/observing/http.py) answers ``scrapes`` scrapes; against the same
+    task while the page is written in the loop, as it was before (the baseline)."""
+    m = busy_metrics(vms)
     state = StateFile.create("bench", TOTALS_SLOT_BYTES)
 
-    def save() -> None:
+    def save() -> None:  # what Daemon.save_totals does before every scrape
         state.write_json(f'{{"format":1,"totals":{m.export_totals_json()}}}')
 
-    async def lateness(during: Callable[[], Awaitable[None]]) -> list[float]:
-        late: list[float] = []
-        done = False
-
-        async def ticker() -> None:
-            while not done:
-                t = time.perf_counter()
-                await trio.sleep(0.001)
-                late.append(time.perf_counter() - t - 0.001)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ticker)
-            await during()
-            done = True
-        return late
-
     listeners = await open_metrics_listeners("127.0.0.1", 0)
-    port = listeners[0].socket.getsockname()[1]
+    url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/metrics"
 
     def get() -> None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        with urllib.request.urlopen(url, timeout=30) as r:
             r.read()
 
     async def scrape_now() -> None:

@@ -10,24 +10,19 @@ import time
 from prometheus_client import generate_latest
 
 from benchmarks.common import Options, spread
+from benchmarks.scrape import busy_metrics
 from tests.frontend import MiB
 from vhost_user_balloon.daemon.handover.store import TOTALS_SLOT_BYTES, StateFile
-from vhost_user_balloon.daemon.observing.metrics import Metrics
 
 
 def totals(vms: int, repeats: int) -> dict[str, float]:
     """Saving the metric totals for the next process (done in the event loop before
     every scrape), against rendering the same /metrics page (the baseline)."""
-    m = Metrics()
-    children = []
+    m = busy_metrics(vms)
+    children = [m.for_vm(f"vm{i}") for i in range(vms)]
     for i in range(vms):
-        vm = m.for_vm(f"vm{i}")
-        vm.record_report(
-            {9: (16, 32 * MiB), 10: (16, 64 * MiB)}, 96 * MiB, {"unaligned": 4096}, 0.01
-        )
         m.protocol_errors.labels(vm=f"vm{i}", reason="bad_flags").inc()
         m.balloon_inflated_bytes.labels(vm=f"vm{i}").inc(4096)
-        children.append(vm)
     state = StateFile.create("bench", TOTALS_SLOT_BYTES)
 
     def save() -> None:  # what Daemon.save_totals does
