@@ -1,6 +1,6 @@
 """What one connection saves for the next process, and how that process adopts it.
 
-Theory of operation. With a keeper (handover.py), a connection saves a
+Theory of operation. With a keeper (store.py), a connection saves a
 ``ConnectionRecord`` after every change it applies and before it answers QEMU:
 the session (``SavedSession``), which stored fd is which region, vring fd and
 backend channel, and the reply it still owes for the message being handled. The

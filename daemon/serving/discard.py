@@ -167,7 +167,7 @@ class DiscardPool:
 
     ``run`` hands a job to the first free thread and waits on an eventfd of its own,
     which the thread writes when the job is done. That round trip is ~50 us on the
-    test machines against ~155 us for ``trio.to_thread.run_sync`` (``bench.py parts``),
+    test machines against ~155 us for ``trio.to_thread.run_sync`` (``benchmarks parts``),
     and it is paid on every report. The wait is shielded: a job always runs to its end
     (a discard takes milliseconds). Eventfds are kept for the next caller rather than
     closed (as many as there were callers at once): a job may still be writing its
