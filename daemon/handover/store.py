@@ -143,8 +143,7 @@ class VmKeeper:
         try:
             keeper.put_fixed("state", keeper.state.fd)
         except BaseException:
-            keeper.close()
-            close_fds([keeper.state.fd])
+            keeper.close()  # the state file with it
             raise
         return keeper
 
@@ -157,10 +156,17 @@ class VmKeeper:
 
     def put_fixed(self, kind: str, fd: int) -> None:
         name = fd_name(self.vm, kind)
-        if name in self.stored:
-            return
+        if name not in self.stored:
+            self._store(name, fd)
+
+    def _store(self, name: str, fd: int) -> None:
+        """Hand the keeper a copy of ``fd`` under ``name``; keep our reference copy."""
         ref = os.dup(fd)
-        self.store.put(name, ref)
+        try:
+            self.store.put(name, ref)
+        except BaseException:
+            close_fds([ref])
+            raise
         self.stored[name] = ref
 
     def keep(self, fd: int) -> str:
@@ -174,9 +180,7 @@ class VmKeeper:
                 return name
         name = fd_name(self.vm, self._next)
         self._next += 1
-        ref = os.dup(fd)
-        self.store.put(name, ref)
-        self.stored[name] = ref
+        self._store(name, fd)
         self._hint[fd] = name
         return name
 
@@ -199,13 +203,23 @@ class VmKeeper:
 
     def release_all(self) -> None:
         """The VM is gone for good: the keeper lets go of everything (QEMU sees EOF)."""
+        self._close_state()
         for name in list(self.stored):
             self.release(name)
 
     def close(self) -> None:
         """This process stops; the keeper keeps everything."""
+        self._close_state()
         close_fds(self.stored.values())
         self.stored.clear()
+
+    def _close_state(self) -> None:
+        """Let go of the state file, if this process has an fd of its own for it: a new
+        connection's (the keeper holds a copy); an adopted one's is the keeper's copy,
+        among ``stored``, and closed with them."""
+        if self.state.fd >= 0 and self.state.fd not in self.stored.values():
+            close_fds([self.state.fd])
+        self.state.fd = -1
 
 
 @dataclass
