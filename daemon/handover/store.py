@@ -139,12 +139,16 @@ class VmKeeper:
 
     @classmethod
     def start(cls, store: FdStore, vm: str) -> VmKeeper:
-        keeper = cls(store, vm, StateFile.create(vm))
+        """The keeper of a new connection, with a new state file. The state is written
+        through the reference copy kept beside the keeper's (``stored``), as an adopted
+        connection's is: one fd for it, let go of with the others."""
+        state = StateFile.create(vm)
+        keeper = cls(store, vm, state)
         try:
-            keeper.put_fixed("state", keeper.state.fd)
-        except BaseException:
-            keeper.close()  # the state file with it
-            raise
+            keeper.put_fixed("state", state.fd)
+        finally:
+            close_fds([state.fd])
+        state.fd = keeper.stored[fd_name(vm, "state")]
         return keeper
 
     def add_kept(self, name: str, fd: int) -> None:
@@ -203,23 +207,13 @@ class VmKeeper:
 
     def release_all(self) -> None:
         """The VM is gone for good: the keeper lets go of everything (QEMU sees EOF)."""
-        self._close_state()
         for name in list(self.stored):
             self.release(name)
 
     def close(self) -> None:
         """This process stops; the keeper keeps everything."""
-        self._close_state()
         close_fds(self.stored.values())
         self.stored.clear()
-
-    def _close_state(self) -> None:
-        """Let go of the state file, if this process has an fd of its own for it: a new
-        connection's (the keeper holds a copy); an adopted one's is the keeper's copy,
-        among ``stored``, and closed with them."""
-        if self.state.fd >= 0 and self.state.fd not in self.stored.values():
-            close_fds([self.state.fd])
-        self.state.fd = -1
 
 
 @dataclass

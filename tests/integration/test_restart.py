@@ -288,9 +288,9 @@ async def test_a_connection_whose_state_is_lost_is_closed_and_the_rest_go_on(
 
 async def test_connections_that_end_leave_no_fd_behind_under_a_keeper(crash: Crash) -> None:
     """Under a keeper each new connection gets a state file; when the connection ends
-    for good, the keeper lets go of its copies and the daemon of its own. (The chaos
-    soak, seed 3, found the daemon's own copy left open: a memfd per ended
-    connection, so per reconnect, hostile peer or unplug.)"""
+    for good, the keeper and the daemon let go of it with the rest. (The chaos soak,
+    seed 3, found the daemon's first copy left open: a memfd per ended connection, so
+    per reconnect, hostile peer or unplug.)"""
     await crash.start_first()
     baseline: set[str] = set()
     for i in range(6):
