@@ -408,6 +408,7 @@ class Daemon:
             self._auto[0].reconfigure(settings)
         elif self._auto is not None:
             self._auto[1].cancel()
+            self._auto[0].stop()
             self._auto = None
             log.info("auto_balloon_stopped")
         else:

@@ -39,9 +39,11 @@ log = structlog.get_logger()
 
 
 class AutoBalloonMetrics:
-    """The policy's series, registered when it is turned on."""
+    """The policy's series, registered when it is turned on (``unregister``: when it is
+    turned off again, so that it can be turned on again)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         ns = f"{PREFIX}_auto_balloon"
         self.budget = Gauge(f"{ns}_budget_bytes", "The policy's budget for the guests' "
                             "host-resident RAM, summed.", registry=registry)  # fmt: skip
@@ -69,6 +71,11 @@ class AutoBalloonMetrics:
             f"{ns}_decisions", "Targets the policy moved, by direction and reason.",
             ["vm", "direction", "reason"], registry=registry,
         )  # fmt: skip
+
+    def unregister(self) -> None:
+        for series in (self.budget, self.resident, self.shortfall, self.reclaimable,
+                       self.floor, self.reason, self.decisions):  # fmt: skip
+            self.registry.unregister(series)
 
     def latest(self, vm: str, reason: str) -> None:
         """The reason of the latest decision on ``vm``: one series per VM at a time."""
@@ -112,6 +119,10 @@ class AutoBalloonRunner:
         while True:
             await trio.sleep(self.settings.policy.interval_s)
             await self.step()
+
+    def stop(self) -> None:
+        """The policy is turned off: its series go (the loop is cancelled apart)."""
+        self._metrics.unregister()
 
     def reconfigure(self, settings: AutoBalloon) -> None:
         """New settings (SIGHUP): the next interval decides with them."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -142,3 +143,17 @@ async def test_observe_only_decides_and_applies_nothing(
         await fe.aclose()
         qemus.close()
         guest.close()
+
+
+async def test_the_policy_turned_off_and_on_again_by_a_reload(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """SIGHUP can turn the policy off and on again, as often as it likes. (The chaos
+    soak, seed 7, found the second start registering the policy's series a second
+    time: the daemon died with a duplicated-series error.)"""
+    daemon = await start_daemon("a", auto_balloon=settings())
+    on = daemon.settings
+    for policy in (None, settings(), None, settings(observe_only=True)):
+        daemon.reload(replace(on, auto_balloon=policy))
+        budget = sample_or_none(daemon, "auto_balloon_budget_bytes")
+        assert budget == (None if policy is None else BUDGET), policy
