@@ -30,9 +30,12 @@ BENCHMARKS: Final = {
     "totals": "saving the metric totals at 256 VMs against rendering /metrics",
     "scrape": "how long the event loop stops while /metrics is scraped at 256 VMs",
     "policy": "the automatic balloon policy on 200 simulated VMs against a baseline rule",
+    "soak": "a seeded chaos soak: faults on a schedule, invariants checked all along",
 }
+#: The ones with options of their own (NAME --help), run by name only.
+OWN_OPTIONS: Final = {"policy": "benchmarks.policy_sim", "soak": "benchmarks.soak"}
 #: ``all`` runs these, in this order (the real guest last: the slowest).
-ALL: Final = [name for name in BENCHMARKS if name != "policy"]
+ALL: Final = [name for name in BENCHMARKS if name not in OWN_OPTIONS]
 
 
 def main(argv: list[str]) -> int:
@@ -40,7 +43,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=f"Benchmarks, each beside a baseline measured in the same run.\n\n{table}",
-        epilog="all: every benchmark but policy (python -m benchmarks policy --help)",
+        epilog="all: every benchmark but policy and soak, which have options of their own "
+        "(python -m benchmarks soak --help)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("names", nargs="+", choices=[*BENCHMARKS, "all"], metavar="NAME")
@@ -52,8 +56,8 @@ def main(argv: list[str]) -> int:
         help="service, cost: also measure a daemon run from this checkout, in turns (its "
         "compiled extension copied in: vhost_user_balloon/daemon/linux/_syscalls.abi3.so)",
     )  # fmt: skip
-    if argv[:1] == ["policy"]:  # its own options
-        return int(importlib.import_module("benchmarks.policy_sim").main(argv[1:]))
+    if argv[:1] and argv[0] in OWN_OPTIONS:
+        return int(importlib.import_module(OWN_OPTIONS[argv[0]]).main(argv[1:]))
     args = p.parse_args(argv)
     options = Options(quick=args.quick, vms=args.vms, against=args.against)
     names = ALL if "all" in args.names else args.names
