@@ -127,6 +127,9 @@ class Soak:
     scraped_at: float = 0.0
     #: when the last transient fault ended
     transient_ended: float = 0.0
+    #: held by the scraper while a scrape is under way, and while fds are counted (a
+    #: scrape in flight is a socket the daemon holds for a moment)
+    quiet: trio.Lock = field(default_factory=trio.Lock)
     extra_configured: bool = False
     auto_on: bool = True
     port: int = 0
@@ -339,7 +342,8 @@ async def scraper(soak: Soak) -> None:
 
     while True:
         t = time.perf_counter()
-        text = await trio.to_thread.run_sync(get)
+        async with soak.quiet:
+            text = await trio.to_thread.run_sync(get)
         if text is not None:
             soak.scrape_ms.append((time.perf_counter() - t) * 1e3)
             check_counters(soak, text)
@@ -411,13 +415,14 @@ async def sample_resources(soak: Soak) -> None:
     pid = await settled(soak)
     assert soak.sup is not None
     started = [r for r in soak.log_events("daemon_started") if r.get("pid") == pid]
-    sample = {
-        "t": soak.now(), "extra": soak.extra_configured, "auto": soak.auto_on,
-        # a daemon that took over from a standby holds other fds than the first one
-        "standby": bool(started and started[-1].get("standby")),
-        "daemon_fds": _fd_count(pid), "supervisor_fds": _fd_count(soak.sup.pid),
-        "rss_kib": _rss_kib(pid), "kinds": _fd_kinds(pid),
-    }  # fmt: skip
+    async with soak.quiet:
+        await trio.sleep(0.1)  # the daemon's end of the last scrape closes
+        sample = {
+            "t": soak.now(), "extra": soak.extra_configured, "auto": soak.auto_on,
+            "standby": bool(started and started[-1].get("standby")),
+            "daemon_fds": _fd_count(pid), "supervisor_fds": _fd_count(soak.sup.pid),
+            "rss_kib": _rss_kib(pid), "kinds": _fd_kinds(pid),
+        }  # fmt: skip
     if pid in soak.gone or min(sample["daemon_fds"], sample["rss_kib"]) <= 0:
         return  # it went meanwhile: nothing to compare
     soak.settled.append(sample)
