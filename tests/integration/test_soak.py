@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_three_minutes_of_chaos_break_no_invariant() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "soak", "--seed", "7", "--seconds", "170"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     print(done.stdout, done.stderr)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
