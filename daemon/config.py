@@ -46,7 +46,6 @@ __all__ = [
     "SocketAccess",
     "VmSpec",
     "add_options",
-    "default_settings",
     "load_settings",
     "parse_size",
 ]
@@ -116,8 +115,8 @@ class SocketAccess:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the daemon is told, checked; one field per row of ``SETTINGS``
-    (their defaults live there: ``default_settings``)."""
+    """Everything the daemon is told, checked; one field per row of ``SETTINGS`` (their
+    defaults live there, and nowhere else)."""
 
     vms: tuple[VmSpec, ...]
     metrics_listen: tuple[str, int] | None
@@ -652,26 +651,15 @@ def load_settings(args: argparse.Namespace, activated: Mapping[str, str] | None 
     """The settings from the file ``args.config`` names (if any) and the options in
     ``args`` (an option wins), with a VM for each socket systemd passed under a name
     nobody configured (``activated``: name -> path; FileDescriptorName= in its unit)."""
-    settings = _settings(args, activated or {})
-    _check_vms(settings.vms)
-    return settings
-
-
-def _settings(args: argparse.Namespace, activated: Mapping[str, str]) -> Settings:
     config = getattr(args, "config", None)
     where = f"--config {str(config)!r}"
     values = _checked_table(_read_file(config), SETTINGS, where, _given(args))
     vms = list(values["vms"])
     named = {vm.name for vm in vms}
-    vms += [VmSpec(n, Path(p)) for n, p in activated.items() if n not in named]
+    vms += [VmSpec(n, Path(p)) for n, p in (activated or {}).items() if n not in named]
     values["vms"] = tuple(replace(vm, discard=vm.discard and values["discard"]) for vm in vms)
+    _check_vms(values["vms"])
     return Settings(**values)
-
-
-def default_settings(vms: Sequence[VmSpec]) -> Settings:
-    """The settings with every default, serving ``vms`` (as given: each VM's own
-    ``discard`` stands)."""
-    return replace(_settings(argparse.Namespace(), {}), vms=tuple(vms))
 
 
 def _check_vms(vms: Sequence[VmSpec]) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 import trio
 
 from tests.frontend import FakeFrontend, GuestMemfd
-from vhost_user_balloon.daemon.config import Settings, VmSpec, default_settings
+from vhost_user_balloon.daemon.cli import build_parser
+from vhost_user_balloon.daemon.config import Settings, VmSpec, load_settings
 from vhost_user_balloon.daemon.observing.metrics import PREFIX
 from vhost_user_balloon.daemon.server import Daemon
 
@@ -23,9 +24,12 @@ StartDaemon = Callable[..., Coroutine[Any, Any, Daemon]]
 
 
 def settings_for(vms: list[VmSpec], **changes: Any) -> Settings:
-    """The daemon's defaults for ``vms``, no metrics port (tests scrape the registry),
-    and ``changes`` (any field of Settings)."""
-    return replace(default_settings(vms), **{"metrics_listen": None, **changes})
+    """The daemon's defaults for ``vms`` (read as the command line gives them, each
+    VM as given), no metrics port (tests scrape the registry), and ``changes`` (any
+    field of Settings)."""
+    argv = [a for vm in vms for a in ("--vm", f"{vm.name}={vm.socket}")]
+    defaults = load_settings(build_parser().parse_args(argv))
+    return replace(defaults, **{"vms": tuple(vms), "metrics_listen": None, **changes})
 
 
 class Logs:

@@ -145,7 +145,6 @@ class VmConnection:
     ) -> None:
         self.vm = vm = handover.vm
         self.stream = FrontendStream(sock)
-        self.metrics = options.metrics
         self.vm_metrics = options.metrics.for_vm(vm)
         self.session = session if session is not None else Session(BalloonDevice(options.features))
         self.device = self.session.device

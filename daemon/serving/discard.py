@@ -46,7 +46,6 @@ from .passthrough import PinWatch
 
 __all__ = [
     "DISCARD_NICE",
-    "SKIP_REASONS",
     "DiscardGate",
     "DiscardPlan",
     "DiscardPool",
@@ -55,8 +54,6 @@ __all__ = [
     "execute",
 ]
 
-#: Every reason a reported byte may not be given back (the ``reason`` metric label).
-SKIP_REASONS = ("poison", "inhibited", "vfio", "unaligned", "outside_ram", "error")
 #: Nice value of the threads that punch holes: discarding is background work, while a
 #: vCPU waits on every GET_CONFIG. On a busy host the event loop must win the CPU.
 DISCARD_NICE = 10
