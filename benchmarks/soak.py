@@ -3,7 +3,7 @@ daemon, under ``supervise`` with its standby and the automatic policy on, is kil
 upgraded, reloaded and attacked, on a schedule drawn from a seed; invariants are
 checked all along, and the first one broken stops the run.
 
-    .venv/bin/python -m benchmarks soak [--seed 1] [--seconds 180] [--vms 16]
+    .venv/bin/python -m benchmarks soak [--seed 1] [--seconds 180] [--vms 16] [--guest]
 
 The VMs are played by the Python frontend (tests/frontend.py: a real socket, memfd
 guest RAM, real eventfds), each with canary pages it never reports. The faults, one at
@@ -18,6 +18,9 @@ a time at random moments:
 ``stuck``     a frontend floods a spare VM's socket with requests and reads nothing
 ``scrape``    a client opens /metrics' port and sends half a request
 ``balloon``   a balloon target set through the control socket
+``unplug``    with ``--guest``: the real guest's balloon device unplugged while
+              balloon commands for it race the unplug, then plugged back
+              (benchmarks/soak_guest.py says what must hold for the guest)
 
 A kill comes at least 6 s after the daemon started: supervise counts a daemon that
 dies within 5 s of its start as failing to start and waits longer before the next.
@@ -55,7 +58,9 @@ from typing import Any, Final
 
 import trio
 
-from testbed.guestrun import allocated_between, parse_metrics
+from benchmarks import soak_guest
+from benchmarks.soak_guest import RealGuest
+from testbed.guestrun import Scrape, allocated_between, parse_metrics
 from tests.frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.commands.control import ControlError, ask
 
@@ -123,7 +128,7 @@ class Soak:
     #: faults under way that connect to the spare VM or the metrics port
     transient: int = 0
     #: the latest scrape, and when it was taken
-    scrape: dict[str, float] = field(default_factory=dict)
+    scrape: Scrape = field(default_factory=lambda: Scrape({}, set()))
     scraped_at: float = 0.0
     #: when the last transient fault ended
     transient_ended: float = 0.0
@@ -136,6 +141,8 @@ class Soak:
     sup: subprocess.Popen[str] | None = None
     vms: dict[str, Vm] = field(default_factory=dict)
     violation: str | None = None
+    #: the real guest, with --guest
+    guest: RealGuest | None = None
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -159,6 +166,8 @@ class Soak:
     def write_config(self) -> None:
         names = [*self.vm_names, SPARE, *([EXTRA] if self.extra_configured else [])]
         vms = "".join(f'[[vm]]\nname = "{n}"\nsocket = "{self.socket_of(n)}"\n\n' for n in names)
+        if self.guest is not None:
+            vms += self.guest.config_entry(self.socket_of(soak_guest.NAME))
         auto = '[auto_balloon]\nbudget = "256M"\ninterval = 1\n\n' if self.auto_on else ""
         (self.folder / "config.toml").write_text(
             f'metrics_listen = "127.0.0.1:{self.port}"\nlog_format = "json"\n'
@@ -397,6 +406,7 @@ async def settled(soak: Soak, timeout: float = 30.0) -> int:
                 r.get("pid") == waiting for r in soak.log_events("standby_armed")
             )
             attached = not any(vm.reconnecting or vm.reconnect for vm in soak.vms.values())
+            attached &= soak.guest is None or not soak.guest.unplugging
             # no connection but the VMs': the spare VM's last one is gone, as the daemon
             # says after the fault that made it ended
             alone = (
@@ -443,7 +453,8 @@ def check_flat(soak: Soak, first: dict[str, Any], now: dict[str, Any]) -> None:
     grown = {
         kind: (first["kinds"].get(kind, 0), now["kinds"].get(kind, 0)) for kind in kinds
         if now["kinds"].get(kind, 0) > first["kinds"].get(kind, 0)
-        + (POOL_CALLERS_PER_VM * len(soak.vms) if kind == "anon_inode:[eventfd]" else 0)
+        + (POOL_CALLERS_PER_VM * (len(soak.vms) + (soak.guest is not None))
+           if kind == "anon_inode:[eventfd]" else 0)
     }  # fmt: skip
     if grown:
         soak.fail(f"the daemon holds more fds than at t={first['t']:.0f} s: {grown}")
@@ -577,9 +588,15 @@ async def balloon(soak: Soak) -> None:
         soak.event("balloon", f"{json.dumps(request)}: {err}")
 
 
+async def unplug(soak: Soak) -> None:
+    assert soak.guest is not None
+    await soak_guest.unplug(soak, soak.guest)
+
+
 FAULT_RUNNERS: Final = {
     "kill": kill, "upgrade": upgrade, "reload": reload, "reconnect": reconnect,
     "hostile": hostile, "stuck": stuck, "scrape": scrape_stall, "balloon": balloon,
+    "unplug": unplug,
 }  # fmt: skip
 
 
@@ -588,9 +605,10 @@ async def schedule(soak: Soak, nursery: trio.Nursery) -> None:
     (hostile, stuck, scrape) go on beside the next."""
     await sample_resources(soak)
     end = soak.seconds
+    kinds = (*FAULTS, "unplug") if soak.guest is not None else FAULTS
     while soak.now() < end:
         await trio.sleep(soak.rng.expovariate(1 / 3.0))
-        kind = soak.rng.choice(FAULTS)
+        kind = soak.rng.choice(kinds)
         soak.faults[kind] += 1
         if kind in ("hostile", "stuck", "scrape"):
             nursery.start_soon(FAULT_RUNNERS[kind], soak)
@@ -619,6 +637,9 @@ async def soak_run(soak: Soak) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(scraper, soak)
             nursery.start_soon(supervisor_watch, soak)
+            if soak.guest is not None:
+                await soak_guest.attach_guest(soak, soak.guest)
+                nursery.start_soon(soak_guest.guest_watch, soak, soak.guest)
             for vm in soak.vms.values():
                 nursery.start_soon(vm_loop, soak, vm)
             await schedule(soak, nursery)
@@ -669,6 +690,8 @@ def figures(soak: Soak) -> dict[str, object]:
                       (("p50", 0.5), ("p99", 0.99), ("max", 1.0))},
         "settled": soak.settled,
     }  # fmt: skip
+    if soak.guest is not None:
+        out["guest"] = soak_guest.figures(soak.guest)
     if isinstance(out["report_ms_near_restarts"], dict):
         out["report_ms_near_restarts"]["n"] = len(near)
     return out
@@ -704,15 +727,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bound", type=float, default=20.0,
                    help="seconds a report may take, restarts included (default 20)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the figures to this file")
+    p.add_argument("--guest", action="store_true",
+                   help="also a real guest (QEMU and a guest kernel, as scripts/setup "
+                        "provides) whose balloon device the schedule unplugs and plugs "
+                        "back")  # fmt: skip
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="vub-soak-") as tmp:
+    env = soak_guest.environment() if args.guest else None
+    # With a guest, a folder QEMU reaches too (it may run in a chroot).
+    where = None if env is None else env.qemu_root / "tmp"
+    with tempfile.TemporaryDirectory(prefix="vub-soak-", dir=where) as tmp:
         soak = Soak(args.seed, args.seconds, args.bound, Path(tmp),
                     [f"vm{i:02d}" for i in range(args.vms)])  # fmt: skip
+        if env is not None:
+            soak.guest = RealGuest(env, Path(tmp))
         try:
             trio.run(soak_run, soak)
         except* (Violation, trio.TooSlowError) as group:
             soak.violation = soak.violation or repr(group.exceptions[0])
         finally:
+            if soak.guest is not None:
+                soak.guest.stop()
             status = stop(soak)
             for vm in soak.vms.values():
                 vm.guest.close()
@@ -726,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nVIOLATION (seed {soak.seed}): {soak.violation}\nthe events before it:")
         for t, kind, detail in soak.events[-30:]:
             print(f"  {t:8.2f}s  {kind:10} {detail}")
+        if soak.guest is not None:
+            print("the guest's console ended with:", *soak.guest.console[-12:], sep="\n  ")
         return 1
     print(f"soak: seed {soak.seed}, {out['seconds']} s, no invariant broken")
     return 0

@@ -1,0 +1,233 @@
+"""The soak's real guest (``python -m benchmarks soak --guest``): a QEMU with a Linux
+guest that allocates and frees memory in rounds for the whole run, attached to the
+soaked daemon as the VM ``guest``, its balloon device behind a PCIe root port so the
+schedule can unplug it and plug it back.
+
+Its fault, ``unplug``: ``device_del`` (the guest's driver lets go of the device, QEMU
+closes the balloon's backend channel), balloon commands for the guest sent through
+the control socket meanwhile (each either done or refused with words, never a crash),
+``chardev-remove`` (the daemon sees the connection end), then ``chardev-add`` and
+``device_add`` again, as ``migrate-finish`` does, and the guest's driver takes the
+new device.
+
+What must hold, checked as the run goes: QEMU runs; the guest's console shows no
+OOM kill, panic, BUG or allocation stall; the guest's connection ends only inside an
+unplug; while the device is plugged, the guest's memory keeps coming back (its
+reported bytes grow at least once every ``QUIET_LIMIT`` seconds: the guest frees
+memory every few seconds); after each replug, the guest's reporting queue starts
+again within the soak's bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from testbed.guestrun import Env, GuestSpec, attach_args, pump, qemu_args, stop_process
+from vhost_user_balloon.daemon.commands.control import ControlError, ask
+from vhost_user_balloon.daemon.commands.migrate import MigrateError, finish
+from vhost_user_balloon.daemon.commands.qmp import Qmp, QmpError
+
+if TYPE_CHECKING:
+    from benchmarks.soak import Soak
+
+NAME: Final = "guest"
+DEVICE: Final = "vub0"
+CHARDEV: Final = "vb"
+BUS: Final = "rp1"
+ROOT_PORT: Final = ["-device", f"pcie-root-port,id={BUS},chassis=1,slot=1"]
+#: 1 GiB of RAM; rounds of 192 MiB allocated, held 2 s, freed, 3 s to report.
+SPEC: Final = GuestSpec(
+    mem_mib=1024, workload_mib=192, rounds=100_000, settle_s=3, idle_s=1,
+    edits=(("config_size=16", f"config_size=16,bus={BUS},id={DEVICE}"),),
+)  # fmt: skip
+#: The automatic policy may take the guest down to this, no further (its workload
+#: fits above it).
+MIN_MEMORY: Final = "640M"
+#: Seconds the guest may go plugged and reporting nothing before that is a violation.
+QUIET_LIMIT: Final = 60.0
+#: What a guest's console must never show.
+BAD_CONSOLE: Final = (
+    "Out of memory", "Kernel panic", "BUG:", "Call Trace", "page allocation stall",
+    "invoked oom-killer",
+)  # fmt: skip
+REPORTED: Final = "vhost_user_balloon_reported_bytes_total"
+
+
+@dataclass
+class RealGuest:
+    """The QEMU, its monitor socket, and what the soak saw of the guest."""
+
+    env: Env
+    folder: Path
+    qemu: subprocess.Popen[bytes] | None = None
+    console: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    #: inside an unplug (from device_del to the reporting queue started again)
+    unplugging: bool = False
+    #: when the device was last plugged (boot or replug) and its queue seen started
+    plugged_at: float = 0.0
+    #: the guest's reported bytes, and when they last grew
+    reported: float = 0.0
+    grew_at: float = 0.0
+    #: disconnections of the guest's connection the daemon logged, seen so far
+    disconnects: int = 0
+    unplugs: int = 0
+    refused: list[str] = field(default_factory=list)
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.folder / "qmp.sock"
+
+    def config_entry(self, socket_path: Path) -> str:
+        return (f'[[vm]]\nname = "{NAME}"\nsocket = "{socket_path}"\n'
+                f'min_memory = "{MIN_MEMORY}"\n\n')  # fmt: skip
+
+    def boot(self, socket_path: Path) -> None:
+        attach = attach_args("vhost-user-balloon", socket=self.env.inside(socket_path), mem="1G")
+        qmp = ["-qmp", f"unix:{self.env.inside(self.qmp_path)},server=on,wait=off"]
+        self.qemu = subprocess.Popen(
+            self.env.command(qemu_args(SPEC, self.env, [*ROOT_PORT, *qmp, *attach])),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        pump(self.qemu.stdout, self.console.append)
+        pump(self.qemu.stderr, self.stderr.append)
+
+    def stop(self) -> None:
+        stop_process(self.qemu, signal.SIGTERM, 5)
+
+    def bad_console(self) -> str | None:
+        for line in list(self.console):
+            if any(bad in line for bad in BAD_CONSOLE):
+                return line
+        return None
+
+
+def reporting_started_since(soak: Soak, t: float) -> bool:
+    return any(
+        r.get("vm") == NAME and r.get("role") == "reporting" and r["seen"] >= t
+        for r in soak.log_events("queue_started")
+    )
+
+
+async def attach_guest(soak: Soak, guest: RealGuest) -> None:
+    """Boot the guest and wait until its driver has started the reporting queue."""
+    booted = soak.now()
+    guest.boot(soak.socket_of(NAME))
+    with trio.fail_after(180):  # a TCG boot on a busy 2-core host
+        while not reporting_started_since(soak, booted):
+            check_alive(soak, guest)
+            await trio.sleep(0.2)
+    guest.plugged_at = guest.grew_at = soak.now()
+    soak.event("start", "the real guest's reporting queue started")
+
+
+def check_alive(soak: Soak, guest: RealGuest) -> None:
+    assert guest.qemu is not None
+    if guest.qemu.poll() is not None:
+        soak.fail(f"the guest's QEMU exited ({guest.qemu.returncode}): {guest.stderr[-5:]}")
+    if (line := guest.bad_console()) is not None:
+        soak.fail(f"the guest's console: {line!r}")
+
+
+def guest_ends(soak: Soak) -> list[dict[str, Any]]:
+    """The guest's connection ends the daemon logged (a handover to the next daemon
+    is not one: the connection goes on)."""
+    return [r for r in soak.log_events("frontend_disconnected")
+            if r.get("vm") == NAME and not r.get("handed_over")]  # fmt: skip
+
+
+async def guest_watch(soak: Soak, guest: RealGuest) -> None:
+    """QEMU lives, the console is clean, the connection ends only in an unplug, and
+    a plugged guest keeps getting memory back."""
+    while True:
+        check_alive(soak, guest)
+        ends = guest_ends(soak)
+        if len(ends) > guest.disconnects:
+            if not guest.unplugging:
+                soak.fail(f"the guest's connection ended outside an unplug: {ends[-1]}")
+            guest.disconnects = len(ends)
+        reported = soak.scrape.total(REPORTED, vm=NAME) if soak.scrape.families else 0.0
+        if reported > guest.reported:
+            guest.reported, guest.grew_at = reported, soak.now()
+        quiet = soak.now() - max(guest.grew_at, guest.plugged_at)
+        if not guest.unplugging and quiet > QUIET_LIMIT:
+            soak.fail(f"the guest was given nothing back for {quiet:.0f} s while plugged "
+                      f"(reported {guest.reported / 2**20:.0f} MiB in all)")  # fmt: skip
+        await trio.sleep(0.5)
+
+
+async def unplug(soak: Soak, guest: RealGuest) -> None:
+    """The device unplugged with balloon commands racing it, then plugged back."""
+    guest.unplugging = True
+    guest.unplugs += 1
+    control = str(soak.folder / "control.sock")
+
+    def command(size: int) -> None:
+        request = {"vm": NAME, "target_bytes": size}
+        try:
+            ask(control, request)
+        except ControlError as err:
+            guest.refused.append(str(err))
+            soak.event("balloon", f"{json.dumps(request)}: {err}")
+        else:
+            soak.event("balloon", json.dumps(request))
+
+    def device_del() -> None:
+        with Qmp(str(guest.qmp_path)) as qmp:
+            qmp.command("device_del", id=DEVICE)
+            if qmp.wait_event("DEVICE_DELETED", 60, lambda d: d.get("device") == DEVICE) is None:
+                raise QmpError(f"no DEVICE_DELETED for {DEVICE} within 60 s")
+
+    soak.event("unplug", "device_del")
+    try:
+        async with trio.open_nursery() as racing:
+            racing.start_soon(trio.to_thread.run_sync, device_del)
+            for _ in range(soak.rng.randint(1, 4)):
+                await trio.sleep(soak.rng.uniform(0.0, 1.5))
+                size = soak.rng.randrange(0, 64) * 2**20
+                racing.start_soon(trio.to_thread.run_sync, command, size)
+        with Qmp(str(guest.qmp_path)) as qmp:
+            qmp.command("chardev-remove", id=CHARDEV)
+        soak.event("unplug", "chardev-remove")
+        await trio.sleep(soak.rng.uniform(0.0, 2.0))
+        replugged = soak.now()
+        await trio.to_thread.run_sync(
+            finish, str(guest.qmp_path), guest.env.inside(soak.socket_of(NAME)), DEVICE,
+            CHARDEV, BUS,
+        )  # fmt: skip
+    except (QmpError, MigrateError) as err:
+        soak.fail(f"unplugging the guest's balloon: {err}")
+    with trio.fail_after(soak.bound * 3):
+        while not reporting_started_since(soak, replugged):
+            await trio.sleep(0.2)
+    guest.plugged_at = soak.now()
+    guest.disconnects = len(guest_ends(soak))
+    guest.unplugging = False
+    soak.event("replugged", f"reporting again after {guest.plugged_at - replugged:.1f} s")
+
+
+def figures(guest: RealGuest) -> dict[str, Any]:
+    return {
+        "unplugs": guest.unplugs,
+        "reported_mib": round(guest.reported / 2**20),
+        "balloon_commands_refused": len(guest.refused),
+        "refusals": sorted(set(guest.refused)),
+    }
+
+
+def environment() -> Env:
+    """The provisioned QEMU and guest kernel; a clear error without them."""
+    env = Env.load()
+    if "6.1" not in env.kernels:
+        raise SystemExit(f"soak --guest: no 6.1 guest kernel provisioned in {env.kernels}; "
+                         "run scripts/setup")  # fmt: skip
+    os.makedirs(env.qemu_root / "tmp", exist_ok=True)
+    return env
