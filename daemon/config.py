@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from vhost_user_balloon.policy import PolicyConfig
+from vhost_user_balloon.policy import DEFAULT_SHARES, PolicyConfig
 
 __all__ = [
     "AUTO_BALLOON",
@@ -81,6 +81,8 @@ class VmSpec:
     auto_balloon: bool = True
     #: ... but never leaves its guest less memory than this
     min_memory: int = 0
+    #: its weight when several VMs can give memory back (more: asked later)
+    shares: int = DEFAULT_SHARES
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +261,23 @@ def _percent(value: object, where: str) -> float:
 def _step(value: object, where: str) -> int:
     size = _size(value, where)
     if not size:
-        raise ConfigError(f"{where} = {value!r}: step must be more than 0")
+        key = where.rsplit(".", 1)[-1].rsplit(" ", 1)[-1]
+        raise ConfigError(f"{where} = {value!r}: {key} must be more than 0")
     return size
+
+
+#: Proxmox's range for the same weight.
+_MAX_SHARES: Final = 50000
+
+
+def _shares(value: object, where: str) -> int:
+    assert isinstance(value, int)  # typed already
+    if not 1 <= value <= _MAX_SHARES:
+        raise ConfigError(
+            f"{where} = {value!r}: shares go from 1 to {_MAX_SHARES} (1000 by default; to "
+            "keep the policy off this VM, auto_balloon = false)"
+        )
+    return value
 
 
 def _socket_path(value: object, where: str) -> Path:
@@ -369,6 +386,9 @@ VM: Final = (
             "false: the automatic balloon policy leaves this VM alone"),
     Setting("min_memory", (str, int), 0,
             "the policy never leaves the guest less memory than this", _size),
+    Setting("shares", (int,), DEFAULT_SHARES,
+            "the VM's weight when several can give memory back: more shares, asked "
+            "later (1 to 50000)", _shares),
 )  # fmt: skip
 #: [auto_balloon]: the automatic balloon policy (its fields are PolicyConfig's).
 AUTO_BALLOON: Final = (
@@ -379,7 +399,11 @@ AUTO_BALLOON: Final = (
     Setting("interval", (int, float), _policy_default("interval_s"),
             "seconds between decisions", _interval, "interval_s"),
     Setting("step", (str, int), _policy_default("step_bytes"),
-            "the most a VM's balloon moves per interval", _step, "step_bytes"),
+            "how far a balloon deflates per interval, and the band above a guest's floor "
+            "where inflating stops", _step, "step_bytes"),
+    Setting("max_reclaim", (str, int), _policy_default("max_reclaim_bytes"),
+            "the most resident memory one VM is asked to give per interval", _step,
+            "max_reclaim_bytes"),
     Setting("margin", (str, int), _policy_default("margin_bytes"),
             "balloons deflate once this far under the budget", _size, "margin_bytes"),
     Setting("min_free", (str, int), _policy_default("min_free_bytes"),

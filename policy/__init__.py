@@ -3,6 +3,7 @@ each VM should have, and why. Pure code: no I/O, no clock, no trio; the daemon s
 calls ``Policy.decide`` once per interval and applies the targets."""
 
 from .auto import (
+    DEFAULT_SHARES,
     Decision,
     Direction,
     GuestStats,
@@ -15,6 +16,7 @@ from .auto import (
 )
 
 __all__ = [
+    "DEFAULT_SHARES",
     "Decision",
     "Direction",
     "GuestStats",

@@ -14,15 +14,26 @@ actual, the guest's latest statistics and their age) and the host (``HostView``)
    stalls or an OOM kill, or more major faults than ``major_faults_per_interval``.
 3. The host is short when the guests' resident bytes add up to more than the budget,
    or the host's own memory pressure (PSI some avg10) or MemAvailable crosses its
-   threshold. Then the guests that can give the most are inflated first, each by at
-   most one step, and all together by no more than the excess less what earlier
-   targets will still free (inflation asked for and not done yet). What a guest can
-   give: its MemAvailable (page cache included) above its floor plus one step, and no
-   more of it than is resident on the host (its resident bytes less what it uses:
-   free memory it already reported is not), if that is 16 MiB or more. Its target
-   never goes past its balloon's actual size plus that, nor past RAM minus
-   ``min_memory``. A guest whose statistics are missing or older than three intervals
-   is never inflated.
+   threshold. Then the guests inflate, in one decision, by two parts:
+
+   - *its free memory the host does not hold*: a balloon fills from the guest's free
+     memory before the guest drops any cache, and free memory the guest already
+     reported costs the host nothing (its RAM less its resident bytes less its
+     balloon, no more than the guest says is free). Taking it gives the host nothing
+     and costs the guest nothing it uses, so it is taken at once instead of step by
+     step;
+   - *resident memory*: what the budget lacks (the excess less the resident memory
+     earlier targets will still free), shared out to the guests that can give the
+     most, in the order of what they can give divided by their ``shares`` (more
+     shares, later), each giving at most ``max_reclaim_bytes`` per interval (under
+     host pressure alone, with no excess to size it, one step each).
+
+   What a guest can give of resident memory: its MemAvailable (page cache included)
+   above its floor plus one step, less the free memory above, and no more than is
+   resident beyond what it uses; under 16 MiB it is not worth a move, and a guest
+   with nothing to give is not inflated at all (an idle guest whose free memory went
+   back already is left alone). No target goes past RAM minus ``min_memory``. A guest
+   whose statistics are missing or older than three intervals is never inflated.
 4. With room again (resident bytes under the budget by the margin, no host pressure),
    balloons are deflated by one step per interval toward 0. Between the budget and
    budget - margin nothing moves: that band is the hysteresis.
@@ -41,6 +52,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 __all__ = [
+    "DEFAULT_SHARES",
     "Decision",
     "Direction",
     "GuestStats",
@@ -57,6 +69,8 @@ MiB = 1 << 20
 STALE_INTERVALS = 3
 #: A guest that can give less than this is not inflated: not worth its balloon moving.
 MIN_INFLATE = 16 * MiB
+#: A VM's weight when none is configured.
+DEFAULT_SHARES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +109,9 @@ class GuestView:
     #: the guest counts its balloon in MemTotal (with DEFLATE_ON_OOM, Linux keeps
     #: balloon pages in MemTotal; without it, MemTotal shrinks as the balloon grows)
     balloon_in_total: bool = False
+    #: its weight when several guests can give: more shares, asked later (as
+    #: Proxmox's ``shares``; 1000 is the default)
+    shares: int = DEFAULT_SHARES
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +131,11 @@ class PolicyConfig:
     budget_bytes: int
     #: seconds between decisions (stale statistics are measured in these)
     interval_s: float = 10.0
-    #: the most a VM's target moves in one interval
+    #: how far a balloon deflates in one interval (and inflates under host pressure
+    #: alone); also the band above a guest's floor where inflating stops
     step_bytes: int = 128 * MiB
+    #: the most resident memory one VM is asked to give in one interval
+    max_reclaim_bytes: int = 512 * MiB
     #: deflating starts only this far under the budget (hysteresis)
     margin_bytes: int = 256 * MiB
     #: a guest's floor: at least this much MemAvailable ...
@@ -191,16 +211,16 @@ class Policy:
                 decided[g.vm] = self._move(g, max(0, g.target_bytes - cfg.step_bytes), "room")
             else:
                 decided[g.vm] = self._move(g, g.target_bytes, "within_band")
-        # Inflation asked for and not done yet frees memory still to come: counting it
-        # keeps a slow guest from being asked again and again for the same bytes.
-        coming = sum(max(0, g.target_bytes - g.actual_bytes) for g in guests)
+        # Inflation asked for and not done yet frees resident memory still to come:
+        # counting it keeps a slow guest from being asked again for the same bytes.
+        coming = sum(self._coming(g) for g in guests)
         need = max(0, over - coming) if over > 0 else None  # host pressure alone: a step each
         capacity = 0
-        for g in sorted(candidates, key=self._giveable, reverse=True):
-            capacity += max(0, self._ceiling(g) - g.target_bytes)
-            decision = self._inflate(g, need)
+        for g in sorted(candidates, key=self._rank, reverse=True):
+            capacity += max(0, self._giveable(g) - self._coming(g))
+            decision, taken = self._inflate(g, need)
             if need is not None:
-                need -= decision.target_bytes - g.target_bytes
+                need -= taken
             decided[g.vm] = decision
         self._last = {g.vm: g.stats for g in guests if g.stats is not None}
         return Round(
@@ -222,37 +242,68 @@ class Policy:
             return self._move(g, max(0, g.target_bytes - self.config.step_bytes), why)
         return None
 
-    def _inflate(self, g: GuestView, need: int | None) -> Decision:
-        """One step toward what the guest can give now, and no more than is needed."""
+    def _inflate(self, g: GuestView, need: int | None) -> tuple[Decision, int]:
+        """The guest's free memory the host does not hold, at once, and up to a step
+        of resident memory, no more than is needed; the decision, and the resident
+        bytes it asks for."""
         if not self._fresh(g):
-            return self._move(g, g.target_bytes, "stale_statistics")
-        step = self.config.step_bytes if need is None else min(self.config.step_bytes, need)
-        target = max(g.target_bytes, min(g.target_bytes + max(step, 0), self._ceiling(g)))
+            return self._move(g, g.target_bytes, "stale_statistics"), 0
+        giveable = self._giveable(g)
+        if giveable == 0:
+            return self._move(g, g.target_bytes, "nothing_to_reclaim"), 0
+        cfg = self.config
+        step = cfg.step_bytes if need is None else min(cfg.max_reclaim_bytes, need)
+        # the balloon takes the free memory the host does not hold first; what the
+        # target asks beyond that (and beyond what it asks already) is resident memory
+        start = max(g.target_bytes, g.actual_bytes + self._free_gone(g))
+        ceiling = min(g.actual_bytes + self._free_gone(g) + giveable,
+                      g.ram_bytes - g.min_memory_bytes)  # fmt: skip
+        target = max(g.target_bytes, min(start + max(step, 0), ceiling))
+        taken = max(0, target - start)
         if target > g.target_bytes:
-            return self._move(g, target, "over_budget" if need is not None else "host_pressure")
-        return self._move(g, target, "budget_met" if step <= 0 else "nothing_to_reclaim")
+            reason = "over_budget" if need is not None else "host_pressure"
+            return self._move(g, target, reason), taken
+        return self._move(g, target, "budget_met" if step <= 0 else "nothing_to_reclaim"), 0
 
-    def _ceiling(self, g: GuestView) -> int:
-        """The largest balloon worth asking of the guest now: what its balloon holds
-        plus what it can give (``_giveable``), never more than RAM minus min_memory."""
-        if not self._fresh(g):
-            return g.target_bytes
-        return min(g.actual_bytes + self._giveable(g), g.ram_bytes - g.min_memory_bytes)
+    def _rank(self, g: GuestView) -> float:
+        """Who gives first: what it can give, divided by its shares."""
+        return self._giveable(g) * DEFAULT_SHARES / max(1, g.shares)
 
-    def _giveable(self, g: GuestView) -> int:
-        """What inflating this guest can give back to the host: its reclaimable memory,
-        but no more of it than is resident. What the guest uses (MemTotal less
-        MemAvailable) is resident for sure; the rest of its resident bytes is cache
-        and free memory it has not reported. Free memory it did report is not resident
-        any more: taking it into the balloon frees nothing, so an idle guest whose
-        free memory went back already is left alone."""
+    def _used(self, g: GuestView) -> int:
+        """What the guest uses (MemTotal less MemAvailable): resident for sure."""
         if g.stats is None:
             return 0
         total = g.stats.total_bytes or g.ram_bytes - g.actual_bytes
         if g.balloon_in_total and g.stats.total_bytes:
             total -= g.actual_bytes  # balloon pages are not resident: not "used" here
-        used = max(0, total - g.stats.available_bytes)
-        giveable = min(self._reclaimable(g), max(0, g.resident_bytes - used))
+        return max(0, total - g.stats.available_bytes)
+
+    def _free_gone(self, g: GuestView) -> int:
+        """The guest's free memory the host does not hold: RAM less resident bytes
+        less the balloon, no more than the guest says is free (and no more than it
+        can give without going under its floor). A balloon fills from free memory
+        first, so this much is taken before the guest drops anything resident."""
+        if g.stats is None or not self._fresh(g):
+            return 0
+        not_held = max(0, g.ram_bytes - g.resident_bytes - g.actual_bytes)
+        return min(g.stats.free_bytes, not_held, self._reclaimable(g))
+
+    def _coming(self, g: GuestView) -> int:
+        """Resident memory this guest's target will still free: inflation asked for and
+        not done yet, less the part its free memory the host does not hold fills."""
+        return max(0, g.target_bytes - g.actual_bytes - self._free_gone(g))
+
+    def _giveable(self, g: GuestView) -> int:
+        """What inflating this guest can give back to the host of resident memory: its
+        reclaimable memory less the free memory a balloon takes first (which gives the
+        host nothing), and no more than is resident beyond what the guest uses (cache
+        and free memory it has not reported). Free memory it did report is not
+        resident any more: an idle guest whose free memory went back already is left
+        alone."""
+        if g.stats is None:
+            return 0
+        room = self._reclaimable(g) - self._free_gone(g)
+        giveable = min(room, max(0, g.resident_bytes - self._used(g)))
         return giveable if giveable >= MIN_INFLATE else 0
 
     def _guest_pressure(self, g: GuestView) -> str | None:

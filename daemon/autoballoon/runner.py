@@ -18,6 +18,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from vhost_user_balloon.policy import (
+    DEFAULT_SHARES,
     Decision,
     Direction,
     GuestStats,
@@ -61,6 +62,10 @@ class AutoBalloonMetrics:
             f"{ns}_floor_bytes", "A guest's floor: under it the policy deflates its balloon.",
             ["vm"], registry=registry,
         )  # fmt: skip
+        self.shares = Gauge(
+            f"{ns}_shares", "A VM's weight when several can give memory back: more shares, "
+            "asked later (the [[vm]] key shares).", ["vm"], registry=registry,
+        )  # fmt: skip
         self.reason = Gauge(
             f"{ns}_reason", "1 for the reason of the policy's latest decision on a VM (its "
             "target and why, for vhost-user-balloon status).", ["vm", "reason"],
@@ -74,7 +79,7 @@ class AutoBalloonMetrics:
 
     def unregister(self) -> None:
         for series in (self.budget, self.resident, self.shortfall, self.reclaimable,
-                       self.floor, self.reason, self.decisions):  # fmt: skip
+                       self.floor, self.shares, self.reason, self.decisions):  # fmt: skip
             self.registry.unregister(series)
 
     def latest(self, vm: str, reason: str) -> None:
@@ -166,6 +171,7 @@ class AutoBalloonRunner:
                 stats=None if view.guest_stats is None else _stats(view.guest_stats),
                 stats_age_s=view.stats_age_s,
                 min_memory_bytes=spec.min_memory if spec is not None else 0,
+                shares=spec.shares if spec is not None else DEFAULT_SHARES,
                 opted_out=spec is not None and not spec.auto_balloon,
                 pinned=name in self.pins,
                 balloon_in_total=bool(view.features & BalloonFeature.DEFLATE_ON_OOM),
@@ -179,6 +185,7 @@ class AutoBalloonRunner:
         for d in decided.decisions:
             m.reclaimable.labels(vm=d.vm).set(d.reclaimable_bytes)
             m.floor.labels(vm=d.vm).set(d.floor_bytes)
+            m.shares.labels(vm=d.vm).set(views[d.vm].shares)
             m.latest(d.vm, d.reason)
             if d.direction is not Direction.HOLD:
                 m.decisions.labels(vm=d.vm, direction=d.direction.value, reason=d.reason).inc()

@@ -38,6 +38,12 @@ def _features(value: float) -> str:
     return ",".join(name for bit, name in FEATURE_NAMES.items() if bits & bit) or "-"
 
 
+def _shares(v: dict[str, float]) -> str:
+    """The VM's weight under the automatic policy ('-': the policy is off)."""
+    shares = v.get("auto_balloon_shares")
+    return "-" if shares is None else f"{shares:.0f}"
+
+
 def render(text: str) -> str:
     """The table for one scrape of /metrics."""
     vms: dict[str, dict[str, float]] = defaultdict(dict)
@@ -59,7 +65,8 @@ def render(text: str) -> str:
                 vms[vm][name] = s.value
     lines = [
         f"{'VM':16} {'state':9} {'features':40} {'RAM':>9} {'resident':>9} "
-        f"{'given back':>11} {'skipped':>8} {'errors':>6} {'balloon':>8} {'why':18}"
+        f"{'given back':>11} {'skipped':>8} {'errors':>6} {'balloon':>8} {'shares':>6} "
+        f"{'why':18}"
         "  reported by order"
     ]
     for vm in sorted(vms):
@@ -77,7 +84,8 @@ def render(text: str) -> str:
             f"{v.get('discarded_bytes_total', 0) / MiB:10.0f}M "
             f"{v.get('discard_skipped_bytes_total', 0) / MiB:7.0f}M "
             f"{v.get('protocol_errors_total', 0):6.0f} "
-            f"{v.get('target_bytes', 0) / MiB:7.0f}M {why.get(vm, '-'):18}  {by_order or '-'}"
+            f"{v.get('target_bytes', 0) / MiB:7.0f}M {_shares(v):>6} {why.get(vm, '-'):18}  "
+            f"{by_order or '-'}"
         )
     return "\n".join(lines)
 

@@ -29,7 +29,8 @@ BUDGET = 40 * MiB
 def settings(observe_only: bool = False) -> AutoBalloon:
     return AutoBalloon(
         PolicyConfig(budget_bytes=BUDGET, interval_s=3600, step_bytes=8 * MiB,
-                     margin_bytes=4 * MiB, min_free_bytes=4 * MiB, min_free_percent=0),
+                     max_reclaim_bytes=8 * MiB, margin_bytes=4 * MiB, min_free_bytes=4 * MiB,
+                     min_free_percent=0),
         observe_only=observe_only,
     )  # fmt: skip
 
@@ -76,7 +77,8 @@ async def test_the_policy_inflates_the_guest_with_most_to_give_and_pins_hold(
         )
         out = await runner.step()
         # 20 MiB over: a first (40 - 4 - 8 = 28 MiB reclaimable, of which 30 - 8 = 22
-        # resident), one 8 MiB step; then b (18 reclaimable, 20 resident) one step.
+        # resident), at most 8 MiB (max_reclaim); then b (18 reclaimable, 20 resident)
+        # the same.
         assert {d.vm: (d.target_bytes, d.reason) for d in out.decisions} == {
             "a": (8 * MiB, "over_budget"), "b": (8 * MiB, "over_budget")}  # fmt: skip
         assert struct.unpack("<I", (await fa.get_config())[:4])[0] == 8 * MiB // 4096
@@ -99,7 +101,7 @@ async def test_the_policy_inflates_the_guest_with_most_to_give_and_pins_hold(
         )
         table = render(generate_latest(daemon.metrics.registry).decode())
         row = next(line for line in table.splitlines() if line.startswith("b "))
-        assert "2M pinned" in " ".join(row.split()), table
+        assert "2M 1000 pinned" in " ".join(row.split()), table  # its shares: the default
         assert (await control(ctl, {"vm": "b"}))["target_bytes"] == 2 * MiB
         assert not (await control(ctl, {"vm": "b", "release": True}))["pinned"]
         out = await runner.step()

@@ -89,8 +89,9 @@ def test_auto_balloon_table(tmp_path: Path) -> None:
     conf = tmp_path / "vub.toml"
     conf.write_text(
         '[auto_balloon]\nbudget = "6G"\nstep = "64M"\ninterval = 5\nobserve_only = true\n'
+        'max_reclaim = "1G"\n'
         f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\nauto_balloon = false\n'
-        'min_memory = "512M"\n'
+        'min_memory = "512M"\nshares = 2000\n'
     )
     loaded = settings("--config", conf)
     auto = loaded.auto_balloon
@@ -99,7 +100,8 @@ def test_auto_balloon_table(tmp_path: Path) -> None:
         6 << 30, 64 << 20, 5.0)  # fmt: skip
     assert auto.policy.min_free_bytes == 128 << 20  # a default
     (vm,) = loaded.vms
-    assert (vm.auto_balloon, vm.min_memory) == (False, 512 << 20)
+    assert (vm.auto_balloon, vm.min_memory, vm.shares) == (False, 512 << 20, 2000)
+    assert auto.policy.max_reclaim_bytes == 1 << 30
     # The command line's budget wins; without any budget the policy is off.
     assert (
         settings("--config", conf, "--auto-balloon-budget", "1G").auto_balloon.policy.budget_bytes
@@ -115,6 +117,7 @@ def test_auto_balloon_table(tmp_path: Path) -> None:
      ('budget = "lots"', 'budget = \'lots\': give bytes or a size such as "512M"'),
      ('budget = "6G"\ninterval = 0', "interval > 0"),
      ('budget = "6G"\nstep = 0', "step must be more than 0"),
+     ('budget = "6G"\nmax_reclaim = "0M"', "max_reclaim must be more than 0"),
      ('budget = "6G"\nobserve_only = "yes"', "observe_only = 'yes' is a string")],
 )  # fmt: skip
 def test_auto_balloon_mistakes_are_named(tmp_path: Path, table: str, words: str) -> None:
@@ -135,3 +138,12 @@ def test_auto_balloon_options_on_the_command_line(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             settings(*vm, "--auto-balloon", bad)
         assert words in str(err.value)
+
+
+@pytest.mark.parametrize(("value", "words"), [("0", "shares go from 1 to 50000"),
+                                              ("60000", "auto_balloon = false"),
+                                              ('"many"', "is a string")])  # fmt: skip
+def test_shares_out_of_range_are_named(tmp_path: Path, value: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\nshares = {value}\n')
+    assert words in str(err.value)

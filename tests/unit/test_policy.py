@@ -66,12 +66,13 @@ LOW_AVAILABLE = dataclasses.replace(CONFIG, host_min_available_bytes=512 * MiB)
 @pytest.mark.parametrize(
     ("guests", "host", "config", "expect"),
     [
-        # over budget by 512 MiB: the guest with the most to give first, a step each; a
-        # can give only the 88 MiB of its MemAvailable that is resident (1536 MiB
+        # over budget by 512 MiB: the guest with the most to give first, all it can
+        # (b: 476 MiB resident beyond the 548 MiB it uses), then a the rest (it could
+        # give only the 88 MiB of its MemAvailable that is resident: 1536 MiB
         # resident, 2048 - 600 MiB in use)
         ([guest("a", resident=1536 * MiB, available=600 * MiB),
           guest("b", resident=1024 * MiB, available=1500 * MiB)], HostView(), CONFIG,
-         {"a": (88 * MiB, "over_budget"), "b": (128 * MiB, "over_budget")}),
+         {"a": (36 * MiB, "over_budget"), "b": (476 * MiB, "over_budget")}),
         # between budget - margin and the budget: nothing moves
         ([guest(resident=1900 * MiB, target=256 * MiB)], HostView(), CONFIG,
          {"a": (256 * MiB, "within_band")}),
@@ -129,9 +130,9 @@ def test_need_limits_the_step_and_budget_met_holds_the_rest() -> None:
 
 def test_a_budget_that_floors_forbid_is_a_shortfall_not_forced() -> None:
     out = decide(guest("a", resident=3 * GiB, available=600 * MiB))
-    # 1 GiB over; the guest can give 600 MiB less its floor and a step, one step at a time
+    # 1 GiB over; the guest can give 600 MiB less its floor and a step, all at once
     giveable = 600 * MiB - floor_bytes(2 * GiB, CONFIG) - CONFIG.step_bytes
-    assert out.decisions[0].target_bytes == CONFIG.step_bytes
+    assert out.decisions[0].target_bytes == giveable
     assert out.shortfall_bytes == GiB - giveable
     # nothing at all to give: held, and the whole excess is the shortfall
     out = decide(guest("a", resident=3 * GiB, available=300 * MiB))
@@ -175,6 +176,7 @@ views = st.builds(
     target=st.integers(0, 4096).map(lambda m: m * MiB),
     available=st.one_of(st.none(), st.integers(0, 8192).map(lambda m: m * MiB)),
     age=st.floats(0, 100),
+    free_bytes=st.integers(0, 8192).map(lambda m: m * MiB),
     swap_in_bytes=st.integers(0, 10),
     alloc_stalls=st.integers(0, 10),
 )
@@ -185,7 +187,7 @@ snapshots = st.lists(views, min_size=1, max_size=4, unique_by=lambda g: g.vm)
 
 @given(first=snapshots, second=snapshots, host=hosts, budget=st.integers(0, 16 * 1024))
 @settings(max_examples=300)
-def test_never_under_a_floor_never_blind_never_more_than_a_step(
+def test_never_under_a_floor_never_blind_never_more_than_allowed(
     first: list[GuestView], second: list[GuestView], host: HostView, budget: int
 ) -> None:
     config = dataclasses.replace(CONFIG, budget_bytes=budget * MiB)
@@ -194,8 +196,14 @@ def test_never_under_a_floor_never_blind_never_more_than_a_step(
         out = policy.decide(host, snapshot)
         for g, d in zip(snapshot, out.decisions, strict=True):
             assert d.vm == g.vm
-            assert abs(d.target_bytes - g.target_bytes) <= config.step_bytes
             assert d.target_bytes >= 0
+            if d.direction is Direction.DEFLATE:
+                assert g.target_bytes - d.target_bytes <= config.step_bytes
+            else:  # resident memory asked beyond free memory the host does not hold
+                not_held = max(0, g.ram_bytes - g.resident_bytes - g.actual_bytes)
+                free = 0 if g.stats is None else min(g.stats.free_bytes, not_held)
+                start = max(g.target_bytes, g.actual_bytes + free)
+                assert d.target_bytes - start <= config.max_reclaim_bytes
             if d.direction is Direction.INFLATE:
                 assert g.stats is not None and g.stats_age_s is not None
                 assert g.stats_age_s <= 3 * config.interval_s
@@ -221,14 +229,21 @@ def test_a_steady_input_settles(snapshot: list[GuestView], budget: int) -> None:
         for d in out.decisions:
             g = guests[d.vm]
             moved = d.target_bytes - g.actual_bytes
+            # a balloon fills from free memory the host does not hold first, then
+            # from resident memory; deflating gives free memory
+            not_held = max(0, g.ram_bytes - g.resident_bytes - g.actual_bytes)
+            free = 0 if g.stats is None else min(g.stats.free_bytes, not_held)
+            from_free = min(max(0, moved), free)
             stats = g.stats
             if stats is not None:
                 stats = dataclasses.replace(
-                    stats, available_bytes=max(0, stats.available_bytes - moved)
-                )
+                    stats, available_bytes=max(0, stats.available_bytes - moved),
+                    free_bytes=max(0, stats.free_bytes - from_free) if moved > 0
+                    else stats.free_bytes - moved,
+                )  # fmt: skip
             guests[d.vm] = dataclasses.replace(
                 g, target_bytes=d.target_bytes, actual_bytes=d.target_bytes, stats=stats,
-                resident_bytes=max(0, g.resident_bytes - max(0, moved)),
+                resident_bytes=max(0, g.resident_bytes - max(0, moved - from_free)),
             )  # fmt: skip
             history[d.vm].append(d.target_bytes)
     for vm, targets in history.items():
@@ -248,11 +263,68 @@ def test_inflation_on_its_way_is_not_asked_for_again() -> None:
 
 def test_a_balloon_counted_in_memtotal_is_not_taken_for_memory_in_use() -> None:
     # DEFLATE_ON_OOM: MemTotal keeps the 512 MiB balloon. 600 MiB resident; the guest
-    # uses 2048 - 512 (balloon) - 1200 (available) = 336 MiB: 264 MiB can be given.
+    # uses 2048 - 512 (balloon) - 1200 (available) = 336 MiB: 264 MiB can be given,
+    # and all of it is asked for (344 MiB over).
     view = guest(resident=600 * MiB, target=512 * MiB, available=1200 * MiB)
     budget = dataclasses.replace(CONFIG, budget_bytes=256 * MiB)
     (d,) = decide(dataclasses.replace(view, balloon_in_total=True), config=budget).decisions
-    assert (d.target_bytes, d.reason) == (640 * MiB, "over_budget")
+    assert (d.target_bytes, d.reason) == (776 * MiB, "over_budget")
     # Read as if MemTotal had shrunk, the balloon would look like 848 MiB in use.
     (d,) = decide(view, config=budget).decisions
     assert (d.target_bytes, d.reason) == (512 * MiB, "nothing_to_reclaim")
+
+
+# -- free memory the host does not hold, the excess shared, shares ----------------------
+def test_free_memory_the_host_does_not_hold_is_taken_in_the_same_decision() -> None:
+    # The guest A: 2 GiB, 1313 MiB resident (1200 MiB of cache), 640 MiB free
+    # and already given back. 315 MiB over: the balloon takes the 640 MiB of free
+    # memory first, which frees nothing, so the target asks 640 + 315 MiB at once.
+    a = guest(resident=1313 * MiB, available=1800 * MiB, free_bytes=640 * MiB)
+    (d,) = decide(a, config=dataclasses.replace(CONFIG, budget_bytes=998 * MiB)).decisions
+    assert (d.target_bytes, d.reason) == ((640 + 315) * MiB, "over_budget")
+    # Half of it done (free memory taken, nothing resident yet): nothing asked again.
+    half = guest(resident=1313 * MiB, target=955 * MiB, actual=480 * MiB,
+                 available=1320 * MiB, free_bytes=160 * MiB)  # fmt: skip
+    (d,) = decide(half, config=dataclasses.replace(CONFIG, budget_bytes=998 * MiB)).decisions
+    assert (d.target_bytes, d.reason) == (955 * MiB, "budget_met")
+
+
+def test_free_memory_alone_is_no_reason_to_inflate() -> None:
+    # An idle guest: all its free memory went back already, nothing resident to give.
+    idle = guest(resident=100 * MiB, available=1900 * MiB, free_bytes=1850 * MiB)
+    (d,) = decide(idle, config=dataclasses.replace(CONFIG, budget_bytes=50 * MiB)).decisions
+    assert (d.target_bytes, d.reason) == (0, "nothing_to_reclaim")
+
+
+@pytest.mark.parametrize(
+    ("over_mib", "expect_mib"),
+    [
+        # the cache holder covers the excess alone: the small guests are not moved
+        (300, {"cache": 300, "small1": 0, "small2": 0}),
+        # more than one VM may give in an interval: the cache holder gives its most,
+        # the next in line the rest
+        (700, {"cache": 512, "small1": 0, "small2": 188}),
+    ],
+)
+def test_the_excess_is_shared_from_the_guests_that_can_give_most(
+    over_mib: int, expect_mib: dict[str, int]
+) -> None:
+    guests = [
+        guest("cache", resident=1500 * MiB, available=1800 * MiB),  # 1252 MiB giveable
+        guest("small1", resident=300 * MiB, available=1860 * MiB),  # 112 MiB
+        guest("small2", resident=400 * MiB, available=1848 * MiB),  # 200 MiB
+    ]
+    resident = sum(g.resident_bytes for g in guests)
+    config = dataclasses.replace(CONFIG, budget_bytes=resident - over_mib * MiB)
+    out = decide(*guests, config=config)
+    assert {d.vm: d.target_bytes // MiB for d in out.decisions} == expect_mib
+
+
+def test_more_shares_give_later() -> None:
+    twins = [guest("a", resident=1500 * MiB, available=1800 * MiB),
+             guest("b", resident=1500 * MiB, available=1800 * MiB)]  # fmt: skip
+    config = dataclasses.replace(CONFIG, budget_bytes=2800 * MiB)  # 200 MiB over
+    out = decide(twins[0], dataclasses.replace(twins[1], shares=500), config=config)
+    assert {d.vm: d.target_bytes // MiB for d in out.decisions} == {"a": 0, "b": 200}
+    out = decide(dataclasses.replace(twins[0], shares=2000), twins[1], config=config)
+    assert {d.vm: d.target_bytes // MiB for d in out.decisions} == {"a": 0, "b": 200}

@@ -25,3 +25,17 @@ def test_the_features_column_names_what_the_guest_accepted() -> None:
     )
     (row,) = render(page).splitlines()[1:]
     assert row.split()[:3] == ["web1", "attached", "stats,deflate_on_oom,reporting,v1"]
+
+
+def test_the_shares_column_shows_the_policy_s_weight_or_a_dash() -> None:
+    page = (
+        "# TYPE vhost_user_balloon_connected gauge\n"
+        'vhost_user_balloon_connected{vm="web1"} 1\n'
+        'vhost_user_balloon_connected{vm="db1"} 1\n'
+        "# TYPE vhost_user_balloon_auto_balloon_shares gauge\n"
+        'vhost_user_balloon_auto_balloon_shares{vm="web1"} 2000\n'
+    )
+    header, *rows = render(page).splitlines()
+    end = header.index("shares") + len("shares")  # right-aligned under its title
+    cells = {row.split()[0]: row[:end].split()[-1] for row in rows}
+    assert cells == {"web1": "2000", "db1": "-"}
