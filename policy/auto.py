@@ -9,9 +9,10 @@ actual, the guest's latest statistics and their age) and the host (``HostView``)
 
 1. A VM the operator opted out, or whose target was set by hand (pinned), is left as
    it is.
-2. A guest under pressure is deflated by one step at once, whatever the host's state:
-   its MemAvailable below its floor, or since the last interval swap-ins, allocation
-   stalls or an OOM kill, or more major faults than ``major_faults_per_interval``.
+2. A guest under pressure is deflated at once, whatever the host's state, back to its
+   floor plus a step and by at least a step: its MemAvailable below its floor, or
+   since the last interval swap-ins, allocation stalls or an OOM kill, or more major
+   faults than ``major_faults_per_interval``.
 3. The host is short when the guests' resident bytes add up to more than the budget,
    or the host's own memory pressure (PSI some avg10) or MemAvailable crosses its
    threshold. Then the guests inflate, in one decision, by two parts:
@@ -22,31 +23,43 @@ actual, the guest's latest statistics and their age) and the host (``HostView``)
      balloon, no more than the guest says is free). Taking it gives the host nothing
      and costs the guest nothing it uses, so it is taken at once instead of step by
      step;
-   - *resident memory*: what the budget lacks (the excess less the resident memory
-     earlier targets will still free), shared out to the guests that can give the
-     most, in the order of what they can give divided by their ``shares`` (more
+   - *resident memory*: what the budget lacks, shared out to the guests that can give
+     the most, in the order of what they can give divided by their ``shares`` (more
      shares, later), each giving at most ``max_reclaim_bytes`` per interval (under
-     host pressure alone, with no excess to size it, one step each).
+     host pressure alone, with no excess to size it, one step each). What it lacks
+     (``_need``): the excess down to the bottom of the hysteresis band, plus what the
+     guests under pressure are given back now, plus the growth the last two
+     intervals both saw beyond what the policy expected, less the resident memory
+     earlier targets will still free.
 
    What a guest can give of resident memory: its MemAvailable (page cache included)
-   above its floor plus one step, less the free memory above, and no more than is
-   resident beyond what it uses; under 16 MiB it is not worth a move, and a guest
-   with nothing to give is not inflated at all (an idle guest whose free memory went
-   back already is left alone). No target goes past RAM minus ``min_memory``. A guest
-   whose statistics are missing or older than three intervals is never inflated.
+   above its floor plus one step plus the room kept for its recent peak use, less the
+   free memory above, and no more than is resident beyond what it uses; under 16 MiB
+   it is not worth a move, and a guest with nothing to give is not inflated at all (an
+   idle guest whose free memory went back already is left alone). The room kept for
+   a recent peak is asked for only when every guest gave what it could without it.
+   No target goes past RAM minus ``min_memory``. A guest whose statistics are missing
+   or older than three intervals is never inflated.
 4. With room again (resident bytes under the budget by the margin, no host pressure),
-   balloons are deflated by one step per interval toward 0. Between the budget and
-   budget - margin nothing moves: that band is the hysteresis.
+   a balloon is deflated by one step per interval, toward 0, only if its guest may
+   need the memory: within two steps of its floor, or saying nothing (statistics
+   stale or missing). A guest with memory to spare keeps its balloon: the free memory
+   it would get back, it is not asking for. Between the budget and budget - margin
+   nothing moves: that band is the hysteresis.
 5. What the budget still lacks after every guest gave what it could is the shortfall:
    reported, not forced.
 
 A guest's floor is max(``min_free_bytes``, ``min_free_percent`` of its RAM): under it
 the guest is deflated; inflating stops one step above it (the band between is the
-per-guest hysteresis).
+per-guest hysteresis). A guest's recent peak use is the most it used (MemTotal less
+MemAvailable), fading toward what it uses now with a one-hour time constant: a guest
+that needed memory lately keeps room for it (a burst every quarter of an hour finds
+its memory there), unless the budget cannot be met otherwise.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -71,6 +84,8 @@ STALE_INTERVALS = 3
 MIN_INFLATE = 16 * MiB
 #: A VM's weight when none is configured.
 DEFAULT_SHARES = 1000
+#: How long a guest's peak use is remembered (the time constant of its fading).
+PEAK_MEMORY_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,14 +202,22 @@ def floor_bytes(ram_bytes: int, config: PolicyConfig) -> int:
 
 @dataclass
 class Policy:
-    """Decides targets interval after interval; remembers only each guest's last
-    statistics (to see its pressure counters rise)."""
+    """Decides targets interval after interval; remembers each guest's last statistics
+    (to see its pressure counters rise) and recent peak use, and what the resident sum
+    was expected to be (to see the fleet's growth)."""
 
     config: PolicyConfig
     _last: dict[str, GuestStats] = field(default_factory=dict)
+    #: the most each guest used recently (fading: see ``_remember_peaks``)
+    _peaks: dict[str, float] = field(default_factory=dict)
+    #: the resident sum the last decisions lead to expect, and how far the one before
+    #: was off (see ``_need``)
+    _expected: int | None = None
+    _drift: int = 0
 
     def decide(self, host: HostView, guests: Sequence[GuestView]) -> Round:
         cfg = self.config
+        self._remember_peaks(guests)
         resident = sum(g.resident_bytes for g in guests)
         over = resident - cfg.budget_bytes
         host_short = over > 0 or self._host_pressure(host)
@@ -207,22 +230,41 @@ class Policy:
                 decided[g.vm] = early
             elif host_short:
                 candidates.append(g)
-            elif room and g.target_bytes > 0:
+            elif room and g.target_bytes > 0 and self._may_need(g):
                 decided[g.vm] = self._move(g, max(0, g.target_bytes - cfg.step_bytes), "room")
+            elif room and g.target_bytes > 0:
+                decided[g.vm] = self._move(g, g.target_bytes, "not_needed")
             else:
                 decided[g.vm] = self._move(g, g.target_bytes, "within_band")
         # Inflation asked for and not done yet frees resident memory still to come:
         # counting it keeps a slow guest from being asked again for the same bytes.
         coming = sum(self._coming(g) for g in guests)
-        need = max(0, over - coming) if over > 0 else None  # host pressure alone: a step each
+        # Memory given back to guests under pressure now is memory they will use.
+        relieved = [g for g in guests
+                    if g.vm in decided and decided[g.vm].reason.startswith("guest_")]  # fmt: skip
+        given = sum(g.target_bytes - decided[g.vm].target_bytes for g in relieved)
+        need = self._need(over, resident, coming, given)
         capacity = 0
-        for g in sorted(candidates, key=self._rank, reverse=True):
-            capacity += max(0, self._giveable(g) - self._coming(g))
-            decision, taken = self._inflate(g, need)
+        ranked = sorted(candidates, key=self._rank, reverse=True)
+        taken_from: dict[str, int] = {}
+        for g in ranked:
+            capacity += max(0, self._giveable(g, headroom=False) - self._coming(g))
+            decided[g.vm], taken_from[g.vm] = self._inflate(g, need)
             if need is not None:
-                need -= taken
-            decided[g.vm] = decision
+                need -= taken_from[g.vm]
+        # Still short after every guest gave what it can while keeping room for its
+        # recent peak: that room is asked for too, in the same order (max_reclaim
+        # still bounds what one guest gives in the interval).
+        for g in ranked:
+            left = min(need or 0, cfg.max_reclaim_bytes - taken_from[g.vm])
+            if left > 0 and need is not None:
+                decision, taken = self._inflate(g, left, decided[g.vm].target_bytes, False)
+                if taken:
+                    decided[g.vm], need = decision, need - taken
+                    taken_from[g.vm] += taken
+        asked = sum(taken_from.values())
         self._last = {g.vm: g.stats for g in guests if g.stats is not None}
+        self._expected = resident - asked + given
         return Round(
             tuple(decided[g.vm] for g in guests),
             resident,
@@ -231,6 +273,21 @@ class Policy:
         )
 
     # -- the rules -----------------------------------------------------------------
+    def _need(self, over: int, resident: int, coming: int, given: int) -> int | None:
+        """The resident bytes to ask of the guests this interval (None: the host's own
+        pressure alone, with no excess to size it by). Over the budget: the excess,
+        down to the bottom of the hysteresis band (landing on the budget's edge, the
+        next interval's growth would take it over again), plus what the guests under
+        pressure are given now, plus the growth the last two intervals both saw (what
+        the resident sum gained beyond what the policy expected: guests filling their
+        cache; a one-off jump such as a guest's burst is in the excess already), less
+        what earlier targets will still free."""
+        drift = max(0, resident - self._expected) if self._expected is not None else 0
+        sustained, self._drift = min(drift, self._drift), drift
+        if over <= 0:
+            return None
+        return max(0, over + self.config.margin_bytes + given + sustained - coming)
+
     def _first_rules(self, g: GuestView) -> Decision | None:
         """Opted out, pinned, or a guest under pressure: decided whatever the host."""
         if g.opted_out:
@@ -239,26 +296,71 @@ class Policy:
             return self._move(g, g.target_bytes, "pinned")
         why = self._guest_pressure(g)
         if why is not None:
-            return self._move(g, max(0, g.target_bytes - self.config.step_bytes), why)
+            return self._move(g, max(0, g.target_bytes - self._relief(g)), why)
         return None
 
-    def _inflate(self, g: GuestView, need: int | None) -> tuple[Decision, int]:
-        """The guest's free memory the host does not hold, at once, and up to a step
-        of resident memory, no more than is needed; the decision, and the resident
-        bytes it asks for."""
+    def _remember_peaks(self, guests: Sequence[GuestView]) -> None:
+        """Each guest's recent peak use: the most it used (MemTotal less MemAvailable),
+        fading toward what it uses now with a time constant of ``PEAK_MEMORY_S``. A
+        guest that needed memory lately may need it again: inflating leaves it room."""
+        fade = math.exp(-self.config.interval_s / PEAK_MEMORY_S)
+        peaks = {}
+        for g in guests:
+            if g.stats is None or not self._fresh(g):
+                if g.vm in self._peaks:
+                    peaks[g.vm] = self._peaks[g.vm]
+                continue
+            used = self._used(g)
+            before = self._peaks.get(g.vm, used)
+            peaks[g.vm] = max(used, used + (before - used) * fade)
+        self._peaks = peaks
+
+    def _headroom(self, g: GuestView) -> int:
+        """What the guest used lately beyond what it uses now."""
+        peak = self._peaks.get(g.vm)
+        return 0 if peak is None else max(0, int(peak) - self._used(g))
+
+    def _relief(self, g: GuestView) -> int:
+        """How far a guest under pressure is deflated at once: back to its floor plus a
+        step (where inflating stops), and at least a step."""
+        cfg = self.config
+        lacking = 0
+        if g.stats is not None:
+            lacking = floor_bytes(g.ram_bytes, cfg) + cfg.step_bytes - g.stats.available_bytes
+        return max(cfg.step_bytes, lacking)
+
+    def _may_need(self, g: GuestView) -> bool:
+        """With room again, is this guest's balloon worth giving back? Only to a guest
+        that may need memory: within two steps of its floor, or whose statistics say
+        nothing (stale or missing). Free memory it is not asking for stays where it is
+        (the host does not hold it either way)."""
+        if g.stats is None or not self._fresh(g):
+            return True
+        keep = floor_bytes(g.ram_bytes, self.config) + 2 * self.config.step_bytes
+        return g.stats.available_bytes < keep
+
+    def _inflate(
+        self, g: GuestView, need: int | None, base: int | None = None, headroom: bool = True
+    ) -> tuple[Decision, int]:
+        """The guest's free memory the host does not hold, at once, and resident memory
+        up to ``max_reclaim`` (a step under host pressure alone), no more than is
+        needed, from ``base`` (the target decided so far; its current one); the
+        decision, and the resident bytes it asks for beyond ``base``. ``headroom``
+        False: the room kept for its recent peak may be taken too."""
+        base = g.target_bytes if base is None else base
         if not self._fresh(g):
-            return self._move(g, g.target_bytes, "stale_statistics"), 0
-        giveable = self._giveable(g)
+            return self._move(g, base, "stale_statistics"), 0
+        giveable = self._giveable(g, headroom)
         if giveable == 0:
-            return self._move(g, g.target_bytes, "nothing_to_reclaim"), 0
+            return self._move(g, base, "nothing_to_reclaim"), 0
         cfg = self.config
         step = cfg.step_bytes if need is None else min(cfg.max_reclaim_bytes, need)
         # the balloon takes the free memory the host does not hold first; what the
         # target asks beyond that (and beyond what it asks already) is resident memory
-        start = max(g.target_bytes, g.actual_bytes + self._free_gone(g))
-        ceiling = min(g.actual_bytes + self._free_gone(g) + giveable,
-                      g.ram_bytes - g.min_memory_bytes)  # fmt: skip
-        target = max(g.target_bytes, min(start + max(step, 0), ceiling))
+        free = self._free_gone(g, headroom)
+        start = max(base, g.actual_bytes + free)
+        ceiling = min(g.actual_bytes + free + giveable, g.ram_bytes - g.min_memory_bytes)
+        target = max(base, min(start + max(step, 0), ceiling))
         taken = max(0, target - start)
         if target > g.target_bytes:
             reason = "over_budget" if need is not None else "host_pressure"
@@ -278,7 +380,7 @@ class Policy:
             total -= g.actual_bytes  # balloon pages are not resident: not "used" here
         return max(0, total - g.stats.available_bytes)
 
-    def _free_gone(self, g: GuestView) -> int:
+    def _free_gone(self, g: GuestView, headroom: bool = True) -> int:
         """The guest's free memory the host does not hold: RAM less resident bytes
         less the balloon, no more than the guest says is free (and no more than it
         can give without going under its floor). A balloon fills from free memory
@@ -286,14 +388,14 @@ class Policy:
         if g.stats is None or not self._fresh(g):
             return 0
         not_held = max(0, g.ram_bytes - g.resident_bytes - g.actual_bytes)
-        return min(g.stats.free_bytes, not_held, self._reclaimable(g))
+        return min(g.stats.free_bytes, not_held, self._reclaimable(g, headroom))
 
     def _coming(self, g: GuestView) -> int:
         """Resident memory this guest's target will still free: inflation asked for and
         not done yet, less the part its free memory the host does not hold fills."""
         return max(0, g.target_bytes - g.actual_bytes - self._free_gone(g))
 
-    def _giveable(self, g: GuestView) -> int:
+    def _giveable(self, g: GuestView, headroom: bool = True) -> int:
         """What inflating this guest can give back to the host of resident memory: its
         reclaimable memory less the free memory a balloon takes first (which gives the
         host nothing), and no more than is resident beyond what the guest uses (cache
@@ -302,7 +404,7 @@ class Policy:
         alone."""
         if g.stats is None:
             return 0
-        room = self._reclaimable(g) - self._free_gone(g)
+        room = self._reclaimable(g, headroom) - self._free_gone(g, headroom)
         giveable = min(room, max(0, g.resident_bytes - self._used(g)))
         return giveable if giveable >= MIN_INFLATE else 0
 
@@ -345,13 +447,16 @@ class Policy:
             and g.stats_age_s <= STALE_INTERVALS * self.config.interval_s
         )
 
-    def _reclaimable(self, g: GuestView) -> int:
-        """MemAvailable above the floor plus one step: inflating stops a step above
-        the floor, deflating starts under it, and a guest between the two is left
-        alone (the hysteresis that keeps a guest near its floor from flapping)."""
+    def _reclaimable(self, g: GuestView, headroom: bool = True) -> int:
+        """MemAvailable above the floor plus one step (and, with ``headroom``, the
+        room kept for the guest's recent peak): inflating stops a step above the
+        floor, deflating starts under it, and a guest between the two is left alone
+        (the hysteresis that keeps a guest near its floor from flapping)."""
         if g.stats is None or not self._fresh(g):
             return 0
         keep = floor_bytes(g.ram_bytes, self.config) + self.config.step_bytes
+        if headroom:
+            keep += self._headroom(g)
         return max(0, g.stats.available_bytes - keep)
 
     def _move(self, g: GuestView, target: int, reason: str) -> Decision:
