@@ -42,10 +42,10 @@ actual, the guest's latest statistics and their age) and the host (``HostView``)
    or older than three intervals is never inflated.
 4. With room again (resident bytes under the budget by the margin, no host pressure),
    a balloon is deflated by one step per interval, toward 0, only if its guest may
-   need the memory: within two steps of its floor, or saying nothing (statistics
-   stale or missing). A guest with memory to spare keeps its balloon: the free memory
-   it would get back, it is not asking for. Between the budget and budget - margin
-   nothing moves: that band is the hysteresis.
+   need the memory: less than half a step above its floor (inflating leaves it a step
+   above), or saying nothing (statistics stale or missing). A guest with memory to
+   spare keeps its balloon: the free memory it would get back, it is not asking for.
+   Between the budget and budget - margin nothing moves: that band is the hysteresis.
 5. What the budget still lacks after every guest gave what it could is the shortfall:
    reported, not forced.
 
@@ -331,12 +331,13 @@ class Policy:
 
     def _may_need(self, g: GuestView) -> bool:
         """With room again, is this guest's balloon worth giving back? Only to a guest
-        that may need memory: within two steps of its floor, or whose statistics say
-        nothing (stale or missing). Free memory it is not asking for stays where it is
-        (the host does not hold it either way)."""
+        that may need memory: less than half a step above its floor (inflating leaves
+        it a step above: one under that has started using what it had), or whose
+        statistics say nothing (stale or missing). Free memory it is not asking for
+        stays where it is (the host does not hold it either way)."""
         if g.stats is None or not self._fresh(g):
             return True
-        keep = floor_bytes(g.ram_bytes, self.config) + 2 * self.config.step_bytes
+        keep = floor_bytes(g.ram_bytes, self.config) + self.config.step_bytes // 2
         return g.stats.available_bytes < keep
 
     def _inflate(

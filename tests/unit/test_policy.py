@@ -76,8 +76,9 @@ LOW_AVAILABLE = dataclasses.replace(CONFIG, host_min_available_bytes=512 * MiB)
         # between budget - margin and the budget: nothing moves
         ([guest(resident=1900 * MiB, target=256 * MiB)], HostView(), CONFIG,
          {"a": (256 * MiB, "within_band")}),
-        # room again: a guest within two steps of its floor (205 MiB) gets a step back
-        ([guest(resident=GiB, target=300 * MiB, available=400 * MiB)], HostView(), CONFIG,
+        # room again: a guest less than half a step above its floor (205 MiB) gets a
+        # step back
+        ([guest(resident=GiB, target=300 * MiB, available=250 * MiB)], HostView(), CONFIG,
          {"a": (172 * MiB, "room")}),
         # ... one with memory to spare keeps its balloon: it is not asking for more
         ([guest(resident=GiB, target=300 * MiB)], HostView(), CONFIG,
