@@ -32,8 +32,9 @@ lives and the daemon exits only when the schedule kills it; no counter on /metri
 ever goes down (a scrape every 100 ms, across every restart; the policy's decision
 counter, which restarts from 0 by design, excepted); and, at every point where the
 restarts have settled, the daemon's and the supervisor's fds and the daemon's memory
-stay where they were at the first such point with the same VMs attached. A broken
-invariant prints the seed and the events before it and exits 1: the same seed draws
+stay where they were at the first such point with the same VMs attached; no daemon
+fails to adopt a connection. A broken invariant prints the seed, the events before
+it and the daemon's last log lines, and exits 1: the same seed draws
 the same schedule again.
 """
 
@@ -389,6 +390,8 @@ async def supervisor_watch(soak: Soak) -> None:
             soak.fail(f"{len(exits)} daemon exits for {soak.kills} kills: {exits[-1]}")
         if soak.log_events("daemon_failed_to_start") or soak.log_events("standby_lost"):
             soak.fail("the supervisor could not start a daemon")
+        if failed := soak.log_events("adopt_failed"):  # nothing the soak does corrupts state
+            soak.fail(f"a daemon could not adopt a connection: {failed[-1]}")
         seen = len(exits)
         await trio.sleep(0.2)
 
@@ -762,6 +765,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {t:8.2f}s  {kind:10} {detail}")
         if soak.guest is not None:
             print("the guest's console ended with:", *soak.guest.console[-12:], sep="\n  ")
+        print("the daemon's last log lines:")
+        for record in soak.logs[-25:]:
+            fields = {k: v for k, v in record.items() if k not in ("timestamp", "level")}
+            print(f"  {json.dumps(fields)[:300]}")
         return 1
     print(f"soak: seed {soak.seed}, {out['seconds']} s, no invariant broken")
     return 0

@@ -280,9 +280,16 @@ class VmConnection:
         what the keeper passed). On failure every fd is closed and the keeper told to
         let go; the error says why."""
         record = stored.record
-        session = Session.restore(record.session)
-        sock = trio.socket.from_stdlib_socket(stored.sock)
-        conn = cls(sock, HandOver(record.vm, stored.keeper), options, session)
+        try:
+            session = Session.restore(record.session)
+            sock = trio.socket.from_stdlib_socket(stored.sock)
+            conn = cls(sock, HandOver(record.vm, stored.keeper), options, session)
+        except BaseException:
+            # (The chaos soak, seed 12, ended on a daemon holding a VM's state memfd and
+            # two sockets that no connection served: this path left them open.)
+            stored.sock.close()
+            HandOver(record.vm, stored.keeper).close(keep=False)
+            raise
         try:
             if session.memory is not None:
                 dups = [stored.dup(name) for name in record.regions]

@@ -7,6 +7,7 @@ at the ring and at the socket byte by byte, which QEMU cannot show us.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -25,7 +26,12 @@ from tests.daemon_helpers import Logs, RunCommand, attach, free_port, scrape, se
 from tests.frontend import FakeFrontend, GuestMemfd, MiB
 from tests.service_manager import ServiceManager
 from vhost_user_balloon.daemon.config import VmSpec
-from vhost_user_balloon.daemon.handover.store import STATE_SLOT_BYTES, KeptVm, kept_vms
+from vhost_user_balloon.daemon.handover.store import (
+    STATE_SLOT_BYTES,
+    KeptVm,
+    StateFile,
+    kept_vms,
+)
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 from vhost_user_balloon.daemon.server import Daemon, Inherited
 from vhost_user_balloon.daemon.serving.connection import VmConnection
@@ -284,6 +290,46 @@ async def test_a_connection_whose_state_is_lost_is_closed_and_the_rest_go_on(
     fe2 = await attach(str(crash.vm.socket), GuestMemfd(16 * MiB), frontends)
     guests.append(fe2.guest)
     assert await fe2.get_config()
+
+
+async def test_a_saved_state_that_cannot_be_restored_leaves_no_fd_behind(
+    crash: Crash, guests: list[GuestMemfd], frontends: list[FakeFrontend]
+) -> None:
+    """The saved state is intact but describes a session that cannot be restored (a
+    ring past the device's queues): that VM is let go as with a lost state, and the
+    new process holds none of its fds (its connection's socket and state file stayed
+    open in the daemon, served by nothing, before)."""
+    await crash.start_first()
+    guest = GuestMemfd(16 * MiB)
+    guests.append(guest)
+    fe = await attach(str(crash.vm.socket), guest, frontends)
+    crash.arm("_save", when=lambda owed: owed is not None)
+    await fe.send_raw(encode_message(Request.GET_CONFIG, Config(0, 16, 0, bytes(16))))
+    with trio.fail_after(5):
+        await crash.dead.wait()
+    state = StateFile(crash.copy["vub.web1.state"])
+    record = state.read()
+    assert record is not None and record["session"]["vrings"]
+    record["session"]["vrings"][0]["index"] = 9  # a valid number, past the saved queues
+    record["session"]["queues"] = 5
+    state.write(record)
+    second = await crash.successor()
+    crash.buried.set()  # the first process is really gone now: its copies close
+    with trio.fail_after(5):
+        while crash.keeper.names() != {"vub.web1.listen", "vub.@daemon.metrics"}:
+            await trio.sleep(0.01)
+    assert "web1" not in second.connections
+    await trio.sleep(0.1)
+    assert _state_files() == 0
+
+
+def _state_files() -> int:
+    """This process's open fds on a VM's state memfd."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += "vhost-user-balloon-state-web1" in os.readlink(f"/proc/self/fd/{fd}")
+    return count
 
 
 async def test_connections_that_end_leave_no_fd_behind_under_a_keeper(crash: Crash) -> None:
