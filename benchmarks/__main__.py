@@ -29,7 +29,7 @@ BENCHMARKS: Final = {
     "handover": "what keeping connections across restarts costs, with and without a standby",
     "totals": "saving the metric totals at 256 VMs against rendering /metrics",
     "scrape": "how long the event loop stops while /metrics is scraped at 256 VMs",
-    "policy": "the automatic balloon policy on 200 simulated VMs against a baseline rule",
+    "policy": "the automatic balloon policy on 200 simulated VMs beside Proxmox and oVirt MOM",
     "soak": "a seeded chaos soak: faults on a schedule, invariants checked all along",
 }
 #: The ones with options of their own (NAME --help), run by name only.

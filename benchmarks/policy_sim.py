@@ -293,6 +293,16 @@ def run(decide: Decide, vms: list[Vm], budget: int, hours: float) -> dict[str, f
     }
 
 
+def rule_for(rule: str, budget: int, before: ModuleType | None) -> Decide:
+    if rule == "proxmox":
+        return proxmox(budget)
+    if rule == "mom":
+        return mom(budget)
+    module = after_policy if rule == "after" else before
+    assert module is not None, "'before' needs --before"
+    return ours(module, budget)
+
+
 def load_policy(checkout: Path) -> ModuleType:
     """Another checkout's policy package, under its own name."""
     init = checkout / "policy" / "__init__.py"
@@ -329,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in BUDGETS:
             budget = levels[name]
             for rule in rules:
-                decide = (ours(after_policy, budget) if rule == "after"
-                          else ours(before, budget) if rule == "before"
-                          else proxmox(budget) if rule == "proxmox" else mom(budget))  # fmt: skip
+                decide = rule_for(rule, budget, before)
                 r = run(decide, fleet(args.vms, seed), budget, args.hours)
                 results.setdefault(name, {}).setdefault(str(seed), {})[rule] = r
                 print(f"{name:9} {seed:4} {rule:8} {budget / GiB:10.1f} {r['first_over_s']:12.0f} "
