@@ -147,3 +147,26 @@ def test_shares_out_of_range_are_named(tmp_path: Path, value: str, words: str) -
     with pytest.raises(ConfigError) as err:
         load(tmp_path, f'[[vm]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\nshares = {value}\n')
     assert words in str(err.value)
+
+
+def readme_toml(after_heading: str) -> str:
+    """The first ```toml block of README.md after this heading, as shipped."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rest = text[text.index(after_heading) :]
+    start = rest.index("```toml\n") + len("```toml\n")
+    return rest[start : rest.index("```\n", start)]
+
+
+def test_readme_automatic_ballooning_example_loads_as_it_says(tmp_path: Path) -> None:
+    conf = tmp_path / "vub.toml"
+    # as shipped, but the sockets' folder (the loader checks it exists)
+    conf.write_text(readme_toml("## Automatic ballooning").replace("/run/vhost-user-balloon/",
+                                                                    f"{tmp_path}/"))  # fmt: skip
+    loaded = settings("--config", conf)
+    auto = loaded.auto_balloon
+    assert auto is not None and not auto.observe_only
+    assert (auto.policy.budget_bytes, auto.policy.max_reclaim_bytes, auto.policy.step_bytes) == (
+        6 << 30, 512 << 20, 128 << 20)  # fmt: skip
+    assert loaded.deflate_on_oom
+    vms = {vm.name: vm for vm in loaded.vms}
+    assert not vms["db1"].auto_balloon and vms["web1"].shares == 2000
