@@ -199,10 +199,12 @@ async def unplug(soak: Soak, guest: RealGuest) -> None:
         soak.event("unplug", "chardev-remove")
         await trio.sleep(soak.rng.uniform(0.0, 2.0))
         replugged = soak.now()
-        await trio.to_thread.run_sync(
-            finish, str(guest.qmp_path), guest.env.inside(soak.socket_of(NAME)), DEVICE,
-            CHARDEV, BUS,
-        )  # fmt: skip
+
+        def plug_back() -> None:  # as migrate-finish does
+            with Qmp(str(guest.qmp_path)) as qmp:
+                finish(qmp, guest.env.inside(soak.socket_of(NAME)), DEVICE, CHARDEV, BUS)
+
+        await trio.to_thread.run_sync(plug_back)
     except (QmpError, MigrateError) as err:
         soak.fail(f"unplugging the guest's balloon: {err}")
     with trio.fail_after(soak.bound * 3):

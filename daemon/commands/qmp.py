@@ -92,6 +92,13 @@ class Qmp:
             elif "return" in reply:
                 return reply["return"]
 
+    def wait_device_gone(self, device: str, timeout: float) -> bool:
+        """True once QEMU says it deleted ``device`` (DEVICE_DELETED) within ``timeout``."""
+        return (
+            self.wait_event("DEVICE_DELETED", timeout, lambda d: d.get("device") == device)
+            is not None
+        )
+
     def wait_event(
         self, name: str, timeout: float, match: Callable[[dict[str, Any]], bool] = lambda d: True
     ) -> dict[str, Any] | None:

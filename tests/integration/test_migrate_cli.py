@@ -6,6 +6,7 @@ with two real QEMUs in tests/e2e/test_migration.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -13,8 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from tests.daemon_helpers import StartDaemon, settings_for
+from tests.frontend import FakeFrontend, GuestMemfd, MiB
+from tests.integration.test_balloon import control
 from vhost_user_balloon.__main__ import main
+from vhost_user_balloon.daemon.config import VmSpec
+from vhost_user_balloon.daemon.observing.metrics import Metrics
+from vhost_user_balloon.daemon.server import Daemon
 
 #: command name -> what the fake QEMU answers: a return value, or (error text,)
 Script = dict[str, Any]
@@ -154,3 +162,168 @@ def test_finish_when_the_daemon_is_not_listening(
 def test_reclaim_without_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reclaim", "web1", f"--control-socket={tmp_path / 'none.sock'}"]) == 1
     assert "asking the daemon" in capsys.readouterr().err
+
+
+# -- under libvirt: QMP through virsh ---------------------------------------------------
+#: virsh as far as qemu-monitor-command goes, for the failures and the exact calls; the
+#: real libvirt runs the same commands in tests/e2e/test_libvirt.py.
+FAKE_VIRSH = """\
+#!/usr/bin/env python3
+import json, pathlib, sys
+here = pathlib.Path(__file__).parent
+args = sys.argv[1:]
+domain, request = args[-2], json.loads(args[-1])
+with (here / "calls.jsonl").open("a") as f:
+    f.write(json.dumps({"argv": args, "request": request}) + "\\n")
+if domain != "web1":
+    sys.exit(print("error: failed to get domain '%s'" % domain, file=sys.stderr) or 1)
+name, gone = request["execute"], here / "deleted"
+if name == "qom-list":
+    devices = [{"name": "rp1", "type": "child<pcie-root-port>"}]
+    if not gone.exists():
+        devices.append({"name": "vub0", "type": "child<vhost-user-test-device-pci>"})
+    reply = {"return": devices}
+elif name == "device_add" and request["arguments"].get("bus") == "rp9":
+    reply = {"error": {"class": "GenericError", "desc": "Bus 'rp9' not found"}}
+else:
+    if name == "device_del":
+        gone.write_text("")
+    reply = {"return": {}}
+print(json.dumps({**reply, "id": "libvirt-7"}))
+"""
+
+
+@pytest.fixture
+def virsh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[dict[str, Any]]]:
+    """A virsh on PATH; returns what it was asked, in order."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "virsh").write_text(FAKE_VIRSH)
+    (bin_dir / "virsh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    def calls() -> list[dict[str, Any]]:
+        path = bin_dir / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    return calls
+
+
+def test_prepare_and_finish_through_libvirt(
+    virsh: Callable[[], list[dict[str, Any]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate-prepare", "--libvirt=web1", "--connect=qemu:///system"]) == 0
+    asked = [c["request"]["execute"] for c in virsh()]
+    assert asked[:3] == ["query-status", "qom-list", "device_del"]
+    assert asked[-1] == "chardev-remove" and set(asked[3:-1]) == {"qom-list"}
+    assert virsh()[0]["argv"][:4] == ["-q", "-c", "qemu:///system", "qemu-monitor-command"]
+    assert "the VM can migrate" in capsys.readouterr().out
+    assert main(["migrate-finish", "--libvirt=web1", "--socket=/run/x.sock", "--bus=rp9"]) == 1
+    assert "QEMU refused device_add: Bus 'rp9' not found" in capsys.readouterr().err
+    assert [c["request"]["execute"] for c in virsh()][-3:] == [
+        "chardev-add", "device_add", "chardev-remove"]  # fmt: skip
+
+
+def test_a_domain_libvirt_does_not_know_is_named(
+    virsh: Callable[[], list[dict[str, Any]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate-prepare", "--libvirt=nope"]) == 1
+    assert "virsh qemu-monitor-command nope query-status: failed to get domain 'nope'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_prepare_needs_one_monitor(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["migrate-prepare", "--qmp=/x.sock", "--libvirt=web1"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+# -- the balloon target travels with the VM ------------------------------------------------
+async def attach_with_channel(path: Path, guest: GuestMemfd) -> tuple[FakeFrontend, socket.socket]:
+    """A frontend as QEMU is after device_add: with the backend channel balloon
+    commands go through."""
+    ours, theirs = socket.socketpair()
+    fe = await FakeFrontend.connect(str(path), guest)
+    await fe.handshake(protocol=0x228, backend_fd=theirs.fileno())
+    theirs.close()
+    await fe.start()
+    return fe, ours
+
+
+async def test_the_target_set_by_hand_travels_to_the_destination_daemon(
+    start_daemon: StartDaemon, nursery: trio.Nursery, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # Host A: the VM with a target set by hand (pinned).
+    a_ctl, b_ctl = tmp_path / "a-control.sock", tmp_path / "b-control.sock"
+    source = await start_daemon("web1", control_socket=a_ctl)
+    guests = [GuestMemfd(32 * MiB), GuestMemfd(32 * MiB)]
+    fa, qa = await attach_with_channel(source.vms[0].socket, guests[0])
+    assert (await control(a_ctl, {"vm": "web1", "target_bytes": 8 * MiB}))["pinned"]
+    FakeQmp(tmp_path / "a-qmp.sock", {"qom-list": PERIPHERALS}, deleted)
+    code = await trio.to_thread.run_sync(main, [
+        "migrate-prepare", f"--qmp={tmp_path / 'a-qmp.sock'}", f"--control-socket={a_ctl}",
+        "--vm=web1"])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0 and "the VM can migrate" in printed.err
+    # (the daemons, in this process, log to stdout too)
+    (line,) = [line for line in printed.out.splitlines() if line.startswith('{"vm"')]
+    record = json.loads(line)
+    assert (record["vm"], record["target_bytes"], record["pinned"]) == ("web1", 8 * MiB, True)
+    (tmp_path / "web1-target.json").write_text(line)
+
+    # Host B: its own daemon; the device comes back (the test's frontend plays QEMU
+    # connecting after device_add), then the target is set there.
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    dest = Daemon(settings_for([VmSpec("web1", b_dir / "web1.sock")], control_socket=b_ctl),
+                  metrics=Metrics())  # fmt: skip
+    await nursery.start(dest.run)
+    FakeQmp(tmp_path / "b-qmp.sock", {}, lambda name: [])
+    finishing = trio.Event()
+    result: list[int] = []
+
+    async def finish_it() -> None:
+        result.append(await trio.to_thread.run_sync(main, [
+            "migrate-finish", f"--qmp={tmp_path / 'b-qmp.sock'}",
+            f"--socket={b_dir / 'web1.sock'}", f"--control-socket={b_ctl}", "--vm=web1",
+            f"--target-from={tmp_path / 'web1-target.json'}"]))  # fmt: skip
+        finishing.set()
+
+    nursery.start_soon(finish_it)
+    await trio.sleep(0.5)  # finish is waiting for the daemon to serve the VM
+    fb, qb = await attach_with_channel(b_dir / "web1.sock", guests[1])
+    with trio.fail_after(10):
+        await finishing.wait()
+    assert result == [0]
+    status = await control(b_ctl, {"vm": "web1"})
+    assert (status["target_bytes"], status["pinned"]) == (8 * MiB, True)
+    assert "balloon target 8388608 bytes set" in capsys.readouterr().out
+    for fe in (fa, fb):
+        await fe.aclose()
+    for c in (qa, qb):
+        c.close()
+    for g in guests:
+        g.close()
+
+
+def test_a_target_the_policy_set_is_left_to_the_destination(
+    qmp: Callable[..., FakeQmp], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    qmp({})
+    again = FakeQmp(tmp_path / "again.sock", {}, lambda name: [])
+    record = tmp_path / "web1-target.json"
+    record.write_text('{"vm": "web1", "target_bytes": 134217728, "pinned": false}')
+    # no daemon at the control socket: finish would fail if it tried to set the target
+    assert main(["migrate-finish", f"--qmp={tmp_path / 'qmp.sock'}", "--socket=/run/x.sock",
+                 f"--control-socket={tmp_path / 'none.sock'}", "--vm=web1",
+                 f"--target-from={record}"]) == 0  # fmt: skip
+    assert "target" not in capsys.readouterr().out
+    record.write_text("not json")
+    assert main(["migrate-finish", f"--qmp={tmp_path / 'again.sock'}", "--socket=/run/x.sock",
+                 f"--control-socket={tmp_path / 'none.sock'}", "--vm=web1",
+                 f"--target-from={record}"]) == 1  # fmt: skip
+    assert "not what migrate-prepare printed" in capsys.readouterr().err
+    assert again.got == []  # the file is read before QEMU is touched
+    again.close()
