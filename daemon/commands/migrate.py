@@ -39,7 +39,7 @@ from vhost_user_balloon.protocol import QEMU_DEVICE
 from ..config import parse_size
 from .control import ControlError, ask
 from .qmp import Qmp, QmpError
-from .virsh import VirshMonitor
+from .virsh import VirshMonitor, without_balloon
 
 __all__ = ["DEVICE", "MigrateError", "finish", "finish_command", "prepare", "prepare_command"]
 
@@ -165,6 +165,20 @@ def carried(args: argparse.Namespace) -> int | None:
     return target if pinned else None
 
 
+def write_definitions(monitor: VirshMonitor, args: argparse.Namespace) -> None:
+    """The destination's live and persistent definitions (each only if asked for)."""
+    try:
+        if args.dest_xml:
+            live = monitor.dumpxml("--migratable")
+            Path(args.dest_xml).write_text(without_balloon(live, args.device, args.chardev))
+        if args.persistent_xml:
+            Path(args.persistent_xml).write_text(monitor.dumpxml("--inactive", "--migratable"))
+    except QmpError as err:
+        raise MigrateError(f"the destination's definitions: {err}") from None
+    except OSError as err:
+        raise MigrateError(f"writing the destination's definitions: {err}") from None
+
+
 def _monitor(args: argparse.Namespace) -> Monitor:
     try:
         if args.libvirt is not None:
@@ -194,6 +208,11 @@ same steps go through "virsh qemu-monitor-command".
 With --control-socket, the VM's balloon target is read from this host's daemon first
 and printed as JSON ({"vm", "target_bytes", "pinned"}): keep it for migrate-finish
 --target-from on the destination.
+With --libvirt, --dest-xml FILE writes the destination's live definition (the domain's
+"dumpxml --migratable" without the balloon's -chardev and -device, its root port kept:
+virsh migrate --xml FILE) and --persistent-xml FILE its persistent one ("dumpxml
+--inactive --migratable", balloon and UUID kept: virsh migrate --persistent
+--persistent-xml FILE), before anything is unplugged.
 Exit status 0 once the VM can migrate, 1 with the reason otherwise.
 """
 
@@ -243,14 +262,22 @@ def prepare_command(argv: list[str]) -> int:
     _common(p)
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="seconds for the guest to let go (default: %(default)s)")  # fmt: skip
+    p.add_argument("--dest-xml", metavar="FILE",
+                   help="with --libvirt: write the destination's live definition here")  # fmt: skip
+    p.add_argument("--persistent-xml", metavar="FILE",
+                   help="with --libvirt: write its persistent definition here")  # fmt: skip
     args = p.parse_args(argv)
     vm = args.vm or args.libvirt
     if args.control_socket and not vm:
         p.error("--control-socket needs --vm NAME (or --libvirt DOMAIN)")
+    if (args.dest_xml or args.persistent_xml) and not args.libvirt:
+        p.error("--dest-xml and --persistent-xml need --libvirt DOMAIN")
     try:
         target = target_of(args.control_socket, vm) if args.control_socket else None
         monitor = _monitor(args)
         try:
+            if isinstance(monitor, VirshMonitor):
+                write_definitions(monitor, args)
             took = prepare(monitor, args.device, args.chardev, args.timeout,
                            args.qmp or f"libvirt domain {args.libvirt}")  # fmt: skip
         finally:

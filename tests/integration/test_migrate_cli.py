@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tests.daemon_helpers import StartDaemon, settings_for
 from tests.frontend import FakeFrontend, GuestMemfd, MiB
 from tests.integration.test_balloon import control
 from vhost_user_balloon.__main__ import main
+from vhost_user_balloon.daemon.commands.virsh import QEMU_NS
 from vhost_user_balloon.daemon.config import VmSpec
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 from vhost_user_balloon.daemon.server import Daemon
@@ -172,6 +174,10 @@ FAKE_VIRSH = """\
 import json, pathlib, sys
 here = pathlib.Path(__file__).parent
 args = sys.argv[1:]
+if "dumpxml" in args:
+    with (here / "calls.jsonl").open("a") as f:
+        f.write(json.dumps({"argv": args, "request": {"execute": "dumpxml"}}) + "\\n")
+    sys.exit(print((here / "domain.xml").read_text(), end=""))
 domain, request = args[-2], json.loads(args[-1])
 with (here / "calls.jsonl").open("a") as f:
     f.write(json.dumps({"argv": args, "request": request}) + "\\n")
@@ -200,6 +206,12 @@ def virsh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[
     bin_dir.mkdir()
     (bin_dir / "virsh").write_text(FAKE_VIRSH)
     (bin_dir / "virsh").chmod(0o755)
+    # the domain as libvirt would dump it: the shipped parts, a name and a UUID
+    shipped = (Path(__file__).resolve().parents[2] / "qemu-config/libvirt-domain.xml").read_text()
+    head = "<name>web1</name><uuid>5c8b3b4e-1111-4222-8333-944455556666</uuid>"
+    (bin_dir / "domain.xml").write_text(
+        shipped.replace("<memoryBacking>", head + "<memoryBacking>")
+    )
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
 
     def calls() -> list[dict[str, Any]]:
@@ -327,3 +339,41 @@ def test_a_target_the_policy_set_is_left_to_the_destination(
     assert "not what migrate-prepare printed" in capsys.readouterr().err
     assert again.got == []  # the file is read before QEMU is touched
     again.close()
+
+
+def test_prepare_writes_the_destination_definitions_before_unplugging(
+    virsh: Callable[[], list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    live, persistent = tmp_path / "web1-dest.xml", tmp_path / "web1-persistent.xml"
+    assert main(["migrate-prepare", "--libvirt=web1", f"--dest-xml={live}",
+                 f"--persistent-xml={persistent}"]) == 0  # fmt: skip
+    calls = virsh()
+    dumps = [c["argv"] for c in calls if c["request"]["execute"] == "dumpxml"]
+    assert [a[a.index("dumpxml") :] for a in dumps] == [
+        ["dumpxml", "--migratable", "web1"],
+        ["dumpxml", "--inactive", "--migratable", "web1"],
+    ]
+    order = [c["request"]["execute"] for c in calls]
+    assert order.index("dumpxml") < order.index("device_del")
+    root = ET.fromstring(live.read_text())
+    args = [a.get("value", "") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    assert args[0] == "-device" and json.loads(args[1])["driver"] == "pcie-root-port"
+    assert len(args) == 2  # the balloon's -chardev and -device gone, its root port kept
+    assert root.findtext("name") == "web1" and root.get("type") == "kvm"
+    # the persistent one as libvirt gave it: the balloon and the UUID kept
+    assert "vhost-user-test-device-pci" in persistent.read_text()
+    assert "5c8b3b4e-1111-4222-8333-944455556666" in persistent.read_text()
+
+
+def test_definitions_need_libvirt_and_the_shipped_attachment(
+    virsh: Callable[[], list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["migrate-prepare", "--qmp=/x.sock", "--dest-xml=/tmp/x.xml"])
+    assert "--dest-xml and --persistent-xml need --libvirt DOMAIN" in capsys.readouterr().err
+    # a device id the domain does not use: said, and nothing unplugged
+    code = main(["migrate-prepare", "--libvirt=web1", "--device=balloon0",
+                 f"--dest-xml={tmp_path / 'd.xml'}"])  # fmt: skip
+    assert code == 1
+    assert "no -device with id balloon0" in capsys.readouterr().err
+    assert "device_del" not in [c["request"]["execute"] for c in virsh()]
