@@ -16,6 +16,7 @@ The domain is ``type='qemu'`` (TCG): KVM cannot run guests on these machines.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -70,11 +71,6 @@ class Libvirt:
         done = self._chroot("virsh", "-q", "-c", "qemu:///system", *args, check=False)
         assert not check or done.returncode == 0, done
         return done
-
-    def shell(self, script: str) -> None:
-        """Run README commands in the chroot, where virsh is."""
-        done = self._chroot("sh", "-ec", script, check=False)
-        assert done.returncode == 0, (script, done.stdout, done.stderr)
 
     def close(self) -> None:
         for name in self.virsh("list", "--all", "--name", check=False).stdout.split():
@@ -131,13 +127,31 @@ def domain_xml(env: Env, socket: str, console: str) -> str:
 
 
 def migration_blocks() -> list[str]:
-    """The ```sh blocks of README's "Live migration under libvirt": source, destination."""
+    """The ```sh blocks of README's "Live migration under libvirt": source, the
+    migration itself, destination."""
     text = README.read_text()
     section = text[text.index("#### Live migration under libvirt") :]
     section = section[: section.index("\n#", 1)]
     blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
-    assert len(blocks) == 2, blocks
+    assert len(blocks) == 3, blocks
     return blocks
+
+
+#: README's paths for the control socket (the VM socket: SHIPPED_SOCKET).
+SHIPPED_CONTROL = "/run/vhost-user-balloon/control.sock"
+
+
+def run_on_host(script: str, cwd: Path, root: Path) -> None:
+    """README commands as an operator types them on the host: vhost-user-balloon from
+    this checkout, virsh the chroot's (a two-line wrapper: no virsh on this host)."""
+    tools = cwd / "bin"
+    tools.mkdir(exist_ok=True)
+    (tools / "virsh").write_text(f'#!/bin/sh\nexec chroot {root} virsh "$@"\n')
+    (tools / "virsh").chmod(0o755)
+    path = f"{tools}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    done = subprocess.run(["sh", "-ec", script], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PATH": path}, timeout=180, check=False)  # fmt: skip
+    assert done.returncode == 0, (script, done.stdout, done.stderr)
 
 
 class ConsoleFile:
@@ -155,6 +169,41 @@ class ConsoleFile:
     def booted(self) -> int:
         """How many times the guest's balloon driver bound."""
         return len(re.findall(r"VUB: balloon features=[01]{8}", self.text()))
+
+
+def readme_migration_blocks_in_place(libvirt: Libvirt, env: Env, rundir: Path, log: Logs) -> None:
+    """README's source and destination blocks under libvirt, as they are, on this one
+    domain (only the paths of this test's sockets put in); the VM has a 128 MiB target
+    set by hand."""
+    sock, ctl = rundir / "web1.sock", rundir / "control.sock"
+    source, _, destination = migration_blocks()
+    run_on_host(source.replace(SHIPPED_CONTROL, str(ctl)), rundir, env.qemu_root)
+    log.wait_for("frontend_disconnected", count=2, timeout=30, vm="web1")
+    assert not ask(str(ctl), {"vm": "web1"})["attached"]
+    check_definitions(libvirt, env, rundir)
+    carried = json.loads((rundir / "web1-target.json").read_text())
+    assert (carried["target_bytes"], carried["pinned"]) == (128 * MiB, True)
+    run_on_host(destination.replace(SHIPPED_CONTROL, str(ctl))
+                .replace(SHIPPED_SOCKET, env.inside(sock)), rundir, env.qemu_root)  # fmt: skip
+    log.wait_for("frontend_connected", count=3, timeout=30, vm="web1")
+    # The guest bound the new device: it takes the carried target into its balloon.
+    wait("the target on the plugged device",
+         lambda: ask(str(ctl), {"vm": "web1"})["actual_bytes"] == 128 * MiB)  # fmt: skip
+
+
+def check_definitions(libvirt: Libvirt, env: Env, rundir: Path) -> None:
+    """What migrate-prepare wrote: a live definition libvirt's validator accepts, with
+    the root port and without the balloon; a persistent one libvirt defines, the
+    balloon kept."""
+    live, persistent = rundir / "web1-dest.xml", rundir / "web1-persistent.xml"
+    done = libvirt._chroot("virt-xml-validate", env.inside(live), "domain", check=False)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    args = [a.get("value", "") for a in ET.fromstring(live.read_text()).iter(f"{{{QEMU_NS}}}arg")]
+    assert not [a for a in args if "vhost-user-test-device-pci" in a or "id=vb" in a], args
+    assert any("pcie-root-port" in a for a in args), args
+    libvirt.virsh("define", env.inside(persistent))  # the same domain, UUID and all
+    kept = libvirt.virsh("dumpxml", "--inactive", "web1").stdout
+    assert "vhost-user-test-device-pci" in kept
 
 
 def kvm_gid(root: Path) -> int:
@@ -220,16 +269,7 @@ def test_a_libvirt_domain_with_the_shipped_xml(env: Env, rundir: Path, libvirt: 
         wait("allocated after the reset", lambda: guest.count("VUB: allocated round=1") == 2, 120)
         wait("memory back after the reset", lambda: metric(url, resident) < peak - 300 * MiB)
 
-        # README's unplug and plug under libvirt, as they are, on this one domain.
-        unplug, plug = migration_blocks()
-        libvirt.shell(unplug)
-        log.wait_for("frontend_disconnected", count=2, timeout=30, vm="web1")
-        assert not ask(str(ctl), {"vm": "web1"})["attached"]
-        libvirt.shell(plug.replace(SHIPPED_SOCKET, env.inside(sock)))
-        log.wait_for("frontend_connected", count=3, timeout=30, vm="web1")
-        # The guest bound the new device: it takes the kept target into its balloon.
-        wait("the target on the plugged device",
-             lambda: ask(str(ctl), {"vm": "web1"})["actual_bytes"] == 128 * MiB)  # fmt: skip
+        readme_migration_blocks_in_place(libvirt, env, rundir, log)
 
         qemu_log = (env.qemu_root / "var/log/libvirt/qemu/web1.log").read_text()
         assert "tainted: custom-argv" in qemu_log  # README says so
