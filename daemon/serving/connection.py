@@ -522,6 +522,13 @@ class VmConnection:
         config = self.device.config
         before = config.num_pages
         self._set_pages(nbytes // GUEST_PAGE_SIZE)
+        if self.memory.ram_bytes == 0:
+            # No guest driver has started the device yet (a device just added, a VM
+            # booting): it reads the target when it does. Told now, QEMU 11.1 closed
+            # the connection of a device added a moment before (seen under libvirt).
+            log.info("balloon_target_set", target_bytes=config.num_pages * GUEST_PAGE_SIZE,
+                     told="at_driver_start")  # fmt: skip
+            return
         try:
             await self._backend.config_changed()
         except PeerGone as err:

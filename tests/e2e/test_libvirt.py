@@ -151,7 +151,7 @@ def run_on_host(script: str, cwd: Path, root: Path) -> None:
     path = f"{tools}:{Path(sys.executable).parent}:{os.environ['PATH']}"
     done = subprocess.run(["sh", "-ec", script], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "PATH": path}, timeout=180, check=False)  # fmt: skip
-    assert done.returncode == 0, (script, done.stdout, done.stderr)
+    assert done.returncode == 0, f"{script}\nstdout: {done.stdout}\nstderr: {done.stderr}"
 
 
 class ConsoleFile:

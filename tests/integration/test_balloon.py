@@ -171,6 +171,38 @@ async def test_a_balloon_target_for_an_unplugged_device_fails_alone(
             g.close()
 
 
+async def test_a_target_for_a_device_no_driver_started_is_kept_for_the_driver(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A device just added (migrate-finish, a replug, a VM booting): QEMU has connected,
+    no guest driver has started it. A target set now goes into the config space,
+    where the driver reads it when it starts, and QEMU is not told: told, QEMU 11.1
+    under libvirt closed the connection of a device added a moment before."""
+    ctl = tmp_path / "control.sock"
+    daemon = await start_daemon("vm", control_socket=ctl)
+    guest = GuestMemfd(16 * MiB)
+    ours, qemus = socket.socketpair()
+    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
+    try:
+        await fe.handshake(protocol=0x228, backend_fd=ours.fileno())
+        ours.close()
+        reply = await control(ctl, {"vm": "vm", "target_bytes": 4 * MiB})
+        assert reply["ok"] and reply["pinned"]
+        qemus.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            qemus.recv(12)  # nothing sent to QEMU
+        await fe.start()
+        assert num_pages(await fe.get_config()) == (4 * MiB // 4096, 0)
+        # Started: the next target is told at once, as always.
+        assert (await control(ctl, {"vm": "vm", "target_bytes": 2 * MiB}))["ok"]
+        qemus.settimeout(5)
+        assert struct.unpack("=III", qemus.recv(12)) == (2, 1, 0)
+    finally:
+        await fe.aclose()
+        qemus.close()
+        guest.close()
+
+
 def num_pages(config: bytes) -> tuple[int, int]:
     """(num_pages, actual) of a balloon config space."""
     return struct.unpack("<II", config[:8])
