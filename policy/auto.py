@@ -39,7 +39,9 @@ actual, the guest's latest statistics and their age) and the host (``HostView``)
    idle guest whose free memory went back already is left alone). The room kept for
    a recent peak is asked for only when every guest gave what it could without it.
    No target goes past RAM minus ``min_memory``. A guest whose statistics are missing
-   or older than three intervals is never inflated.
+   or older than three intervals is never inflated, nor one whose resident bytes rose
+   by more than a step since the last decision (it is taking memory now; its
+   statistics may predate that).
 4. With room again (resident bytes under the budget by the margin, no host pressure),
    a balloon is deflated by one step per interval, toward 0, only if its guest may
    need the memory: less than half a step above its floor (inflating leaves it a step
@@ -214,6 +216,8 @@ class Policy:
     #: was off (see ``_need``)
     _expected: int | None = None
     _drift: int = 0
+    #: each guest's resident bytes at the last decision
+    _resident: dict[str, int] = field(default_factory=dict)
 
     def decide(self, host: HostView, guests: Sequence[GuestView]) -> Round:
         cfg = self.config
@@ -264,6 +268,7 @@ class Policy:
                     taken_from[g.vm] += taken
         asked = sum(taken_from.values())
         self._last = {g.vm: g.stats for g in guests if g.stats is not None}
+        self._resident = {g.vm: g.resident_bytes for g in guests}
         self._expected = resident - asked + given
         return Round(
             tuple(decided[g.vm] for g in guests),
@@ -351,6 +356,12 @@ class Policy:
         base = g.target_bytes if base is None else base
         if not self._fresh(g):
             return self._move(g, base, "stale_statistics"), 0
+        if g.resident_bytes - self._resident.get(g.vm, g.resident_bytes) > self.config.step_bytes:
+            # What the host holds of it rose by more than a step since the last
+            # decision: the guest is taking memory now, and its statistics may predate
+            # that (seen: a guest inflated in the middle of allocating 1 GiB, because
+            # statistics from before counted the new pages as free). Next interval.
+            return self._move(g, base, "growing"), 0
         giveable = self._giveable(g, headroom)
         if giveable == 0:
             return self._move(g, base, "nothing_to_reclaim"), 0

@@ -347,11 +347,12 @@ def test_more_shares_give_later() -> None:
 
 def test_a_guest_that_needed_memory_lately_keeps_room_for_it() -> None:
     config = dataclasses.replace(CONFIG, budget_bytes=2300 * MiB)
-    policy = Policy(config)
+    policy = Policy(dataclasses.replace(config, budget_bytes=4 * GiB))  # room, at first
     # b used 1500 MiB a minute ago (available 548); now it uses 548 and holds cache
     busy = guest("b", resident=1600 * MiB, available=548 * MiB)
-    idle_a = guest("a", resident=300 * MiB, available=1900 * MiB)
+    idle_a = guest("a", resident=900 * MiB, available=1900 * MiB)
     policy.decide(QUIET, [idle_a, busy])
+    policy.config = config  # the budget lowered (a reload)
     cached = guest("b", resident=1600 * MiB, available=1500 * MiB)
     # 200 MiB over: a cache holder without a recent peak gives, b keeps its room
     holder = guest("a", resident=900 * MiB, available=1800 * MiB)
@@ -378,3 +379,16 @@ def test_growth_seen_in_two_intervals_is_asked_for_ahead() -> None:
     # over by 100 MiB: 356 asked (down to the bottom of the band); over by 44: 300;
     # over by 44 again: 300 and the 300 it grew, capped by max_reclaim
     assert asked == [356, 300, 512], asked
+
+
+def test_a_guest_taking_memory_now_is_not_inflated_until_its_statistics_catch_up() -> None:
+    """Its resident bytes rose by 900 MiB since the last decision, and its statistics
+    (from before) still count that as available: it is left alone this interval."""
+    policy = Policy(dataclasses.replace(CONFIG, budget_bytes=512 * MiB))
+    policy.decide(QUIET, [guest(resident=100 * MiB, available=1900 * MiB)])
+    rising = guest(resident=1000 * MiB, available=1900 * MiB, free_bytes=1000 * MiB)
+    (d,) = policy.decide(QUIET, [rising]).decisions
+    assert (d.target_bytes, d.reason) == (0, "growing")
+    # the next interval, no longer rising: its (fresh) statistics are believed
+    (d,) = policy.decide(QUIET, [guest(resident=1000 * MiB, available=1500 * MiB)]).decisions
+    assert d.direction is Direction.INFLATE
