@@ -20,10 +20,12 @@ again within the soak's bound.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -188,7 +190,7 @@ async def unplug(soak: Soak, guest: RealGuest) -> None:
 
     soak.event("unplug", "device_del")
     try:
-        async with trio.open_nursery() as racing:
+        async with _monitor_errors(), trio.open_nursery() as racing:
             racing.start_soon(trio.to_thread.run_sync, device_del)
             for _ in range(soak.rng.randint(1, 4)):
                 await trio.sleep(soak.rng.uniform(0.0, 1.5))
@@ -206,7 +208,11 @@ async def unplug(soak: Soak, guest: RealGuest) -> None:
 
         await trio.to_thread.run_sync(plug_back)
     except (QmpError, MigrateError) as err:
-        soak.fail(f"unplugging the guest's balloon: {err}")
+        assert guest.qemu is not None
+        status = guest.qemu.poll()
+        soak.fail(f"unplugging the guest's balloon: {err} (QEMU "
+                  f"{'running' if status is None else f'exited with {status}'}; its stderr "
+                  f"ends with {guest.stderr[-5:]})")  # fmt: skip
     with trio.fail_after(soak.bound * 3):
         while not reporting_started_since(soak, replugged):
             await trio.sleep(0.2)
@@ -214,6 +220,15 @@ async def unplug(soak: Soak, guest: RealGuest) -> None:
     guest.disconnects = len(guest_ends(soak))
     guest.unplugging = False
     soak.event("replugged", f"reporting again after {guest.plugged_at - replugged:.1f} s")
+
+
+@contextlib.asynccontextmanager
+async def _monitor_errors() -> AsyncIterator[None]:
+    """A QMP error from the racing threads, out of their nursery's group."""
+    try:
+        yield
+    except* (QmpError, MigrateError) as group:
+        raise group.exceptions[0] from None
 
 
 def figures(guest: RealGuest) -> dict[str, Any]:
