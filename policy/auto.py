@@ -247,26 +247,9 @@ class Policy:
         relieved = [g for g in guests
                     if g.vm in decided and decided[g.vm].reason.startswith("guest_")]  # fmt: skip
         given = sum(g.target_bytes - decided[g.vm].target_bytes for g in relieved)
-        need = self._need(over, resident, coming, given)
-        capacity = 0
-        ranked = sorted(candidates, key=self._rank, reverse=True)
-        taken_from: dict[str, int] = {}
-        for g in ranked:
-            capacity += max(0, self._giveable(g, headroom=False) - self._coming(g))
-            decided[g.vm], taken_from[g.vm] = self._inflate(g, need)
-            if need is not None:
-                need -= taken_from[g.vm]
-        # Still short after every guest gave what it can while keeping room for its
-        # recent peak: that room is asked for too, in the same order (max_reclaim
-        # still bounds what one guest gives in the interval).
-        for g in ranked:
-            left = min(need or 0, cfg.max_reclaim_bytes - taken_from[g.vm])
-            if left > 0 and need is not None:
-                decision, taken = self._inflate(g, left, decided[g.vm].target_bytes, False)
-                if taken:
-                    decided[g.vm], need = decision, need - taken
-                    taken_from[g.vm] += taken
-        asked = sum(taken_from.values())
+        asked = self._ask(candidates, self._need(over, resident, coming, given), decided)
+        capacity = sum(max(0, self._giveable(g, headroom=False) - self._coming(g))
+                       for g in candidates)  # fmt: skip
         self._last = {g.vm: g.stats for g in guests if g.stats is not None}
         self._resident = {g.vm: g.resident_bytes for g in guests}
         self._expected = resident - asked + given
@@ -276,6 +259,30 @@ class Policy:
             shortfall_bytes=max(0, over - coming - capacity),
             host_short=host_short,
         )
+
+    def _ask(
+        self, candidates: Sequence[GuestView], need: int | None, decided: dict[str, Decision]
+    ) -> int:
+        """Inflate the candidates, the guests that can give most first, until ``need``
+        is met (None: a step each); their decisions go into ``decided``. The resident
+        bytes asked for in all."""
+        ranked = sorted(candidates, key=self._rank, reverse=True)
+        taken_from: dict[str, int] = {}
+        for g in ranked:
+            decided[g.vm], taken_from[g.vm] = self._inflate(g, need)
+            if need is not None:
+                need -= taken_from[g.vm]
+        # Still short after every guest gave what it can while keeping room for its
+        # recent peak: that room is asked for too, in the same order (max_reclaim
+        # still bounds what one guest gives in the interval).
+        for g in ranked:
+            left = min(need or 0, self.config.max_reclaim_bytes - taken_from[g.vm])
+            if left > 0 and need is not None:
+                decision, taken = self._inflate(g, left, decided[g.vm].target_bytes, False)
+                if taken:
+                    decided[g.vm], need = decision, need - taken
+                    taken_from[g.vm] += taken
+        return sum(taken_from.values())
 
     # -- the rules -----------------------------------------------------------------
     def _need(self, over: int, resident: int, coming: int, given: int) -> int | None:
