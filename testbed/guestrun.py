@@ -342,7 +342,9 @@ def pump(stream: object, sink: Callable[[str], None]) -> threading.Thread:
     return t
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, sig: int, grace: float) -> int | None:
+def stop_process(
+    proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None, sig: int, grace: float
+) -> int | None:
     if proc is None:
         return None
     if proc.poll() is None:

@@ -5,13 +5,17 @@ them."""
 from __future__ import annotations
 
 import collections
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
-from testbed.guestrun import Env, GuestSpec, MiB, parse_metrics, pump, qemu_args
+from testbed.guestrun import Env, GuestSpec, MiB, parse_metrics, pump, qemu_args, stop_process
+from tests.daemon_helpers import Logs
 
 __all__ = ["Console", "assert_gets_memory_back", "metric", "reported", "start_guest", "wait"]
 
@@ -115,3 +119,29 @@ def start_guest(
     )  # fmt: skip
     started.append(qemu)
     return Console(qemu)
+
+
+def daemon_with_config(conf: Path) -> tuple[subprocess.Popen[str], Logs]:
+    """The daemon started from ``conf`` (SIGHUP reloads it), JSON logs, an ephemeral
+    metrics port; its log lines as they come."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "vhost_user_balloon", f"--config={conf}", "--log-format=json",
+         "--metrics-listen=127.0.0.1:0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return daemon, Logs(daemon)
+
+
+def sparse_disk(path: Path, size: int) -> Path:
+    """A disk image of ``size`` bytes that holds nothing: reading it fills the guest's
+    page cache, not the host's."""
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def stop_all(qemus: list[subprocess.Popen[bytes]], daemon: subprocess.Popen[str]) -> None:
+    """The test's QEMUs, then its daemon, as a host shuts down."""
+    for q in qemus:
+        stop_process(q, signal.SIGTERM, 5)
+    stop_process(daemon, signal.SIGTERM, 15)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -29,10 +28,9 @@ from testbed.guestrun import (
     Scrape,
     attach_args,
     parse_metrics,
-    stop_process,
 )
 from tests.daemon_helpers import Logs
-from tests.e2e_helpers import Console, start_guest
+from tests.e2e_helpers import Console, daemon_with_config, sparse_disk, start_guest, stop_all
 
 BUDGET_MIB = 1000
 INTERVAL_S = 10  # the default
@@ -144,15 +142,8 @@ def test_the_budget_is_met_within_three_decisions_from_the_cache_holder(
 ) -> None:
     conf = rundir / "vub.toml"
     conf.write_text(config(rundir, policy=False))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "vhost_user_balloon", f"--config={conf}", "--log-format=json",
-         "--metrics-listen=127.0.0.1:0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    log = Logs(daemon)
-    disk = rundir / "disk.img"
-    with disk.open("wb") as f:
-        f.truncate(1100 * MiB)  # sparse: reading it fills the guest's cache, not the host's
+    daemon, log = daemon_with_config(conf)
+    disk = sparse_disk(rundir / "disk.img", 1100 * MiB)
     qemus: list[subprocess.Popen[bytes]] = []
     timeline: Timeline | None = None
 
@@ -202,6 +193,4 @@ def test_the_budget_is_met_within_three_decisions_from_the_cache_holder(
     finally:
         if timeline is not None:
             timeline.stop()
-        for q in qemus:
-            stop_process(q, signal.SIGTERM, 5)
-        stop_process(daemon, signal.SIGTERM, 15)
+        stop_all(qemus, daemon)

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from testbed.guestrun import Env, GuestSpec, MiB, attach_args, stop_process
-from tests.daemon_helpers import Logs
-from tests.e2e_helpers import Console, metric, start_guest
+from testbed.guestrun import Env, GuestSpec, MiB, attach_args
+from tests.e2e_helpers import (
+    Console,
+    daemon_with_config,
+    metric,
+    sparse_disk,
+    start_guest,
+    stop_all,
+)
 
 BUDGET_MIB = 900
 
@@ -56,15 +61,8 @@ def config(rundir: Path, policy: bool) -> str:
 def test_the_policy_takes_page_cache_from_the_guest_that_holds_it(env: Env, rundir: Path) -> None:
     conf = rundir / "vub.toml"
     conf.write_text(config(rundir, policy=False))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "vhost_user_balloon", f"--config={conf}", "--log-format=json",
-         "--metrics-listen=127.0.0.1:0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    log = Logs(daemon)
-    disk = rundir / "disk.img"
-    with disk.open("wb") as f:
-        f.truncate(1300 * MiB)  # sparse: reading it fills the guest's cache, not the host's
+    daemon, log = daemon_with_config(conf)
+    disk = sparse_disk(rundir / "disk.img", 1300 * MiB)
     qemus: list[subprocess.Popen[bytes]] = []
 
     def boot(name: str, spec: GuestSpec, extra: list[str]) -> Console:
@@ -119,6 +117,4 @@ def test_the_policy_takes_page_cache_from_the_guest_that_holds_it(env: Env, rund
         assert daemon.poll() is None
         assert all(q.poll() is None for q in qemus)
     finally:
-        for q in qemus:
-            stop_process(q, signal.SIGTERM, 5)
-        stop_process(daemon, signal.SIGTERM, 15)
+        stop_all(qemus, daemon)

@@ -10,7 +10,6 @@ on reporting and getting its memory back.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -20,10 +19,9 @@ from testbed.guestrun import (
     Env,
     GuestSpec,
     attach_args,
-    stop_process,
 )
 from tests.daemon_helpers import Logs
-from tests.e2e_helpers import Console, assert_gets_memory_back, start_guest
+from tests.e2e_helpers import Console, assert_gets_memory_back, start_guest, stop_all
 from vhost_user_balloon.daemon.commands.qmp import Qmp
 
 #: The unplugged VM's device sits behind a PCIe root port, as hot-pluggable devices do.
@@ -98,6 +96,4 @@ def test_a_balloon_command_during_an_unplug_harms_no_vm(env: Env, rundir: Path) 
     finally:
         if qmp is not None:
             qmp.close()
-        for q in qemus:
-            stop_process(q, signal.SIGTERM, 5)
-        stop_process(daemon, signal.SIGTERM, 15)
+        stop_all(qemus, daemon)

@@ -252,26 +252,32 @@ def test_prepare_needs_one_monitor(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # -- the balloon target travels with the VM ------------------------------------------------
-async def attach_with_channel(path: Path, guest: GuestMemfd) -> tuple[FakeFrontend, socket.socket]:
-    """A frontend as QEMU is after device_add: with the backend channel balloon
-    commands go through."""
+async def attach_with_channel(
+    path: Path, guests: list[GuestMemfd], frontends: list[FakeFrontend]
+) -> socket.socket:
+    """A frontend as QEMU is after device_add, with a guest of its own (both closed
+    with the fixtures): with the backend channel balloon commands go through; QEMU's
+    end of it."""
+    guest = GuestMemfd(32 * MiB)
+    guests.append(guest)
     ours, theirs = socket.socketpair()
     fe = await FakeFrontend.connect(str(path), guest)
+    frontends.append(fe)
     await fe.handshake(protocol=0x228, backend_fd=theirs.fileno())
     theirs.close()
     await fe.start()
-    return fe, ours
+    return ours
 
 
 async def test_the_target_set_by_hand_travels_to_the_destination_daemon(
     start_daemon: StartDaemon, nursery: trio.Nursery, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], guests: list[GuestMemfd],
+    frontends: list[FakeFrontend],
 ) -> None:  # fmt: skip
     # Host A: the VM with a target set by hand (pinned).
     a_ctl, b_ctl = tmp_path / "a-control.sock", tmp_path / "b-control.sock"
     source = await start_daemon("web1", control_socket=a_ctl)
-    guests = [GuestMemfd(32 * MiB), GuestMemfd(32 * MiB)]
-    fa, qa = await attach_with_channel(source.vms[0].socket, guests[0])
+    qa = await attach_with_channel(source.vms[0].socket, guests, frontends)
     assert (await control(a_ctl, {"vm": "web1", "target_bytes": 8 * MiB}))["pinned"]
     FakeQmp(tmp_path / "a-qmp.sock", {"qom-list": PERIPHERALS}, deleted)
     code = await trio.to_thread.run_sync(main, [
@@ -305,19 +311,15 @@ async def test_the_target_set_by_hand_travels_to_the_destination_daemon(
 
     nursery.start_soon(finish_it)
     await trio.sleep(0.5)  # finish is waiting for the daemon to serve the VM
-    fb, qb = await attach_with_channel(b_dir / "web1.sock", guests[1])
+    qb = await attach_with_channel(b_dir / "web1.sock", guests, frontends)
     with trio.fail_after(10):
         await finishing.wait()
     assert result == [0]
     status = await control(b_ctl, {"vm": "web1"})
     assert (status["target_bytes"], status["pinned"]) == (8 * MiB, True)
     assert "balloon target 8388608 bytes set" in capsys.readouterr().out
-    for fe in (fa, fb):
-        await fe.aclose()
-    for c in (qa, qb):
-        c.close()
-    for g in guests:
-        g.close()
+    qa.close()
+    qb.close()
 
 
 def test_a_target_the_policy_set_is_left_to_the_destination(

@@ -265,12 +265,11 @@ async def test_a_message_the_dead_process_never_saved_is_applied_by_the_next(
     assert crash.keeper.names() == {"vub.web1.listen", "vub.@daemon.metrics", *keeper.stored}
 
 
-async def test_a_connection_whose_state_is_lost_is_closed_and_the_rest_go_on(
+async def die_owing_a_reply(
     crash: Crash, guests: list[GuestMemfd], frontends: list[FakeFrontend]
 ) -> None:
-    """The saved state is unreadable (both slots overwritten): that VM cannot be taken
-    up, so its fds are let go (its QEMU sees the end, as without a keeper) with an
-    error that says so; the daemon starts and serves new connections."""
+    """The first process, one VM attached, dies having applied a GET_CONFIG and
+    before saving that it owes the reply."""
     await crash.start_first()
     guest = GuestMemfd(16 * MiB)
     guests.append(guest)
@@ -279,6 +278,15 @@ async def test_a_connection_whose_state_is_lost_is_closed_and_the_rest_go_on(
     await fe.send_raw(encode_message(Request.GET_CONFIG, Config(0, 16, 0, bytes(16))))
     with trio.fail_after(5):
         await crash.dead.wait()
+
+
+async def test_a_connection_whose_state_is_lost_is_closed_and_the_rest_go_on(
+    crash: Crash, guests: list[GuestMemfd], frontends: list[FakeFrontend]
+) -> None:
+    """The saved state is unreadable (both slots overwritten): that VM cannot be taken
+    up, so its fds are let go (its QEMU sees the end, as without a keeper) with an
+    error that says so; the daemon starts and serves new connections."""
+    await die_owing_a_reply(crash, guests, frontends)
     os.pwrite(crash.copy["vub.web1.state"], b"\0" * (2 * STATE_SLOT_BYTES), 0)
     second = await crash.successor()
     crash.buried.set()  # the first process is really gone now: its copies close
@@ -299,14 +307,7 @@ async def test_a_saved_state_that_cannot_be_restored_leaves_no_fd_behind(
     ring past the device's queues): that VM is let go as with a lost state, and the
     new process holds none of its fds (its connection's socket and state file stayed
     open in the daemon, served by nothing, before)."""
-    await crash.start_first()
-    guest = GuestMemfd(16 * MiB)
-    guests.append(guest)
-    fe = await attach(str(crash.vm.socket), guest, frontends)
-    crash.arm("_save", when=lambda owed: owed is not None)
-    await fe.send_raw(encode_message(Request.GET_CONFIG, Config(0, 16, 0, bytes(16))))
-    with trio.fail_after(5):
-        await crash.dead.wait()
+    await die_owing_a_reply(crash, guests, frontends)
     state = StateFile(crash.copy["vub.web1.state"])
     record = state.read()
     assert record is not None and record["session"]["vrings"]
