@@ -6,7 +6,7 @@ keeps it. Then the policy is turned on by SIGHUP with a budget under the two gue
 resident RAM: it takes the memory from A (whose MemAvailable, cache included, is large),
 not from B. Then A allocates 1000 MiB, more than its balloon leaves it: the guest drops
 its cache, takes balloon pages back itself where it would otherwise go out of memory
-(deflate-on-OOM, negotiated), falls under its floor and the policy deflates it; the
+(deflate-on-OOM, negotiated), nears its floor and the policy deflates it; the
 budget, which can no longer be met, is reported as a shortfall instead of being forced.
 """
 
@@ -28,6 +28,7 @@ from tests.e2e_helpers import (
 )
 
 BUDGET_MIB = 900
+STEP_MIB = 256
 
 
 def resident(url: str, vm: str) -> float:
@@ -49,7 +50,7 @@ def config(rundir: Path, policy: bool) -> str:
     text = "stats_interval = 1\ndeflate_on_oom = true\n"
     if policy:
         text += (
-            f'[auto_balloon]\nbudget = "{BUDGET_MIB}M"\ninterval = 2\nstep = "256M"\n'
+            f'[auto_balloon]\nbudget = "{BUDGET_MIB}M"\ninterval = 2\nstep = "{STEP_MIB}M"\n'
             'margin = "128M"\nmin_free = "128M"\nmin_free_percent = 10\n'
             "host_psi_some = 100\n"  # this busy test machine's own pressure must not count
         )
@@ -101,7 +102,14 @@ def test_the_policy_takes_page_cache_from_the_guest_that_holds_it(env: Env, rund
         # A needs its memory: 1000 MiB allocated with the balloon inflated.
         allocated = a.wait("allocated round=1", 200)
         deflated = log.wait_for("auto_balloon_decision", timeout=60, vm="a", direction="deflate")
-        assert deflated["reason"].startswith("guest_"), deflated
+        # Deflated because A needs its memory: under its floor (or another sign of
+        # pressure), or, when the two guests were under the budget by the margin at
+        # that decision, by rule 4 (room, and A less than half a step above its floor),
+        # whichever decision came first while A allocated.
+        need = deflated["floor_bytes"] + STEP_MIB * MiB // 2
+        assert deflated["reason"].startswith("guest_") or (
+            deflated["reason"] == "room" and deflated["available_bytes"] < need
+        ), deflated
         short = log.wait_for("auto_balloon_budget_unreachable", timeout=60)
         a.wait("freed round=1", 60)
         oom = [line for line in a.lines if "Out of memory" in line or "oom-kill" in line]
