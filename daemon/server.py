@@ -207,6 +207,7 @@ class Daemon:
         if self._control is not None:
             self._control.close()
             self._control = None
+        self._serving.discard_pool.close()  # every connection has ended
 
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog at half its interval for as long as the event loop

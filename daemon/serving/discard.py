@@ -40,6 +40,7 @@ import trio
 
 from vhost_user_balloon.protocol import BalloonDevice, ReportedRange
 
+from ..linux.fds import close_fds
 from ..linux.syscalls import punch_holes
 from .guestram import VmMemory
 from .passthrough import PinWatch
@@ -174,7 +175,7 @@ class DiscardPool:
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._started = 0
         self._idle_eventfds: list[int] = []  # only touched by the event loop's thread
 
@@ -186,8 +187,17 @@ class DiscardPool:
             ).start()
 
     def _work(self) -> None:
-        while True:
-            self._jobs.get()()
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def close(self) -> None:
+        """Let the threads end once the jobs before are done (call when no caller is
+        left); a later ``run`` starts them again."""
+        for _ in range(self._started):
+            self._jobs.put(None)
+        self._started = 0
+        close_fds(self._idle_eventfds)
+        self._idle_eventfds = []
 
     async def run(self, fn: Callable[[], _T]) -> _T:
         """``fn()`` in one of the pool's threads; its result, or its exception raised."""

@@ -1,5 +1,6 @@
 """The threads that punch holes: results and errors come back, at most ``threads`` jobs
-run at once, and a caller that is cancelled still waits for its job."""
+run at once, a caller that is cancelled still waits for its job, and closing the pool
+ends its threads."""
 
 from __future__ import annotations
 
@@ -87,3 +88,21 @@ async def test_a_job_runs_in_its_callers_context() -> None:
     var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
     var.set("web1")
     assert await pool.run(var.get) == "web1"
+
+
+def discard_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("vub-discard-")}
+
+
+async def test_close_ends_the_threads_and_a_later_run_starts_them_again() -> None:
+    pool = DiscardPool(3)
+    before = discard_threads()
+    await pool.run(lambda: None)
+    mine = discard_threads() - before
+    assert len(mine) == 3
+    pool.close()
+    for thread in mine:
+        thread.join(5)
+    assert not any(t.is_alive() for t in mine)
+    assert await pool.run(lambda: 7) == 7  # a daemon restarted in this process
+    pool.close()
