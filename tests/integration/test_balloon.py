@@ -42,6 +42,13 @@ def post_pfns(fe: FakeFrontend, guest: GuestMemfd, queue: int, pfns: list[int]) 
     fe.kick(queue)
 
 
+async def config_change(qemus: socket.socket) -> bool:
+    """QEMU's end of the backend channel got CONFIG_CHANGE_MSG (read in a thread: the
+    daemon runs in this event loop)."""
+    message = await trio.to_thread.run_sync(qemus.recv, 12)
+    return struct.unpack("=III", message) == (2, 1, 0)
+
+
 async def test_inflate_frees_the_guests_pages_and_deflate_gives_them_back(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -60,7 +67,7 @@ async def test_inflate_frees_the_guests_pages_and_deflate_gives_them_back(
         reply = await control(ctl, {"vm": "vm", "target_bytes": 2 * MiB})
         assert reply["ok"] and reply["target_bytes"] == 2 * MiB
         qemus.settimeout(5)
-        assert struct.unpack("=III", qemus.recv(12)) == (2, 1, 0)  # CONFIG_CHANGE_MSG
+        assert await config_change(qemus)  # CONFIG_CHANGE_MSG
         num_pages = struct.unpack("<I", (await fe.get_config())[:4])[0]
         assert num_pages == 512
 
@@ -84,7 +91,7 @@ async def test_inflate_frees_the_guests_pages_and_deflate_gives_them_back(
 
         # Deflate: back to 0; the pages simply come back when the guest touches them.
         await control(ctl, {"vm": "vm", "target_bytes": 0})
-        assert struct.unpack("=III", qemus.recv(12)) == (2, 1, 0)
+        assert await config_change(qemus)
         post_pfns(fe, guest, 1, [(16 * MiB) // PAGE + i for i in range(512)])
         with trio.fail_after(5):
             while fe.rings[1].used_idx() < 2:
@@ -196,7 +203,7 @@ async def test_a_target_for_a_device_no_driver_started_is_kept_for_the_driver(
         # Started: the next target is told at once, as always.
         assert (await control(ctl, {"vm": "vm", "target_bytes": 2 * MiB}))["ok"]
         qemus.settimeout(5)
-        assert struct.unpack("=III", qemus.recv(12)) == (2, 1, 0)
+        assert await config_change(qemus)
     finally:
         await fe.aclose()
         qemus.close()

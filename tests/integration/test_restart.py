@@ -64,6 +64,8 @@ async def kill_9(fe: FakeFrontend, config: bytes, logs: Logs, port: int) -> None
     await fe.wait_call(3)
     assert (head, 0) in fe.rings[3].take_used()
     assert fe.guest.allocated() == before
+    # the log lines may reach this test after the call does
+    await trio.to_thread.run_sync(lambda: logs.wait_for("queue_resumed", count=4))
     resumed = {r["queue"]: r["outstanding"] for r in logs.events("queue_resumed")}
     assert resumed == {0: 0, 1: 0, 2: 0, 3: 1}, resumed
     # The session went on: config and reports over the very same socket.
