@@ -44,6 +44,14 @@ def _shares(v: dict[str, float]) -> str:
     return "-" if shares is None else f"{shares:.0f}"
 
 
+def _churn(v: dict[str, float]) -> str:
+    """What of the sampled reported memory the guest had taken again 60 s later."""
+    checked = v.get("churn_checked_bytes_total", 0.0)
+    if not checked:
+        return "-"
+    return f"{100 * v.get('churn_resident_bytes_total', 0.0) / checked:.0f}%"
+
+
 def render(text: str) -> str:
     """The table for one scrape of /metrics."""
     vms: dict[str, dict[str, float]] = defaultdict(dict)
@@ -57,6 +65,9 @@ def render(text: str) -> str:
             name = s.name[len(PREFIX) + 1 :]
             if name == "reported_bytes_total":
                 orders[vm][s.labels["order"]] = s.value
+            elif name.startswith("churn_"):  # the status shows the 60 s window
+                if s.labels.get("window") == "60s":
+                    vms[vm][name] = vms[vm].get(name, 0.0) + s.value
             elif name == "auto_balloon_reason" and s.value:
                 why[vm] = s.labels["reason"]
             elif name in ("protocol_errors_total", "discard_skipped_bytes_total"):
@@ -65,8 +76,8 @@ def render(text: str) -> str:
                 vms[vm][name] = s.value
     lines = [
         f"{'VM':16} {'state':9} {'features':40} {'RAM':>9} {'resident':>9} "
-        f"{'given back':>11} {'skipped':>8} {'errors':>6} {'balloon':>8} {'shares':>6} "
-        f"{'why':18}"
+        f"{'given back':>11} {'churn':>5} {'skipped':>8} {'errors':>6} {'balloon':>8} "
+        f"{'shares':>6} {'why':18}"
         "  reported by order"
     ]
     for vm in sorted(vms):
@@ -81,7 +92,7 @@ def render(text: str) -> str:
             f"{_features(v.get('negotiated_features', 0)):40} "
             f"{v.get('guest_ram_bytes', 0) / MiB:8.0f}M "
             f"{v.get('guest_ram_resident_bytes', 0) / MiB:8.0f}M "
-            f"{v.get('discarded_bytes_total', 0) / MiB:10.0f}M "
+            f"{v.get('discarded_bytes_total', 0) / MiB:10.0f}M {_churn(v):>5} "
             f"{v.get('discard_skipped_bytes_total', 0) / MiB:7.0f}M "
             f"{v.get('protocol_errors_total', 0):6.0f} "
             f"{v.get('target_bytes', 0) / MiB:7.0f}M {_shares(v):>6} {why.get(vm, '-'):18}  "

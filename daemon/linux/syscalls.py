@@ -40,13 +40,13 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         )
 
 
-def punch_holes(holes: Sequence[tuple[int, int, int]]) -> list[tuple[int, OSError]]:
-    """``punch_hole`` for each (fd, offset, length), in order; the ones that failed, by
-    index, with why (one failure does not stop the others)."""
+def punch_holes(holes: Sequence[Sequence[int]]) -> list[tuple[int, OSError]]:
+    """``punch_hole`` for each (fd, offset, length, ...), in order; the ones that
+    failed, by index, with why (one failure does not stop the others)."""
     failed = []
-    for index, (fd, offset, length) in enumerate(holes):
+    for index, hole in enumerate(holes):
         try:
-            punch_hole(fd, offset, length)
+            punch_hole(hole[0], hole[1], hole[2])
         except OSError as err:
             failed.append((index, err))
     return failed

@@ -170,6 +170,20 @@ class Metrics:
             "Bytes reported free by the guest, by order = log2(entry bytes / 4 KiB).",
             ["vm", "order"],
         )  # fmt: skip
+        self.churn_checked_bytes = t.counter(
+            "churn_checked_bytes",
+            "Bytes given back for free page reports that were checked for churn once "
+            "the window (10s, 60s) had passed since they were given back, by order and "
+            "window. A sample: at most 16 reported blocks a second per VM are checked.",
+            ["vm", "order", "window"],
+        )  # fmt: skip
+        self.churn_resident_bytes = t.counter(
+            "churn_resident_bytes",
+            "Of churn_checked_bytes, those the guest had taken again (allocated in its "
+            "RAM file) at the end of the window: resident / checked is the share of "
+            "reported memory the guest needed again (a lower bound).",
+            ["vm", "order", "window"],
+        )  # fmt: skip
         self.discarded_bytes = t.counter(
             "discarded_bytes",
             "Bytes given back to the host (holes punched in guest RAM): reported free "
@@ -369,6 +383,14 @@ class VmMetrics:
             self._m.reported_bytes.labels(vm=self.vm, order=str(order)),
         )
         return children
+
+    def record_churn(self, order: int, window: str, checked: int, resident: int) -> None:
+        """A sampled reported block, checked at the end of ``window``."""
+        labels = {"vm": self.vm, "order": str(order), "window": window}
+        counts = ((self._m.churn_checked_bytes.labels(**labels), checked),
+                  (self._m.churn_resident_bytes.labels(**labels), resident))  # fmt: skip
+        with self._m.lock:
+            add(counts, ())
 
     def record_discard(self, discarded: int, skipped: Mapping[str, int]) -> None:
         """Bytes given back to the host, and the bytes that were not, by reason."""

@@ -67,6 +67,7 @@ from ..linux.fds import close_fds
 from ..linux.peer import peer_credentials
 from ..observing.metrics import Metrics
 from ..observing.problems import report_problem
+from .churn import ChurnSampler
 from .discard import DiscardGate, DiscardPool
 from .framing import BackendChannel, FrontendStream, PeerGone, Received
 from .guestram import VmMemory
@@ -163,7 +164,7 @@ class VmConnection:
         self.runners: dict[int, QueueRunner] = {}
         self._queues = QueueContext(
             self.vm_metrics, self.memory, self.gate, self.ring_lock, options.discard_pool,
-            options.stats_interval,
+            options.stats_interval, ChurnSampler(self.vm_metrics.record_churn),
         )  # fmt: skip
         self._vring_fds: dict[tuple[int, FdKind], int] = {}
         self._nursery: trio.Nursery | None = None

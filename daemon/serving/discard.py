@@ -38,7 +38,7 @@ from typing import NamedTuple, TypeVar
 import outcome
 import trio
 
-from vhost_user_balloon.protocol import BalloonDevice, ReportedRange
+from vhost_user_balloon.protocol import GUEST_PAGE_SIZE, BalloonDevice, ReportedRange
 
 from ..linux.fds import close_fds
 from ..linux.syscalls import punch_holes
@@ -80,6 +80,9 @@ class Punch(NamedTuple):
     fd: int
     offset: int
     length: int
+    #: the order of the reported block it gives back (-1: not one the churn sampler
+    #: can check, on huge-page RAM)
+    order: int = -1
 
 
 @dataclass(slots=True)
@@ -93,6 +96,8 @@ class DiscardResult:
     discarded: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     errors: list[OSError] = field(default_factory=list)
+    #: the holes punched (those that failed left out)
+    punched: Sequence[Punch] = ()
 
 
 class DiscardGate:
@@ -129,7 +134,8 @@ class DiscardGate:
             first = -(-start // page) * page
             punched = max(end // page * page - first, 0)
             if punched:
-                plan.punches.append(Punch(m.fd, first, punched))
+                order = r.order if page == GUEST_PAGE_SIZE else -1
+                plan.punches.append(Punch(m.fd, first, punched, order))
             if r.length - punched:
                 plan.skipped["unaligned"] += r.length - punched
         return plan
@@ -157,6 +163,11 @@ def execute(plan: DiscardPlan) -> DiscardResult:
         result.skipped["error"] += plan.punches[index].length
         result.errors.append(err)
     result.discarded = sum(p.length for p in plan.punches) - result.skipped["error"]
+    if failed:
+        bad = {index for index, _ in failed}
+        result.punched = [p for i, p in enumerate(plan.punches) if i not in bad]
+    else:
+        result.punched = plan.punches
     return result
 
 

@@ -56,6 +56,7 @@ from vhost_user_balloon.protocol import (
 
 from ..observing.metrics import VmMetrics
 from ..observing.problems import report_problem
+from .churn import ChurnSampler
 from .discard import DiscardGate, DiscardPool, DiscardResult
 from .guestram import VmMemory
 
@@ -77,6 +78,8 @@ class QueueContext:
     pool: DiscardPool
     #: seconds between requests for fresh guest statistics (0: never ask again)
     stats_interval: float
+    #: samples the holes punched for reports, to see what the guest takes again
+    churn: ChurnSampler
 
 
 class QueueRunner:
@@ -112,6 +115,8 @@ class QueueRunner:
             async with trio.open_nursery() as nursery:
                 if self.role is QueueRole.STATS and self.context.stats_interval > 0:
                     nursery.start_soon(self._request_stats)
+                if self.role is QueueRole.REPORTING:
+                    nursery.start_soon(self._check_churn)
                 await self._serve_kicks()
                 nursery.cancel_scope.cancel()
 
@@ -194,6 +199,7 @@ class QueueRunner:
             blocks, nbytes = by_order.get(r.order, (0, 0))
             by_order[r.order] = (blocks + 1, nbytes + r.length)
         self.vm_metrics.record_report(by_order, result.discarded, result.skipped, service)
+        self.context.churn.punched(result.punched)
         if notify:
             self._signal(FdKind.CALL)
         log.debug(
@@ -252,6 +258,12 @@ class QueueRunner:
             self._reject("stats_rejected", err)
             return
         self.vm_metrics.record_stats(stats)
+
+    async def _check_churn(self) -> None:
+        """Once a second, the churn checks that are due (a few syscalls each)."""
+        while True:
+            await trio.sleep(1.0)
+            self.context.churn.check()
 
     async def _request_stats(self) -> None:
         """Every stats_interval, hand the held buffer back: the guest refills it."""

@@ -24,6 +24,7 @@ from tests.frontend import FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.config import AutoBalloon, VmSpec
 from vhost_user_balloon.daemon.observing.metrics import Metrics
 from vhost_user_balloon.daemon.server import Daemon
+from vhost_user_balloon.daemon.serving import churn
 from vhost_user_balloon.policy import PolicyConfig
 
 OBS = Path(__file__).resolve().parents[2] / "observability"
@@ -112,7 +113,10 @@ async def test_prometheus_scrapes_the_daemon_and_the_alerts_react(
     run_prometheus: Any,
     guests: list[GuestMemfd],
     frontends: list[FakeFrontend],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # churn checked within a second (labels kept), so that its panel has series
+    monkeypatch.setattr(churn, "WINDOWS", (("10s", 0.5), ("60s", 1.0)))
     port = free_port()
     vms = [
         VmSpec("web1", tmp_path / "web1.sock"),
@@ -207,6 +211,6 @@ async def test_prometheus_scrapes_the_daemon_and_the_alerts_react(
     assert names == {
         "VhostUserBalloonDown", "VhostUserBalloonProtocolErrors",
         "VhostUserBalloonReportingStalled", "VhostUserBalloonDiscardFailing",
-        "VhostUserBalloonBudgetExceeded",
+        "VhostUserBalloonBudgetExceeded", "VhostUserBalloonReportingChurn",
     }  # fmt: skip
     assert all(r["health"] == "ok" for g in rules["groups"] for r in g["rules"])
