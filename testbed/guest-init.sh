@@ -15,13 +15,17 @@
 #                   keep it open, so that it stays in the page cache (default 0)
 #   vub.plugged=N   before the rounds, wait (up to 60 s) until MemTotal reaches N MiB:
 #                   memory plugged at boot (virtio-mem) is online and in the tmpfs size
+#   vub.mixed=S     before the rounds, for S seconds: rewrite 64 tmpfs files with sizes
+#                   of 64 KiB to 4 MiB (mostly not 2 MiB multiples), and, where there
+#                   is a disk, read 32 MiB of it every 50 files and drop the page cache;
+#                   then idle vub.settle seconds (default 0)
 # Markers start with "VUB:" so the runner can follow along.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 
-order= mib=1024 rounds=1 settle=40 hold=2 idle=3 watch=0 cache=0 plugged=0
+order= mib=1024 rounds=1 settle=40 hold=2 idle=3 watch=0 cache=0 plugged=0 mixed=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vub.order=*) order=${arg#vub.order=} ;;
@@ -33,6 +37,7 @@ for arg in $(cat /proc/cmdline); do
         vub.watch=*) watch=${arg#vub.watch=} ;;
         vub.cache=*) cache=${arg#vub.cache=} ;;
         vub.plugged=*) plugged=${arg#vub.plugged=} ;;
+        vub.mixed=*) mixed=${arg#vub.mixed=} ;;
     esac
 done
 
@@ -46,10 +51,11 @@ done
 echo "VUB: booted kernel=$(uname -r)"
 features=$(cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/features 2>/dev/null)
 echo "VUB: balloon features=${features:-none}"
+reporting_order=/sys/module/page_reporting/parameters/page_reporting_order
 if [ -n "$order" ]; then
-    echo "$order" > /sys/module/page_reporting/parameters/page_reporting_order \
-        && echo "VUB: page_reporting_order=$(cat /sys/module/page_reporting/parameters/page_reporting_order)"
+    echo "$order" >"$reporting_order" || echo "VUB: page_reporting_order $order refused"
 fi
+[ -r "$reporting_order" ] && echo "VUB: page_reporting_order=$(cat "$reporting_order")"
 meminfo boot
 if [ "$cache" -gt 0 ]; then
     # the last close of a block device drops its cache: hold it open
@@ -80,6 +86,26 @@ if [ "$watch" -gt 0 ]; then
         sleep 1
         j=$((j + 1))
     done
+fi
+if [ "$mixed" -gt 0 ]; then
+    echo "VUB: mixed start"
+    end=$(($(cut -d. -f1 /proc/uptime) + mixed))
+    n=0 reads=0
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        dd if=/dev/zero of=/work/m$((n % 64)) bs=64k count=$((RANDOM % 64 + 1)) 2>/dev/null
+        n=$((n + 1))
+        if [ $((n % 50)) -eq 0 ] && [ -b /dev/vda ]; then
+            dd if=/dev/vda of=/dev/null bs=1M count=32 skip=$((RANDOM % 32 * 32)) 2>/dev/null
+            echo 1 >/proc/sys/vm/drop_caches
+            reads=$((reads + 1))
+        fi
+    done
+    rm -f /work/m*
+    meminfo mixed
+    echo "VUB: mixed done"
+    echo "VUB: mixed files=$n disk_reads=$reads"
+    sleep "$settle"
+    echo "VUB: mixed settled"
 fi
 echo "VUB: ready"
 i=1

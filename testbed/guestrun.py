@@ -114,6 +114,8 @@ class GuestSpec:
     daemon_env: tuple[tuple[str, str], ...] = ()
     #: more guest kernel parameters, e.g. "init_on_free=1"
     append: str = ""
+    #: more QEMU arguments, e.g. a disk
+    qemu_extra: tuple[str, ...] = ()
     timeout_s: float = 300.0
     accel: str = "tcg"
 
@@ -139,6 +141,8 @@ class GuestRun:
     daemon_returncode: int | None = None
     timed_out: bool = False
     metrics_url: str | None = None
+    #: the process run_guest started for the daemon (a supervisor, with ``supervise``)
+    started_pid: int | None = None
     #: /proc/QEMU_PID/fd/N of the guest RAM memfd, while QEMU runs
     memfd_path: str | None = None
 
@@ -223,7 +227,9 @@ class GuestRun:
         """The serving daemon process now (under ``supervise``: its current child)."""
         started = self.daemon_events("daemon_started")
         if not started:
-            raise AssertionError("no daemon_started line: the daemon is not supervised")
+            if self.spec.supervise or self.started_pid is None:
+                raise AssertionError("no daemon_started line from the supervisor")
+            return self.started_pid
         return int(started[-1]["pid"])  # type: ignore[call-overload]
 
 
@@ -410,7 +416,7 @@ def qemu_args(spec: GuestSpec, env: Env, attach: list[str]) -> list[str]:
         "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none",
         "-no-reboot", *attach,
         "-kernel", env.inside(images["kernel"]), "-initrd", env.inside(images["initrd"]),
-        "-append", append,
+        "-append", append, *spec.qemu_extra,
     ]  # fmt: skip
 
 
@@ -490,6 +496,7 @@ def run_guest(
         if spec.balloon == "daemon":
             sock = workdir / "vm.sock"
             daemon = _start_daemon(run, sock)
+            run.started_pid = daemon.pid
             attach = attach_args(spec.attach, socket=env.inside(sock), mem=mem)
         else:
             attach = args_file(BUILTIN_BALLOON, mem=mem)
