@@ -31,9 +31,12 @@ BENCHMARKS: Final = {
     "scrape": "how long the event loop stops while /metrics is scraped at 256 VMs",
     "policy": "the automatic balloon policy on 200 simulated VMs beside Proxmox and oVirt MOM",
     "soak": "a seeded chaos soak: faults on a schedule, invariants checked all along",
+    "orders": "real guests at reporting orders 9, 7, 5, 10: given back, taken again, CPU",
 }
 #: The ones with options of their own (NAME --help), run by name only.
-OWN_OPTIONS: Final = {"policy": "benchmarks.policy_sim", "soak": "benchmarks.soak"}
+OWN_OPTIONS: Final = {
+    "policy": "benchmarks.policy_sim", "soak": "benchmarks.soak", "orders": "benchmarks.orders",
+}  # fmt: skip
 #: ``all`` runs these, in this order (the real guest last: the slowest).
 ALL: Final = [name for name in BENCHMARKS if name not in OWN_OPTIONS]
 
@@ -43,8 +46,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=f"Benchmarks, each beside a baseline measured in the same run.\n\n{table}",
-        epilog="all: every benchmark but policy and soak, which have options of their own "
-        "(python -m benchmarks soak --help)",
+        epilog="all: every benchmark but policy, soak and orders, which have options of "
+        "their own (python -m benchmarks soak --help)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("names", nargs="+", choices=[*BENCHMARKS, "all"], metavar="NAME")
