@@ -73,7 +73,8 @@ def test_churn_counters_agree_with_the_guest_ram_file(env: Env, rundir: Path) ->
         f"{back / MiB:.0f} MiB taken again ({back / given:.0%}); churn counters: "
         f"{shares['10s']:.1%} taken again within 10 s, {shares['60s']:.1%} within 60 s"
     )
-    assert given > 64 * MiB and back > given / 4, (given, back)
+    # (how much depends on the guest's speed: 52-290 MiB a minute measured under TCG)
+    assert given > 16 * MiB and back > given / 4, (given, back)
     assert shares["10s"] > 0, shares
     assert max(shares.values()) <= back / given + 0.05, (shares, back / given)
 
