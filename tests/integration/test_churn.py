@@ -10,11 +10,20 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.daemon_helpers import RunCommand, StartDaemon, attach, sample
+from tests.daemon_helpers import RunCommand, StartDaemon, attach, sample, sample_or_none
 from tests.frontend import FakeFrontend, GuestMemfd, MiB
+from vhost_user_balloon.daemon.server import Daemon
 from vhost_user_balloon.daemon.serving import churn
 from vhost_user_balloon.daemon.serving.churn import ChurnSampler, data_bytes
 from vhost_user_balloon.daemon.serving.discard import Punch
+
+
+async def checked(daemon: Daemon, window: str) -> None:
+    """Until the daemon's first churn check of ``window`` is counted."""
+    labels = {"vm": "vm", "order": "9", "window": window}
+    with trio.fail_after(10):
+        while not sample_or_none(daemon, "churn_checked_bytes_total", **labels):
+            await trio.sleep(0.05)
 
 
 @pytest.mark.trio
@@ -38,22 +47,12 @@ async def test_a_block_written_again_counts_and_one_left_alone_does_not(
     def series(name: str, window: str) -> float:
         return sample(daemon, name, vm="vm", order="9", window=window)
 
-    with trio.fail_after(10):
-        while not daemon.metrics.registry.get_sample_value(
-            "vhost_user_balloon_churn_checked_bytes_total",
-            {"vm": "vm", "order": "9", "window": "10s"},
-        ):
-            await trio.sleep(0.05)
+    await checked(daemon, "10s")
     assert series("churn_checked_bytes_total", "10s") == 4 * MiB
     assert series("churn_resident_bytes_total", "10s") == MiB
     # Between the windows the guest writes into the second block too.
     guest.populate(8 * MiB, MiB // 2)
-    with trio.fail_after(10):
-        while not daemon.metrics.registry.get_sample_value(
-            "vhost_user_balloon_churn_checked_bytes_total",
-            {"vm": "vm", "order": "9", "window": "60s"},
-        ):
-            await trio.sleep(0.05)
+    await checked(daemon, "60s")
     assert series("churn_checked_bytes_total", "60s") == 4 * MiB
     assert series("churn_resident_bytes_total", "60s") == MiB + MiB // 2
     assert series("churn_resident_bytes_total", "10s") == MiB  # counted once
