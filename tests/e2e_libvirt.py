@@ -137,10 +137,14 @@ class Libvirt:
         )  # fmt: skip
         (tools / "virsh").chmod(0o755)
 
+    @property
+    def run(self) -> Path:
+        """This host's /run, as the machine sees it (through the holder's root)."""
+        return Path(f"/proc/{self.holder.pid}/root") / str(self.root).lstrip("/") / "run"
+
     def qemu_pid(self, domain: str) -> int:
         """The domain's QEMU, from libvirt's pid file in this host's /run."""
-        run = Path(f"/proc/{self.holder.pid}/root") / str(self.root).lstrip("/") / "run"
-        return int((run / f"libvirt/qemu/{domain}.pid").read_text())
+        return int((self.run / f"libvirt/qemu/{domain}.pid").read_text())
 
     def qemu_log(self, domain: str) -> str:
         path = (self.folder or self.root) / f"var/log/libvirt/qemu/{domain}.log"
@@ -150,10 +154,9 @@ class Libvirt:
         for name in self.virsh("list", "--all", "--name", check=False).stdout.split():
             self.virsh("destroy", name, check=False)
             self.virsh("undefine", name, check=False)
-        run = Path(f"/proc/{self.holder.pid}/root") / str(self.root).lstrip("/") / "run"
         for pidfile in ("libvirtd.pid", "virtlogd.pid"):
             with contextlib.suppress(OSError, ValueError):
-                os.kill(int((run / pidfile).read_text()), signal.SIGTERM)
+                os.kill(int((self.run / pidfile).read_text()), signal.SIGTERM)
         time.sleep(1)
         self.holder.kill()  # its namespace's mounts go with the last process in it
         self.holder.wait()
