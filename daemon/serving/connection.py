@@ -523,12 +523,14 @@ class VmConnection:
         config = self.device.config
         before = config.num_pages
         self._set_pages(nbytes // GUEST_PAGE_SIZE)
-        if self.memory.ram_bytes == 0:
-            # No guest driver has started the device yet (a device just added, a VM
-            # booting): it reads the target when it does. Told now, QEMU 11.1 closed
-            # the connection of a device added a moment before (seen under libvirt).
-            log.info("balloon_target_set", target_bytes=config.num_pages * GUEST_PAGE_SIZE,
-                     told="at_driver_start")  # fmt: skip
+        if not self.driver_running():
+            # No guest driver runs the device (a device just added, a VM booting or
+            # rebooting, a driver unbound, an unplug under way): the next driver reads
+            # the target when it probes. Told now, QEMU 11.1.3 dies of SIGSEGV: between
+            # a stop and the next start its vhost-user device has no virtio device, and
+            # the config-change handler uses it regardless.
+            log.info("balloon_target_set", vm=self.vm, told="at_driver_start",
+                     target_bytes=config.num_pages * GUEST_PAGE_SIZE)  # fmt: skip
             return
         try:
             await self._backend.config_changed()
@@ -539,7 +541,12 @@ class VmConnection:
             self._no_backend = _CHANNEL_CLOSED
             self._set_pages(before)  # not told, not kept: the command failed
             raise BalloonTargetError(f"VM {self.vm}: {_CHANNEL_CLOSED}") from None
-        log.info("balloon_target_set", target_bytes=config.num_pages * GUEST_PAGE_SIZE)
+        log.info("balloon_target_set", vm=self.vm, target_bytes=config.num_pages * GUEST_PAGE_SIZE)
+
+    def driver_running(self) -> bool:
+        """Whether a guest driver runs the device now: QEMU has started its queues
+        and not begun to stop them (it disables every queue first)."""
+        return any(runner.enabled for runner in self.runners.values())
 
     def _set_pages(self, pages: int) -> None:
         """The balloon target in the config space, the kept targets, the saved state
