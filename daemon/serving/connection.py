@@ -515,9 +515,12 @@ class VmConnection:
 
         The new num_pages is in the config space at once; the config-change message
         on the backend channel makes QEMU raise a config interrupt, and the guest reads
-        it and inflates or deflates. ``BalloonTargetError`` if QEMU cannot be told:
-        no backend channel (BACKEND_REQ not negotiated), or QEMU closed it (the device
-        is being unplugged). Either way this VM's connection and every other VM go on."""
+        it and inflates or deflates. While no driver runs the device, the target waits
+        in the config space for the next one. ``BalloonTargetError`` if QEMU cannot be
+        told: no backend channel (BACKEND_REQ not negotiated), or QEMU closed it (the
+        device is unplugged). Either way this VM's connection and every other VM go on."""
+        if self._backend is not None and self._backend.closed_by_peer():
+            self._channel_lost("closed by QEMU")
         if self._backend is None:
             raise BalloonTargetError(f"VM {self.vm}: {self._no_backend}")
         config = self.device.config
@@ -535,13 +538,17 @@ class VmConnection:
         try:
             await self._backend.config_changed()
         except PeerGone as err:
-            log.warning("backend_channel_closed", error=str(err))
-            self._backend.close()
-            self._backend = None
-            self._no_backend = _CHANNEL_CLOSED
+            self._channel_lost(str(err))
             self._set_pages(before)  # not told, not kept: the command failed
             raise BalloonTargetError(f"VM {self.vm}: {_CHANNEL_CLOSED}") from None
         log.info("balloon_target_set", vm=self.vm, target_bytes=config.num_pages * GUEST_PAGE_SIZE)
+
+    def _channel_lost(self, error: str) -> None:
+        log.warning("backend_channel_closed", vm=self.vm, error=error)
+        assert self._backend is not None
+        self._backend.close()
+        self._backend = None
+        self._no_backend = _CHANNEL_CLOSED
 
     def driver_running(self) -> bool:
         """Whether a guest driver runs the device now: QEMU has started its queues

@@ -249,6 +249,13 @@ class BackendChannel:
     def close(self) -> None:
         self.sock.close()
 
+    def closed_by_peer(self) -> bool:
+        """Whether QEMU has closed its end (it does when the device is unplugged),
+        seen without reading or waiting."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLRDHUP)
+        return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
+
     async def config_changed(self) -> None:
         """Tell QEMU the config space changed (it raises the guest's config interrupt).
         ``PeerGone`` if QEMU has closed the channel (the device was unplugged)."""

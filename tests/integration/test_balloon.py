@@ -217,7 +217,8 @@ async def test_a_target_while_the_driver_has_stopped_the_device_waits_for_the_ne
     disable until a driver starts the device again, a config change on the backend
     channel makes QEMU 11.1.3 die of SIGSEGV (a guest rebooting while its target
     changed killed the VM; found by the soak with a real guest). So a target set then
-    is kept for the next driver, and QEMU hears nothing."""
+    is kept for the next driver, and QEMU hears nothing; once QEMU has closed the
+    channel (the unplug done), it is refused as before."""
     ctl = tmp_path / "control.sock"
     daemon = await start_daemon("vm", control_socket=ctl)
     guest = GuestMemfd(16 * MiB)
@@ -247,6 +248,14 @@ async def test_a_target_while_the_driver_has_stopped_the_device_waits_for_the_ne
         assert (await control(ctl, {"vm": "vm", "target_bytes": 2 * MiB}))["ok"]
         qemus.settimeout(5)
         assert await config_change(qemus)  # running again: told again
+
+        # An unplug done: the driver let go of the device and QEMU closed the channel.
+        # Refused with words, and the failed command changes nothing.
+        await fe.stop()
+        qemus.close()
+        reply = await control(ctl, {"vm": "vm", "target_bytes": 8 * MiB})
+        assert not reply["ok"] and "closed the balloon's backend channel" in str(reply["error"])
+        assert num_pages(await fe.get_config()) == (2 * MiB // 4096, 0)
     finally:
         await fe.aclose()
         qemus.close()
