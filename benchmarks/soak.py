@@ -20,6 +20,8 @@ a time at random moments:
 ``balloon``   a balloon target set through the control socket
 ``unplug``    with ``--guest``: the real guest's balloon device unplugged while
               balloon commands for it race the unplug, then plugged back
+``reset``     with ``--guest``: the real guest rebooted (system_reset) while balloon
+              commands for it race the reset
               (benchmarks/soak_guest.py says what must hold for the guest)
 
 A kill comes at least 6 s after the daemon started: supervise counts a daemon that
@@ -30,7 +32,8 @@ Invariants, checked as the run goes: every report is handed back within
 their bytes; no VM's connection ends but the ones the schedule ends; the supervisor
 lives and the daemon exits only when the schedule kills it; no counter on /metrics
 ever goes down (a scrape every 100 ms, across every restart; the policy's decision
-counter, which restarts from 0 by design, excepted); and, at every point where the
+counter, which restarts from 0 by design, excepted, and the guest's own statistics
+once after each reboot of the real guest); and, at every point where the
 restarts have settled, the daemon's and the supervisor's fds and the daemon's memory
 stay where they were at the first such point with the same VMs attached; no daemon
 fails to adopt a connection. A broken invariant prints the seed, the events before
@@ -81,6 +84,9 @@ SPARE: Final = "spare"
 EXTRA: Final = "extra"
 #: Counters that start again from 0 in a new process by design (README, limitations).
 NOT_CARRIED: Final = ("vhost_user_balloon_auto_balloon_decisions_total",)
+#: The guest's own statistics, counted since its boot: a reboot of the real guest
+#: starts its series again.
+SINCE_BOOT: Final = "vhost_user_balloon_guest_"
 
 
 class Violation(Exception):
@@ -119,7 +125,8 @@ class Soak:
     faults: Counter[str] = field(default_factory=Counter)
     latencies: list[tuple[float, float]] = field(default_factory=list)
     scrape_ms: list[float] = field(default_factory=list)
-    counters: dict[str, float] = field(default_factory=dict)
+    #: each counter's last value, and the guest reboots its going down was allowed for
+    counters: dict[str, tuple[float, int]] = field(default_factory=dict)
     settled: list[dict[str, Any]] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
     kills: int = 0
@@ -368,11 +375,15 @@ def check_counters(soak: Soak, text: str) -> None:
         if key.split("{")[0].endswith(("_total", "_count", "_sum", "_bucket"))
         and not key.startswith(NOT_CARRIED)
     }  # fmt: skip
+    resets = 0 if soak.guest is None else soak.guest.resets
     for key, value in counters.items():
-        before = soak.counters.get(key, 0.0)
+        before, reboots = soak.counters.get(key, (0.0, resets))
         if value < before:
-            soak.fail(f"counter {key} went down: {before:g} -> {value:g}")
-        soak.counters[key] = value
+            guests = key.startswith(SINCE_BOOT) and f'vm="{soak_guest.NAME}"' in key
+            if not (guests and resets > reboots):
+                soak.fail(f"counter {key} went down: {before:g} -> {value:g}")
+            reboots = resets  # a reboot starts the guest's statistics again, once
+        soak.counters[key] = (value, reboots)
 
 
 async def supervisor_watch(soak: Soak) -> None:
@@ -596,10 +607,15 @@ async def unplug(soak: Soak) -> None:
     await soak_guest.unplug(soak, soak.guest)
 
 
+async def reset(soak: Soak) -> None:
+    assert soak.guest is not None
+    await soak_guest.reset(soak, soak.guest)
+
+
 FAULT_RUNNERS: Final = {
     "kill": kill, "upgrade": upgrade, "reload": reload, "reconnect": reconnect,
     "hostile": hostile, "stuck": stuck, "scrape": scrape_stall, "balloon": balloon,
-    "unplug": unplug,
+    "unplug": unplug, "reset": reset,
 }  # fmt: skip
 
 
@@ -608,7 +624,7 @@ async def schedule(soak: Soak, nursery: trio.Nursery) -> None:
     (hostile, stuck, scrape) go on beside the next."""
     await sample_resources(soak)
     end = soak.seconds
-    kinds = (*FAULTS, "unplug") if soak.guest is not None else FAULTS
+    kinds = (*FAULTS, "unplug", "reset") if soak.guest is not None else FAULTS
     while soak.now() < end:
         await trio.sleep(soak.rng.expovariate(1 / 3.0))
         kind = soak.rng.choice(kinds)
@@ -694,7 +710,7 @@ def figures(soak: Soak) -> dict[str, object]:
         "settled": soak.settled,
     }  # fmt: skip
     if soak.guest is not None:
-        out["guest"] = soak_guest.figures(soak.guest)
+        out["guest"] = soak_guest.figures(soak, soak.guest)
     if isinstance(out["report_ms_near_restarts"], dict):
         out["report_ms_near_restarts"]["n"] = len(near)
     return out
@@ -733,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guest", action="store_true",
                    help="also a real guest (QEMU and a guest kernel, as scripts/setup "
                         "provides) whose balloon device the schedule unplugs and plugs "
-                        "back")  # fmt: skip
+                        "back, and which it reboots")  # fmt: skip
     args = p.parse_args(argv)
     env = soak_guest.environment() if args.guest else None
     # With a guest, a folder QEMU reaches too (it may run in a chroot).

@@ -3,19 +3,23 @@ guest that allocates and frees memory in rounds for the whole run, attached to t
 soaked daemon as the VM ``guest``, its balloon device behind a PCIe root port so the
 schedule can unplug it and plug it back.
 
-Its fault, ``unplug``: ``device_del`` (the guest's driver lets go of the device, QEMU
-closes the balloon's backend channel), balloon commands for the guest sent through
-the control socket meanwhile (each either done or refused with words, never a crash),
-``chardev-remove`` (the daemon sees the connection end), then ``chardev-add`` and
-``device_add`` again, as ``migrate-finish`` does, and the guest's driver takes the
-new device.
+Its faults, each with balloon commands for the guest racing it through the control
+socket (each either done or refused with words, never a crash):
+
+``unplug``  ``device_del`` (the guest's driver lets go of the device, QEMU closes the
+            balloon's backend channel), ``chardev-remove`` (the daemon sees the
+            connection end), then ``chardev-add`` and ``device_add`` again, as
+            ``migrate-finish`` does, and the guest's driver takes the new device.
+``reset``   ``system_reset``: the guest reboots; QEMU stops the device and keeps the
+            connection, and the rebooted guest's driver starts it again.
 
 What must hold, checked as the run goes: QEMU runs; the guest's console shows no
 OOM kill, panic, BUG or allocation stall; the guest's connection ends only inside an
-unplug; while the device is plugged, the guest's memory keeps coming back (its
-reported bytes grow at least once every ``QUIET_LIMIT`` seconds: the guest frees
-memory every few seconds); after each replug, the guest's reporting queue starts
-again within the soak's bound.
+unplug; while the device is plugged and no reset is under way, the guest's memory
+keeps coming back (its reported bytes grow at least once every ``QUIET_LIMIT``
+seconds: the guest frees memory every few seconds); after each replug, the guest's
+reporting queue starts again within the soak's bound, and after each reset within
+``BOOT_LIMIT`` seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -55,6 +59,9 @@ SPEC: Final = GuestSpec(
 MIN_MEMORY: Final = "640M"
 #: Seconds the guest may go plugged and reporting nothing before that is a violation.
 QUIET_LIMIT: Final = 60.0
+#: Seconds a boot of the guest may take (TCG on a busy 2-core host), to its driver's
+#: reporting queue.
+BOOT_LIMIT: Final = 180.0
 #: What a guest's console must never show.
 BAD_CONSOLE: Final = (
     "Out of memory", "Kernel panic", "BUG:", "Call Trace", "page allocation stall",
@@ -74,6 +81,8 @@ class RealGuest:
     stderr: list[str] = field(default_factory=list)
     #: inside an unplug (from device_del to the reporting queue started again)
     unplugging: bool = False
+    #: inside a reset (from system_reset to the reporting queue started again)
+    resetting: bool = False
     #: when the device was last plugged (boot or replug) and its queue seen started
     plugged_at: float = 0.0
     #: the guest's reported bytes, and when they last grew
@@ -82,6 +91,7 @@ class RealGuest:
     #: disconnections of the guest's connection the daemon logged, seen so far
     disconnects: int = 0
     unplugs: int = 0
+    resets: int = 0
     refused: list[str] = field(default_factory=list)
 
     @property
@@ -123,12 +133,24 @@ async def attach_guest(soak: Soak, guest: RealGuest) -> None:
     """Boot the guest and wait until its driver has started the reporting queue."""
     booted = soak.now()
     guest.boot(soak.socket_of(NAME))
-    with trio.fail_after(180):  # a TCG boot on a busy 2-core host
-        while not reporting_started_since(soak, booted):
+    await wait_reporting(soak, guest, booted)
+    guest.plugged_at = guest.grew_at = soak.now()
+    # The test bed runs QEMU with -no-reboot; the ``reset`` fault wants a reboot.
+    await trio.to_thread.run_sync(_qmp, guest, "set-action", {"reboot": "reset"})
+    soak.event("start", "the real guest's reporting queue started")
+
+
+async def wait_reporting(soak: Soak, guest: RealGuest, since: float) -> None:
+    """Until the guest's driver has started its reporting queue after ``since``."""
+    with trio.fail_after(BOOT_LIMIT):
+        while not reporting_started_since(soak, since):
             check_alive(soak, guest)
             await trio.sleep(0.2)
-    guest.plugged_at = guest.grew_at = soak.now()
-    soak.event("start", "the real guest's reporting queue started")
+
+
+def _qmp(guest: RealGuest, command: str, arguments: dict[str, Any]) -> None:
+    with Qmp(str(guest.qmp_path)) as qmp:
+        qmp.command(command, **arguments)
 
 
 def check_alive(soak: Soak, guest: RealGuest) -> None:
@@ -160,7 +182,7 @@ async def guest_watch(soak: Soak, guest: RealGuest) -> None:
         if reported > guest.reported:
             guest.reported, guest.grew_at = reported, soak.now()
         quiet = soak.now() - max(guest.grew_at, guest.plugged_at)
-        if not guest.unplugging and quiet > QUIET_LIMIT:
+        if not (guest.unplugging or guest.resetting) and quiet > QUIET_LIMIT:
             soak.fail(f"the guest was given nothing back for {quiet:.0f} s while plugged "
                       f"(reported {guest.reported / 2**20:.0f} MiB in all)")  # fmt: skip
         await trio.sleep(0.5)
@@ -170,17 +192,6 @@ async def unplug(soak: Soak, guest: RealGuest) -> None:
     """The device unplugged with balloon commands racing it, then plugged back."""
     guest.unplugging = True
     guest.unplugs += 1
-    control = str(soak.folder / "control.sock")
-
-    def command(size: int) -> None:
-        request = {"vm": NAME, "target_bytes": size}
-        try:
-            ask(control, request)
-        except ControlError as err:
-            guest.refused.append(str(err))
-            soak.event("balloon", f"{json.dumps(request)}: {err}")
-        else:
-            soak.event("balloon", json.dumps(request))
 
     def device_del() -> None:
         with Qmp(str(guest.qmp_path)) as qmp:
@@ -190,12 +201,7 @@ async def unplug(soak: Soak, guest: RealGuest) -> None:
 
     soak.event("unplug", "device_del")
     try:
-        async with _monitor_errors(), trio.open_nursery() as racing:
-            racing.start_soon(trio.to_thread.run_sync, device_del)
-            for _ in range(soak.rng.randint(1, 4)):
-                await trio.sleep(soak.rng.uniform(0.0, 1.5))
-                size = soak.rng.randrange(0, 64) * 2**20
-                racing.start_soon(trio.to_thread.run_sync, command, size)
+        await _racing_commands(soak, guest, device_del)
         with Qmp(str(guest.qmp_path)) as qmp:
             qmp.command("chardev-remove", id=CHARDEV)
         soak.event("unplug", "chardev-remove")
@@ -222,6 +228,48 @@ async def unplug(soak: Soak, guest: RealGuest) -> None:
     soak.event("replugged", f"reporting again after {guest.plugged_at - replugged:.1f} s")
 
 
+async def reset(soak: Soak, guest: RealGuest) -> None:
+    """The guest rebooted with balloon commands racing the reset; its next driver
+    starts the device again."""
+    guest.resetting = True
+    guest.resets += 1
+    soak.event("reset", "system_reset")
+    since = soak.now()
+    try:
+        await _racing_commands(soak, guest, lambda: _qmp(guest, "system_reset", {}))
+    except QmpError as err:
+        assert guest.qemu is not None
+        soak.fail(f"resetting the guest: {err} (QEMU exit status {guest.qemu.poll()}; "
+                  f"its stderr ends with {guest.stderr[-5:]})")  # fmt: skip
+    await wait_reporting(soak, guest, since)
+    guest.plugged_at = soak.now()
+    guest.resetting = False
+    soak.event("rebooted", f"reporting again after {guest.plugged_at - since:.1f} s")
+
+
+async def _racing_commands(soak: Soak, guest: RealGuest, act: Callable[[], None]) -> None:
+    """``act`` (in a thread) with one to four balloon commands for the guest sent
+    within 1.5 s of each other beside it."""
+    control = str(soak.folder / "control.sock")
+
+    def command(size: int) -> None:
+        request = {"vm": NAME, "target_bytes": size}
+        try:
+            ask(control, request)
+        except ControlError as err:
+            guest.refused.append(str(err))
+            soak.event("balloon", f"{json.dumps(request)}: {err}")
+        else:
+            soak.event("balloon", json.dumps(request))
+
+    async with _monitor_errors(), trio.open_nursery() as racing:
+        racing.start_soon(trio.to_thread.run_sync, act)
+        for _ in range(soak.rng.randint(1, 4)):
+            await trio.sleep(soak.rng.uniform(0.0, 1.5))
+            size = soak.rng.randrange(0, 64) * 2**20
+            racing.start_soon(trio.to_thread.run_sync, command, size)
+
+
 @contextlib.asynccontextmanager
 async def _monitor_errors() -> AsyncIterator[None]:
     """A QMP error from the racing threads, out of their nursery's group."""
@@ -231,9 +279,15 @@ async def _monitor_errors() -> AsyncIterator[None]:
         raise group.exceptions[0] from None
 
 
-def figures(guest: RealGuest) -> dict[str, Any]:
+def figures(soak: Soak, guest: RealGuest) -> dict[str, Any]:
+    targets = [r for r in soak.log_events("balloon_target_set") if r.get("vm") == NAME]
     return {
         "unplugs": guest.unplugs,
+        "resets": guest.resets,
+        # balloon targets the daemon told QEMU of, and those it kept for the guest's
+        # next driver (the device stopped: a reset, an unplug under way, a new device)
+        "targets_told": sum("told" not in r for r in targets),
+        "targets_kept_for_next_driver": sum(r.get("told") == "at_driver_start" for r in targets),
         "reported_mib": round(guest.reported / 2**20),
         "balloon_commands_refused": len(guest.refused),
         "refusals": sorted(set(guest.refused)),
