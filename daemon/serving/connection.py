@@ -89,6 +89,10 @@ _CHANNEL_CLOSED: Final = (
 )
 
 
+#: How long a balloon target waits for the messages QEMU sent before it to be handled.
+_UNREAD_WAIT_S: Final = 1.0
+
+
 class BalloonTargetError(Exception):
     """A balloon target cannot be passed to this VM's guest; the message says why."""
 
@@ -526,6 +530,7 @@ class VmConnection:
         config = self.device.config
         before = config.num_pages
         self._set_pages(nbytes // GUEST_PAGE_SIZE)
+        await self._handled_what_qemu_sent()
         if not self.driver_running():
             # No guest driver runs the device (a device just added, a VM booting or
             # rebooting, a driver unbound, an unplug under way): the next driver reads
@@ -543,6 +548,14 @@ class VmConnection:
             raise BalloonTargetError(f"VM {self.vm}: {_CHANNEL_CLOSED}") from None
         log.info("balloon_target_set", vm=self.vm, target_bytes=config.num_pages * GUEST_PAGE_SIZE)
 
+    async def _handled_what_qemu_sent(self) -> None:
+        """Wait (up to ``_UNREAD_WAIT_S``) until the messages QEMU has already sent
+        are handled: the first of a stop (SET_VRING_ENABLE 0) may be among them, held
+        behind a report's discards, and the device must not be told once it stops."""
+        deadline = trio.current_time() + _UNREAD_WAIT_S
+        while self.stream.has_unread() and trio.current_time() < deadline:
+            await trio.sleep(0.001)
+
     def _channel_lost(self, error: str) -> None:
         log.warning("backend_channel_closed", vm=self.vm, error=error)
         assert self._backend is not None
@@ -551,9 +564,11 @@ class VmConnection:
         self._no_backend = _CHANNEL_CLOSED
 
     def driver_running(self) -> bool:
-        """Whether a guest driver runs the device now: QEMU has started its queues
-        and not begun to stop them (it disables every queue first)."""
-        return any(runner.enabled for runner in self.runners.values())
+        """Whether a guest driver runs the device now: QEMU has started its queues and
+        enabled every one, and not begun to stop them (a stop disables them one by one
+        first, each after the reply to the one before)."""
+        runners = self.runners.values()
+        return bool(runners) and all(runner.enabled for runner in runners)
 
     def _set_pages(self, pages: int) -> None:
         """The balloon target in the config space, the kept targets, the saved state

@@ -113,6 +113,12 @@ class FrontendStream:
     async def send(self, data: bytes) -> None:
         await send_all(self.sock, data)
 
+    def has_unread(self) -> bool:
+        """Whether QEMU has sent something not taken out of the socket yet (a message
+        being handled is taken out when its reply goes), seen without waiting."""
+        fd = self.sock.fileno()
+        return fd >= 0 and bool(select.select([fd], [], [], 0)[0])
+
     async def receive(self) -> Received | Refused | None:
         """The next message (or refusal), or ``None`` at an EOF between messages.
         Raises a ``VhostUserError`` that ends the connection."""

@@ -14,7 +14,7 @@ import trio
 from tests.daemon_helpers import StartDaemon, sample, wait_disconnected
 from tests.frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.commands.balloon import main as balloon_command
-from vhost_user_balloon.protocol import U64, Config, Request, VringState
+from vhost_user_balloon.protocol import U64, Config, Request, VringState, encode_message
 
 PFNS_AT = 12 * MiB  # where the test guest writes its page frame arrays
 
@@ -256,6 +256,48 @@ async def test_a_target_while_the_driver_has_stopped_the_device_waits_for_the_ne
         reply = await control(ctl, {"vm": "vm", "target_bytes": 8 * MiB})
         assert not reply["ok"] and "closed the balloon's backend channel" in str(reply["error"])
         assert num_pages(await fe.get_config()) == (2 * MiB // 4096, 0)
+    finally:
+        await fe.aclose()
+        qemus.close()
+        guest.close()
+
+
+async def test_a_stop_qemu_has_sent_is_handled_before_a_target_is_told(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A guest's reset can come while a queue holds the ring lock (a report's blocks
+    being punched): QEMU's first stop message then waits in the socket. A target set
+    in that time waits for it to be handled, and is kept for the next driver instead
+    of being told to a device that is stopping."""
+    ctl = tmp_path / "control.sock"
+    daemon = await start_daemon("vm", control_socket=ctl)
+    guest = GuestMemfd(16 * MiB)
+    ours, qemus = socket.socketpair()
+    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
+    try:
+        await fe.handshake(protocol=0x228, backend_fd=ours.fileno())
+        ours.close()
+        await fe.start()
+        lock = daemon.connections["vm"].ring_lock
+        await lock.acquire()  # a queue busy with a report's discards
+        disable = encode_message(Request.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
+        await fe.send_raw(disable)  # the stop's first message, held behind the lock
+        replies: list[dict[str, object]] = []
+
+        async def command() -> None:
+            replies.append(await control(ctl, {"vm": "vm", "target_bytes": 4 * MiB}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(command)
+            await trio.sleep(0.2)
+            assert replies == []  # waiting for QEMU's message to be handled
+            lock.release()
+        assert replies[0]["ok"]
+        assert struct.unpack("=IIIQ", await fe.recv_exact(20))[3] == 0  # the disable's ack
+        qemus.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            qemus.recv(12)  # the stopping device was not told
+        assert num_pages(await fe.get_config()) == (4 * MiB // 4096, 0)
     finally:
         await fe.aclose()
         qemus.close()
