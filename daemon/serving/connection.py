@@ -489,6 +489,23 @@ class VmConnection:
             target.enabled = enabled
             if enabled:
                 await target.service()  # anything kicked before the enable
+                if self.driver_running():
+                    await self._tell_at_start()
+
+    async def _tell_at_start(self) -> None:
+        """The device runs again (its last queue enabled) with a target the balloon is
+        not at: tell QEMU now. A driver that probes reads the target by itself, but one
+        that goes on where it was (a VM resumed after a pause: QEMU stopped the device
+        and starts it again) would not hear of a target set meanwhile."""
+        config = self.device.config
+        if self._backend is None or config.num_pages == config.actual:
+            return
+        try:
+            await self._backend.config_changed()
+        except PeerGone as err:
+            self._channel_lost(str(err))
+            return
+        log.info("balloon_target_told", vm=self.vm, target_bytes=config.num_pages * GUEST_PAGE_SIZE)
 
     async def _start_runner(
         self, index: int, role: QueueRole, queue: SplitQueue, *, enabled: bool
@@ -532,12 +549,12 @@ class VmConnection:
         self._set_pages(nbytes // GUEST_PAGE_SIZE)
         await self._handled_what_qemu_sent()
         if not self.driver_running():
-            # No guest driver runs the device (a device just added, a VM booting or
-            # rebooting, a driver unbound, an unplug under way): the next driver reads
-            # the target when it probes. Told now, QEMU 11.1.3 dies of SIGSEGV: between
-            # a stop and the next start its vhost-user device has no virtio device, and
-            # the config-change handler uses it regardless.
-            log.info("balloon_target_set", vm=self.vm, told="at_driver_start",
+            # No guest driver runs the device (a device just added, a VM booting,
+            # rebooting or paused, a driver unbound, an unplug under way): QEMU is told
+            # when the device starts again (_tell_at_start). Told now, QEMU 11.1.3 dies
+            # of SIGSEGV: between a stop and the next start its vhost-user device has
+            # no virtio device, and the config-change handler uses it regardless.
+            log.info("balloon_target_set", vm=self.vm, told="at_start",
                      target_bytes=config.num_pages * GUEST_PAGE_SIZE)  # fmt: skip
             return
         try:

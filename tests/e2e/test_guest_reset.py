@@ -1,12 +1,14 @@
-"""A balloon target set while the guest's driver has the device stopped.
+"""Balloon targets set while no guest driver runs the device: a VM rebooting and a VM
+paused.
 
 A reset of the VM (``system_reset``, a reboot, the driver unbound, the first step of an
-unplug) stops the device: QEMU's vhost-user-base device is then without its virtio
-device until a driver starts it again, and a config-change message on the backend
-channel in that time makes QEMU 11.1.3 dereference it and die of SIGSEGV. The daemon
-keeps such a target in the config space, where the next driver reads it when it
-probes; QEMU is not told. Before that, a balloon command (or the automatic policy)
-during a guest's reboot killed the VM.
+unplug) stops the device, and so does a pause (QMP ``stop``, ``virsh suspend``): QEMU's
+vhost-user-base device is then without its virtio device until it starts again, and a
+config-change message on the backend channel in that time makes QEMU 11.1.3
+dereference it and die of SIGSEGV. So a balloon command (or the automatic policy)
+during a guest's reboot or pause killed the VM. The daemon keeps such a target in the
+config space and tells QEMU when the device starts again: a rebooted guest's driver
+would read it at its probe anyway, a resumed one would not.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tests.e2e_helpers import metric, start_guest, stop_all, wait
 from vhost_user_balloon.daemon.commands.qmp import Qmp
 
 
-def test_a_target_set_during_a_reset_waits_for_the_next_driver(env: Env, rundir: Path) -> None:
+def test_targets_set_during_a_reboot_and_a_pause_reach_the_guest(env: Env, rundir: Path) -> None:
     ctl, sock, qmp_sock = rundir / "control.sock", rundir / "vm.sock", rundir / "qmp.sock"
     daemon = subprocess.Popen(
         [sys.executable, "-m", "vhost_user_balloon", "--log-format=json",
@@ -32,6 +34,19 @@ def test_a_target_set_during_a_reset_waits_for_the_next_driver(env: Env, rundir:
     log = Logs(daemon)
     qemus: list[subprocess.Popen[bytes]] = []
     qmp: Qmp | None = None
+
+    def balloon(size: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "vhost_user_balloon", "balloon", "vm", size,
+             f"--control-socket={ctl}"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done
+
+    def qemu_lives() -> None:
+        time.sleep(2)  # QEMU died within 0.1 s of the message when it was sent
+        assert qemus[0].poll() is None, f"QEMU exited with {qemus[0].returncode}: {guest.stderr}"
+
     try:
         url = str(log.wait_for("daemon_ready")["metrics"])
         guest = start_guest(
@@ -43,37 +58,37 @@ def test_a_target_set_during_a_reset_waits_for_the_next_driver(env: Env, rundir:
         )  # fmt: skip
         guest.wait("balloon features", 90)
         log.wait_for("queue_started", timeout=60, vm="vm", role="reporting")
+        actual = 'vhost_user_balloon_actual_bytes{vm="vm"}'
 
+        # A reboot: the reset stops the queues; the guest has no driver for a while.
         qmp = Qmp(str(qmp_sock))
         qmp.command("set-action", reboot="reset")  # the test bed runs QEMU with -no-reboot
         qmp.command("system_reset")
-        # The reset stops the queues; the rebooting guest has no driver for a while.
         log.wait_for("queue_stopped", timeout=30, vm="vm", role="reporting")
-        done = subprocess.run(
-            [sys.executable, "-m", "vhost_user_balloon", "balloon", "vm", "256M",
-             f"--control-socket={ctl}"],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done
-        time.sleep(2)  # QEMU died within 0.1 s of the message when it was sent
-        assert qemus[0].poll() is None, f"QEMU exited with {qemus[0].returncode}: {guest.stderr}"
-        told = log.wait_for("balloon_target_set", vm="vm")
-        assert told.get("told") == "at_driver_start", told
-
-        # The guest comes back; its new driver reads the target and inflates to it.
+        balloon("256M")
+        qemu_lives()
+        assert log.wait_for("balloon_target_set", vm="vm").get("told") == "at_start"
+        # The guest comes back, and its new driver inflates to the target.
         log.wait_for("queue_started", count=2, timeout=120, vm="vm", role="reporting")
-        actual = 'vhost_user_balloon_actual_bytes{vm="vm"}'
         wait("the balloon at its target", lambda: metric(url, actual) >= 256 * MiB, 120)
         print(f"\nballoon at {metric(url, actual) / MiB:.0f} MiB after the reboot")
-        # Told now: the driver runs again, so the next target goes to QEMU at once.
-        done = subprocess.run(
-            [sys.executable, "-m", "vhost_user_balloon", "balloon", "vm", "128M",
-             f"--control-socket={ctl}"],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done
-        wait("the balloon at the new target", lambda: metric(url, actual) <= 128 * MiB, 60)
-        assert log.wait_for("balloon_target_set", count=2, vm="vm").get("told") is None
+
+        # A pause: QEMU stops the device and starts it again at `cont`; the driver goes
+        # on where it was, so only the daemon's word at the start tells it.
+        qmp.command("stop")
+        log.wait_for("queue_stopped", count=2, timeout=30, vm="vm", role="reporting")
+        balloon("64M")
+        qemu_lives()
+        assert log.wait_for("balloon_target_set", count=2, vm="vm").get("told") == "at_start"
+        assert metric(url, actual) >= 256 * MiB  # paused: nothing moved
+        qmp.command("cont")
+        wait("the balloon at the paused target", lambda: metric(url, actual) <= 64 * MiB, 60)
+        assert log.wait_for("balloon_target_told", count=2, vm="vm")
+
+        # Running: the next target goes to QEMU at once.
+        balloon("128M")
+        wait("the balloon at the next target", lambda: metric(url, actual) >= 128 * MiB, 60)
+        assert log.wait_for("balloon_target_set", count=3, vm="vm").get("told") is None
         assert qemus[0].poll() is None
         assert guest.stderr == [], guest.stderr
         assert not log.events("connection_crashed")
