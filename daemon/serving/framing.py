@@ -96,6 +96,15 @@ class Refused:
     raw: bytes
 
 
+def _readable_now(fd: int) -> bool:
+    """Whether ``fd`` has something to read (or its peer is gone), without waiting.
+    poll, not select: select cannot take fds from 1024 up, which a daemon serving
+    many VMs has (the service allows 16384)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class FrontendStream:
     """The vhost-user socket of one frontend."""
 
@@ -117,7 +126,7 @@ class FrontendStream:
         """Whether QEMU has sent something not taken out of the socket yet (a message
         being handled is taken out when its reply goes), seen without waiting."""
         fd = self.sock.fileno()
-        return fd >= 0 and bool(select.select([fd], [], [], 0)[0])
+        return fd >= 0 and _readable_now(fd)
 
     async def receive(self) -> Received | Refused | None:
         """The next message (or refusal), or ``None`` at an EOF between messages.
@@ -150,7 +159,7 @@ class FrontendStream:
     async def at_head(self, raw: bytes) -> bool:
         """Whether ``raw`` is what the socket holds next (without waiting: nothing to
         read means no)."""
-        if not raw or not select.select([self.fileno()], [], [], 0)[0]:
+        if not raw or not _readable_now(self.fileno()):
             return False
         head, _, _, _ = await self.sock.recvmsg(len(raw), 0, socket.MSG_PEEK)
         return head == raw
