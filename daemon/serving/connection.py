@@ -540,6 +540,8 @@ class VmConnection:
         in the config space for the next one. ``BalloonTargetError`` if QEMU cannot be
         told: no backend channel (BACKEND_REQ not negotiated), or QEMU closed it (the
         device is unplugged). Either way this VM's connection and every other VM go on."""
+        await self._handled_what_qemu_sent()
+        # From here to the decision nothing waits: no message of QEMU's comes between.
         if self._backend is not None and self._backend.closed_by_peer():
             self._channel_lost("closed by QEMU")
         if self._backend is None:
@@ -547,7 +549,6 @@ class VmConnection:
         config = self.device.config
         before = config.num_pages
         self._set_pages(nbytes // GUEST_PAGE_SIZE)
-        await self._handled_what_qemu_sent()
         if not self.driver_running():
             # No guest driver runs the device (a device just added, a VM booting,
             # rebooting or paused, a driver unbound, an unplug under way): QEMU is told
@@ -575,8 +576,8 @@ class VmConnection:
 
     def _channel_lost(self, error: str) -> None:
         log.warning("backend_channel_closed", vm=self.vm, error=error)
-        assert self._backend is not None
-        self._backend.close()
+        if self._backend is not None:
+            self._backend.close()
         self._backend = None
         self._no_backend = _CHANNEL_CLOSED
 
