@@ -17,7 +17,9 @@ def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="vhost-user-balloon balloon",
         description="Show a VM's balloon, or set how much memory its guest gives up "
-        "(SIZE 0 gives everything back). Talks to the daemon's --control-socket.",
+        "(SIZE 0 gives everything back). A size set while no guest driver runs the "
+        "device (the VM booting, rebooting or paused) takes effect when it runs again. "
+        "Talks to the daemon's --control-socket.",
     )
     p.add_argument("vm", help="the VM's name")
     p.add_argument("size", nargs="?", type=parse_size, help="balloon size: 512M, 2G, 0, ...")
