@@ -202,8 +202,7 @@ async def unplug(soak: Soak, guest: RealGuest) -> None:
     soak.event("unplug", "device_del")
     try:
         await _racing_commands(soak, guest, device_del)
-        with Qmp(str(guest.qmp_path)) as qmp:
-            qmp.command("chardev-remove", id=CHARDEV)
+        _qmp(guest, "chardev-remove", {"id": CHARDEV})
         soak.event("unplug", "chardev-remove")
         await trio.sleep(soak.rng.uniform(0.0, 2.0))
         replugged = soak.now()
