@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import trio
 from tests.daemon_helpers import StartDaemon, sample, wait_disconnected
 from tests.frontend import PAGE, FakeFrontend, GuestMemfd, MiB
 from vhost_user_balloon.daemon.commands.balloon import main as balloon_command
+from vhost_user_balloon.daemon.server import Daemon
 from vhost_user_balloon.protocol import U64, Config, Request, VringState, encode_message
 
 PFNS_AT = 12 * MiB  # where the test guest writes its page frame arrays
@@ -192,6 +194,28 @@ async def test_a_balloon_target_for_an_unplugged_device_fails_alone(
             g.close()
 
 
+@contextlib.asynccontextmanager
+async def vm_with_channel(
+    start_daemon: StartDaemon, ctl: Path
+) -> AsyncIterator[tuple[Daemon, FakeFrontend, socket.socket]]:
+    """A daemon serving the VM ``vm`` with a control socket at ``ctl``, and a frontend
+    that has done QEMU's handshake with a backend channel; QEMU's end of the channel
+    (timeout 5 s). No queue started."""
+    daemon = await start_daemon("vm", control_socket=ctl)
+    guest = GuestMemfd(16 * MiB)
+    ours, qemus = socket.socketpair()
+    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
+    qemus.settimeout(5)
+    try:
+        await fe.handshake(protocol=0x228, backend_fd=ours.fileno())
+        ours.close()
+        yield daemon, fe, qemus
+    finally:
+        await fe.aclose()
+        qemus.close()
+        guest.close()
+
+
 async def test_a_target_for_a_device_no_driver_started_is_kept_for_the_driver(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -200,13 +224,7 @@ async def test_a_target_for_a_device_no_driver_started_is_kept_for_the_driver(
     and QEMU is told when the device starts: told before, QEMU 11.1.3 dies of SIGSEGV
     (its device has no virtio device before a driver starts it)."""
     ctl = tmp_path / "control.sock"
-    daemon = await start_daemon("vm", control_socket=ctl)
-    guest = GuestMemfd(16 * MiB)
-    ours, qemus = socket.socketpair()
-    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
-    try:
-        await fe.handshake(protocol=0x228, backend_fd=ours.fileno())
-        ours.close()
+    async with vm_with_channel(start_daemon, ctl) as (_, fe, qemus):
         reply = await control(ctl, {"vm": "vm", "target_bytes": 4 * MiB})
         assert reply["ok"] and reply["pinned"]
         assert config_changes(qemus) == 0  # nothing sent to QEMU
@@ -217,10 +235,6 @@ async def test_a_target_for_a_device_no_driver_started_is_kept_for_the_driver(
         assert (await control(ctl, {"vm": "vm", "target_bytes": 2 * MiB}))["ok"]
         qemus.settimeout(5)
         assert await config_change(qemus)
-    finally:
-        await fe.aclose()
-        qemus.close()
-        guest.close()
 
 
 async def test_a_target_while_the_driver_has_stopped_the_device_waits_for_the_next(
@@ -234,14 +248,7 @@ async def test_a_target_while_the_driver_has_stopped_the_device_waits_for_the_ne
     waits in the config space and QEMU hears of it when the device starts again;
     once QEMU has closed the channel (the unplug done), it is refused as before."""
     ctl = tmp_path / "control.sock"
-    daemon = await start_daemon("vm", control_socket=ctl)
-    guest = GuestMemfd(16 * MiB)
-    ours, qemus = socket.socketpair()
-    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
-    qemus.settimeout(5)
-    try:
-        await fe.handshake(protocol=0x228, backend_fd=ours.fileno())
-        ours.close()
+    async with vm_with_channel(start_daemon, ctl) as (_, fe, qemus):
         await fe.start()
         assert config_changes(qemus) == 0  # started at its target (none): no word
         assert (await control(ctl, {"vm": "vm", "target_bytes": 2 * MiB}))["ok"]
@@ -271,10 +278,6 @@ async def test_a_target_while_the_driver_has_stopped_the_device_waits_for_the_ne
         reply = await control(ctl, {"vm": "vm", "target_bytes": 8 * MiB})
         assert not reply["ok"] and "closed the balloon's backend channel" in str(reply["error"])
         assert num_pages(await fe.get_config()) == (2 * MiB // 4096, 0)
-    finally:
-        await fe.aclose()
-        qemus.close()
-        guest.close()
 
 
 async def test_a_stop_qemu_has_sent_is_handled_before_a_target_is_told(
@@ -285,13 +288,7 @@ async def test_a_stop_qemu_has_sent_is_handled_before_a_target_is_told(
     in that time waits for it to be handled, and then waits for the next start instead
     of being told to a device that is stopping."""
     ctl = tmp_path / "control.sock"
-    daemon = await start_daemon("vm", control_socket=ctl)
-    guest = GuestMemfd(16 * MiB)
-    ours, qemus = socket.socketpair()
-    fe = await FakeFrontend.connect(str(daemon.vms[0].socket), guest)
-    try:
-        await fe.handshake(protocol=0x228, backend_fd=ours.fileno())
-        ours.close()
+    async with vm_with_channel(start_daemon, ctl) as (daemon, fe, qemus):
         await fe.start()
         lock = daemon.connections["vm"].ring_lock
         await lock.acquire()  # a queue busy with a report's discards
@@ -311,10 +308,6 @@ async def test_a_stop_qemu_has_sent_is_handled_before_a_target_is_told(
         assert struct.unpack("=IIIQ", await fe.recv_exact(20))[3] == 0  # the disable's ack
         assert config_changes(qemus) == 0  # the stopping device was not told
         assert num_pages(await fe.get_config()) == (4 * MiB // 4096, 0)
-    finally:
-        await fe.aclose()
-        qemus.close()
-        guest.close()
 
 
 def num_pages(config: bytes) -> tuple[int, int]:
